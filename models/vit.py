@@ -1,0 +1,136 @@
+"""Vision Transformer (Dosovitskiy et al. 2021) whose forward can return every layer's attention.
+
+Parameter names and numerics are those of timm's `VisionTransformer` (class-token pooling, LayerNorm
+eps 1e-6, exact GELU, fused qkv), so timm / DeiT checkpoints load with `strict=True`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.attentionblock import AttentionBlock, AttnRequest
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+class VisionTransformer(nn.Module):
+    """ViT classifier.
+
+    Args:
+        embed_dim: token width D; must be divisible by num_heads (nothing else is required).
+        hidden_dim: MLP hidden width, typically 4·D.
+        num_heads: attention heads.
+        num_layers: transformer blocks.
+        patch_size: side p of the square patches; image sides must be multiples of it.
+        num_channels: input channels C (1 for MNIST, 3 for RGB).
+        num_patches: patches of a training image, (H/p)·(W/p); sets the position-embedding grid.
+        num_classes: outputs of the head; 0 means no head (forward returns class-token features).
+        dropout: dropout after the position embedding, attention projection, MLP and before the head.
+        grid_size: (grid_h, grid_w) of the position embedding for non-square training images;
+            default: a square grid of num_patches.
+        attn_dropout: dropout on the attention probabilities.
+        drop_path_rate: stochastic depth, rising linearly from 0 to this value over the blocks.
+    """
+
+    def __init__(self, embed_dim: int, hidden_dim: int, num_heads: int, num_layers: int, patch_size: int,
+                 num_channels: int, num_patches: int, num_classes: int, dropout: float = 0.0, *,
+                 grid_size: tuple[int, int] | None = None, attn_dropout: float = 0.0,
+                 drop_path_rate: float = 0.0):
+        super().__init__()
+        sizes = dict(embed_dim=embed_dim, hidden_dim=hidden_dim, num_heads=num_heads, num_layers=num_layers,
+                     patch_size=patch_size, num_channels=num_channels, num_patches=num_patches)
+        for name, value in sizes.items():
+            _check(isinstance(value, int) and value > 0, f"{name}={value!r} must be a positive integer.")
+        _check(isinstance(num_classes, int) and num_classes >= 0,
+               f"num_classes={num_classes!r} must be a non-negative integer (0 = no head, return features).")
+        _check(embed_dim % num_heads == 0,
+               f"embed_dim={embed_dim} is not divisible by num_heads={num_heads}; pick num_heads among the "
+               f"divisors of embed_dim (e.g. embed_dim // 64).")
+        for name, p in dict(dropout=dropout, attn_dropout=attn_dropout, drop_path_rate=drop_path_rate).items():
+            _check(0.0 <= p < 1.0, f"{name}={p!r} must be in [0, 1).")
+        if grid_size is None:
+            side = math.isqrt(num_patches)
+            _check(side * side == num_patches,
+                   f"num_patches={num_patches} is not a square number; pass grid_size=(H/patch_size, "
+                   f"W/patch_size) for non-square training images.")
+            grid_size = (side, side)
+        grid_size = tuple(grid_size)
+        _check(len(grid_size) == 2 and grid_size[0] * grid_size[1] == num_patches,
+               f"grid_size={grid_size} does not hold num_patches={num_patches} patches; "
+               f"num_patches must equal grid_h * grid_w.")
+
+        self.patch_size, self.grid_size, self.num_heads = patch_size, grid_size, num_heads
+        self.patch_embed = nn.Module()  # timm's key names: patch_embed.proj.{weight,bias}
+        self.patch_embed.proj = nn.Conv2d(num_channels, embed_dim, patch_size, stride=patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + num_patches, embed_dim))
+        self.pos_drop = nn.Dropout(dropout)
+        rates = torch.linspace(0, drop_path_rate, num_layers).tolist()
+        self.blocks = nn.ModuleList(
+            AttentionBlock(embed_dim, hidden_dim, num_heads, dropout, attn_dropout=attn_dropout, drop_path=r)
+            for r in rates)
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.head_drop = nn.Dropout(dropout)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """timm / DeiT init: trunc-normal(0.02) position embedding and Linear weights, zero biases."""
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+
+    def patch_grid(self, height: int, width: int) -> tuple[int, int]:
+        """(grid_h, grid_w) of the patches of an image of height x width pixels."""
+        p = self.patch_size
+        _check(height % p == 0 and width % p == 0,
+               f"image size {height}x{width} is not a multiple of patch_size={p}; resize or crop it to "
+               f"{height // p * p}x{width // p * p} or {-(-height // p) * p}x{-(-width // p) * p}.")
+        return height // p, width // p
+
+    def position_embedding(self, grid: tuple[int, int]) -> Tensor:
+        """(1, 1 + gh·gw, D): the learned table, bicubically resampled when `grid` differs (timm's rule)."""
+        if grid == self.grid_size:
+            return self.pos_embed
+        cls_pos, patch_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
+        patch_pos = patch_pos.reshape(1, *self.grid_size, -1).permute(0, 3, 1, 2)
+        patch_pos = F.interpolate(patch_pos.float(), size=grid, mode="bicubic", antialias=True)
+        patch_pos = patch_pos.to(self.pos_embed.dtype).flatten(2).transpose(1, 2)
+        return torch.cat([cls_pos, patch_pos], dim=1)
+
+    def forward_features(self, x: Tensor, return_attn: AttnRequest = False) -> tuple[Tensor, list[Tensor]]:
+        """x: (B, C, H, W) -> normed tokens (B, 1 + N, D) and the per-layer attention asked for."""
+        grid = self.patch_grid(x.shape[-2], x.shape[-1])
+        x = self.patch_embed.proj(x).flatten(2).transpose(1, 2)  # (B, N, D), patches in row-major order
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.position_embedding(grid)
+        x = self.pos_drop(x)
+        attns = []
+        for block in self.blocks:
+            x, attn = block(x, return_attn)
+            if attn is not None:
+                attns.append(attn)
+        return self.norm(x), attns
+
+    def forward(self, x: Tensor, return_attn: AttnRequest = False) -> Tensor | tuple[Tensor, list[Tensor]]:
+        """x: (B, C, H, W) -> logits (B, num_classes) (or features (B, D) when num_classes=0).
+
+        return_attn=True also returns a list of num_layers tensors (B, heads, 1+N, 1+N): the softmax
+        attention of every layer (explicit path). return_attn="cls" returns (B, heads, 1+N): the class
+        token's row only, computed beside the fused kernel. Token 0 is the class token.
+        """
+        if return_attn not in (False, True, "cls"):
+            raise ValueError(f"return_attn={return_attn!r} must be False, True or 'cls'.")
+        tokens, attns = self.forward_features(x, return_attn)
+        logits = self.head(self.head_drop(tokens[:, 0]))
+        return (logits, attns) if return_attn else logits
