@@ -67,6 +67,9 @@ class VisionTransformer(nn.Module):
                f"num_patches must equal grid_h * grid_w.")
 
         self.patch_size, self.grid_size, self.num_heads = patch_size, grid_size, num_heads
+        # Constructor arguments as plain values: what a checkpoint needs to rebuild this model.
+        self.config = dict(sizes, num_classes=num_classes, dropout=dropout, grid_size=list(grid_size),
+                           attn_dropout=attn_dropout, drop_path_rate=drop_path_rate)
         self.patch_embed = nn.Module()  # timm's key names: patch_embed.proj.{weight,bias}
         self.patch_embed.proj = nn.Conv2d(num_channels, embed_dim, patch_size, stride=patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
