@@ -1,0 +1,364 @@
+"""Training pieces shared by the dataset scripts (`mnist/train.py`, `imagenet/train.py`).
+
+One process on a CPU or GPU, or one process per GPU under DDP: the functions take the (possibly DDP-wrapped or
+`torch.compile`d) model, reduce evaluation counts across ranks when `torch.distributed` is initialised, and let the
+caller silence the progress bar on ranks other than 0 (`progress=False`). AMP is optional (`amp_dtype`).
+
+    seed_everything, epoch_seed, epoch_generator  -- seeding; per-epoch randomness that does not depend on history
+    rng_states, set_rng_states                    -- capture / restore every RNG (plain values: weights_only-safe)
+    param_groups, warmup_cosine                   -- AdamW groups without decay on norms/biases/tokens; LR schedule
+    make_ema, unwrap                              -- EMA of the weights (swa_utils.AveragedModel); the bare model
+    train_one_epoch, evaluate, accuracy_counts    -- the epoch loop with NaN guard; top-1/top-5 evaluation
+    checkpoint_state, restore_checkpoint          -- the repo's checkpoint dict, and resuming from it
+    save_checkpoint, load_checkpoint              -- atomic write; torch.load(weights_only=True) with clear errors
+    save_metrics, plot_curves                     -- metrics.json and a loss/accuracy curve PNG
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm import tqdm
+
+from models.pretrained import CheckpointError, read_checkpoint
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; `step` is the global optimizer step (0-based) where it happened."""
+
+    def __init__(self, step: int, epoch: int, value: float):
+        self.step, self.epoch, self.value = step, epoch, value
+        super().__init__(f"the loss became {value} at step {step} (epoch {epoch}); training stopped. "
+                         f"Lower the learning rate or check the data.")
+
+
+# ----------------------------------------------------------------------------------------------------------- seeding
+def epoch_seed(seed: int, epoch: int) -> int:
+    """A 63-bit seed derived from (seed, epoch) alone, so epoch `epoch` draws the same numbers whatever ran before."""
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's `random`, NumPy and torch (CPU and all GPUs)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def epoch_generator(seed: int, epoch: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A torch.Generator on `device` seeded from (seed, epoch): for the epoch's permutation and augmentation."""
+    g = torch.Generator(device=device)
+    g.manual_seed(epoch_seed(seed, epoch))
+    return g
+
+
+def rng_states() -> dict[str, Any]:
+    """Every global RNG state as plain values (tensors, lists, ints), loadable with weights_only=True."""
+    version, state, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    states = {"python": [version, list(state), gauss], "numpy": [name, torch.from_numpy(keys.copy()), pos,
+                                                                 has_gauss, cached], "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    """Restore what `rng_states` captured (missing entries are left alone)."""
+    if "python" in states:
+        version, state, gauss = states["python"]
+        random.setstate((version, tuple(state), gauss))
+    if "numpy" in states:
+        name, keys, pos, has_gauss, cached = states["numpy"]
+        np.random.set_state((name, keys.numpy(), pos, has_gauss, cached))
+    if "torch" in states:
+        torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+# ------------------------------------------------------------------------------------------- optimizer and schedule
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare model under DDP (`.module`), `torch.compile` (`._orig_mod`) and AveragedModel (`.module`) wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel, AveragedModel)):
+            model = model.module
+        else:
+            return model
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW parameter groups: weight decay on matrices only, none on biases, norms, position embedding, class token."""
+    decay, no_decay = [], []
+    for name, p in unwrap(model).named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name in ("pos_embed", "cls_token") else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int,
+                  min_lr_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step LR schedule: linear warm-up from ~0 to the base LR over `warmup_steps`, then cosine to
+    `min_lr_ratio` x base LR at `total_steps`. Call `scheduler.step()` after every optimizer step."""
+    if total_steps <= 0 or not 0 <= warmup_steps <= total_steps:
+        raise ValueError(f"need 0 <= warmup_steps ({warmup_steps}) <= total_steps ({total_steps}) and total_steps > 0.")
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        t = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def make_ema(model: nn.Module, decay: float) -> AveragedModel:
+    """Exponential moving average of the bare model's weights (and buffers); `ema.update_parameters(model)` each step.
+    `ema.module` is a plain model of the same class (its state dict loads into a fresh one)."""
+    return AveragedModel(unwrap(model), multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+# ------------------------------------------------------------------------------------------------- train / evaluate
+def _autocast(device: torch.device, amp_dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+
+
+def train_one_epoch(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler | None, loss_fn: Callable[[Tensor, Tensor], Tensor],
+                    *, device: torch.device | str, epoch: int, step: int = 0, total: int | None = None,
+                    ema: AveragedModel | None = None, amp_dtype: torch.dtype | None = None,
+                    scaler: torch.amp.GradScaler | None = None, grad_clip: float | None = None,
+                    check_every: int = 10, progress: bool = True, desc: str | None = None) -> dict[str, float]:
+    """One pass over `batches`, an iterable of (x (B, C, H, W), target (B,) or soft targets (B, K)).
+
+    Per step: forward under optional autocast, loss_fn(logits, target), backward (through `scaler` if given),
+    optional grad-norm clipping, optimizer step, `scheduler.step()`, `ema.update_parameters`. Tensors are moved
+    to `device` (non_blocking) if they are not there already. `step` is the global step at the start of the epoch
+    (only for messages). The loss is checked for NaN/inf every `check_every` steps (one sync) and at the end;
+    on a bad loss it raises NonFiniteLossError naming the first bad step, so the caller keeps its last good
+    checkpoint. Returns {"train_loss": mean loss, "images": count, "seconds": wall, "img_per_s": throughput}.
+    """
+    device = torch.device(device)
+    model.train()
+    bare = unwrap(model)
+    bar = tqdm(batches, total=total, desc=desc or f"epoch {epoch}", disable=not progress, dynamic_ncols=True,
+               leave=True)
+    pending: list[Tensor] = []  # losses since the last check, still on the device
+    loss_sum, images, n_steps, start = 0.0, 0, 0, time.perf_counter()
+
+    def check(first_step: int) -> float:
+        losses = torch.stack(pending).float().cpu()
+        bad = (~torch.isfinite(losses)).nonzero()
+        if len(bad):
+            i = int(bad[0])
+            raise NonFiniteLossError(first_step + i, epoch, float(losses[i]))
+        pending.clear()
+        return float(losses.sum())
+
+    for x, y in bar:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with _autocast(device, amp_dtype):
+            loss = loss_fn(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        if grad_clip:
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        if ema is not None:
+            ema.update_parameters(bare)
+        pending.append(loss.detach())
+        images += x.shape[0]
+        n_steps += 1
+        if n_steps % check_every == 0:
+            last = float(pending[-1])
+            loss_sum += check(step + n_steps - len(pending))
+            bar.set_postfix(loss=f"{last:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
+                            img_s=f"{images / (time.perf_counter() - start):.0f}", refresh=False)
+    if pending:
+        loss_sum += check(step + n_steps - len(pending))
+    bar.close()
+    seconds = time.perf_counter() - start
+    return {"train_loss": loss_sum / max(1, n_steps), "images": images, "seconds": seconds,
+            "img_per_s": images / max(seconds, 1e-9)}
+
+
+def accuracy_counts(logits: Tensor, target: Tensor, topk: tuple[int, ...] = (1, 5)) -> list[Tensor]:
+    """logits: (B, K), target: (B,) class indices -> number of rows whose target is among the top-k, per k."""
+    maxk = min(max(topk), logits.shape[1])
+    top = logits.topk(maxk, dim=1).indices  # (B, maxk)
+    hit = top == target[:, None]
+    return [hit[:, :min(k, maxk)].any(dim=1).sum() for k in topk]
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], *, device: torch.device | str,
+             amp_dtype: torch.dtype | None = None, progress: bool = False, desc: str = "eval") -> dict[str, float]:
+    """Cross-entropy loss, top-1 and top-5 accuracy (in %) of `model` over (x (B, C, H, W), target (B,)) batches.
+
+    Counts are summed over ranks with all_reduce when torch.distributed is initialised (each rank passes its own
+    shard). Returns {"loss", "top1", "top5", "n"}.
+    """
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1 hits, top-5 hits, count
+    for x, y in tqdm(batches, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with _autocast(device, amp_dtype):
+            logits = model(x)
+        logits = logits.float()
+        top1, top5 = accuracy_counts(logits, y)
+        loss = nn.functional.cross_entropy(logits, y, reduction="sum")
+        sums += torch.stack([loss.double(), top1.double(), top5.double(), torch.tensor(len(y), device=device,
+                                                                                       dtype=torch.float64)])
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(sums)
+    model.train(was_training)
+    loss, top1, top5, n = sums.tolist()
+    n = max(n, 1.0)
+    return {"loss": loss / n, "top1": 100 * top1 / n, "top5": 100 * top5 / n, "n": int(n)}
+
+
+# ------------------------------------------------------------------------------------------------------ checkpoints
+def checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, *, epoch: int,
+                     metrics: list[dict[str, Any]], train_config: dict[str, Any],
+                     ema: AveragedModel | None = None, scaler: torch.amp.GradScaler | None = None,
+                     **extra: Any) -> dict[str, Any]:
+    """The repo's checkpoint dict: model_config, model, optimizer, scheduler, epoch (completed), rng, metrics,
+    train_config, and when given ema_model (a state dict for the bare model class) + ema_n_averaged, scaler.
+    `model` may be wrapped (DDP / compiled); the bare model must have a `.config` dict."""
+    bare = unwrap(model)
+    state = {"model_config": dict(bare.config), "model": bare.state_dict(), "epoch": epoch, "rng": rng_states(),
+             "metrics": list(metrics), "train_config": dict(train_config)}
+    if optimizer is not None:
+        state["optimizer"] = optimizer.state_dict()
+    if scheduler is not None:
+        state["scheduler"] = scheduler.state_dict()
+    if ema is not None:
+        state["ema_model"] = ema.module.state_dict()
+        state["ema_n_averaged"] = int(ema.n_averaged)
+    if scaler is not None:
+        state["scaler"] = scaler.state_dict()
+    state.update(extra)
+    return state
+
+
+def restore_checkpoint(ckpt: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                       scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, *,
+                       ema: AveragedModel | None = None, scaler: torch.amp.GradScaler | None = None,
+                       restore_rng: bool = True) -> tuple[int, list[dict[str, Any]]]:
+    """Load what `checkpoint_state` saved into freshly built objects; returns (epochs completed, metrics).
+
+    Raises CheckpointError when the checkpoint lacks a part or its model config differs from `model`'s.
+    """
+    bare = unwrap(model)
+    missing = [k for k in ("model_config", "model", "epoch") if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"the checkpoint lacks {', '.join(missing)}; it was not written by this repo's training.")
+    if dict(ckpt["model_config"]) != dict(bare.config):
+        diff = {k: (ckpt["model_config"].get(k), v) for k, v in bare.config.items() if ckpt["model_config"].get(k) != v}
+        raise CheckpointError(f"the checkpoint's model differs from the one configured (checkpoint vs now: {diff}); "
+                              f"resume with the settings it was trained with.")
+    bare.load_state_dict(ckpt["model"])
+    for name, obj in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
+        if obj is not None:
+            if name not in ckpt:
+                raise CheckpointError(f"the checkpoint has no {name} state, so training cannot resume from it.")
+            obj.load_state_dict(ckpt[name])
+    if ema is not None:
+        if "ema_model" in ckpt:
+            ema.module.load_state_dict(ckpt["ema_model"])
+            ema.n_averaged.fill_(int(ckpt.get("ema_n_averaged", 1)))
+        else:  # EMA switched on at resume: start it from the current weights
+            ema.module.load_state_dict(ckpt["model"])
+    if restore_rng and "rng" in ckpt:
+        set_rng_states(ckpt["rng"])
+    return int(ckpt["epoch"]), list(ckpt.get("metrics", []))
+
+
+def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
+    """torch.save `state` to `path` atomically: a temp file in the same folder, fsync, os.replace. A kill at any
+    moment leaves either the previous checkpoint or the new one, never a torn file."""
+    _atomic_write(Path(path), lambda f: torch.save(state, f))
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """torch.load(path, weights_only=True) on the CPU (`models.pretrained.read_checkpoint`); CheckpointError
+    (one sentence) for a missing, truncated, foreign or non-dict file."""
+    return read_checkpoint(path)
+
+
+# ---------------------------------------------------------------------------------------------------------- metrics
+def save_metrics(metrics: list[dict[str, Any]], path: str | os.PathLike, **extra: Any) -> None:
+    """Write {"epochs": metrics, **extra} as JSON to `path`, atomically."""
+    text = json.dumps({**extra, "epochs": metrics}, indent=2)
+    _atomic_write(Path(path), lambda f: f.write(text), mode="w")
+
+
+def plot_curves(metrics: list[dict[str, Any]], path: str | os.PathLike, title: str = "") -> None:
+    """Loss (left) and accuracy (right) against epoch, from per-epoch dicts with "epoch" and any of
+    train_loss / val_loss / test_loss and val_top1 / test_top1 (other keys are ignored). Saved atomically as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [m["epoch"] for m in metrics]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.4), constrained_layout=True)
+    for key in ("train_loss", "val_loss", "test_loss"):
+        if any(key in m for m in metrics):
+            ax_loss.plot(epochs, [m.get(key, float("nan")) for m in metrics], marker=".", label=key)
+    for key in ("val_top1", "test_top1", "ema_val_top1", "ema_test_top1"):
+        if any(key in m for m in metrics):
+            ax_acc.plot(epochs, [m.get(key, float("nan")) for m in metrics], marker=".", label=key)
+    ax_loss.set(xlabel="epoch", ylabel="loss", yscale="log", title="loss")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="top-1 accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    _atomic_write(Path(path), lambda f: fig.savefig(f, format="png", dpi=100))
+    plt.close(fig)
