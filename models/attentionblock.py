@@ -23,8 +23,9 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_dropout)
 
-    def forward(self, x: Tensor, return_attn: AttnRequest = False) -> tuple[Tensor, Tensor | None]:
-        """x: (B, T, D) -> (out (B, T, D), attn).
+    def forward(self, x: Tensor, return_attn: AttnRequest = False,
+                cls_only: bool = False) -> tuple[Tensor, Tensor | None]:
+        """x: (B, T, D) -> (out (B, T, D), attn); out is (B, 1, D) when cls_only (class-token query only).
 
         attn is None (fused kernel), the softmax probabilities (B, heads, T, T) before attention
         dropout (return_attn=True), or the class token's row of them (B, heads, T) (return_attn="cls").
@@ -34,13 +35,15 @@ class Attention(nn.Module):
         attn = None
         if return_attn is True:
             attn = (q * self.scale @ k.transpose(-2, -1)).softmax(dim=-1)
-            x = self.attn_drop(attn) @ v
+            x = self.attn_drop(attn[:, :, :1] if cls_only else attn) @ v
         else:
+            if cls_only:
+                q = q[:, :, :1]
             p = self.attn_drop.p if self.training else 0.0
             x = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
             if return_attn == "cls":  # (B, h, 1, hd) @ (B, h, hd, T): O(T), never a T x T matrix
                 attn = (q[:, :, :1] * self.scale @ k.transpose(-2, -1)).softmax(dim=-1).squeeze(2)
-        x = self.proj(x.transpose(1, 2).reshape(B, T, D))
+        x = self.proj(x.transpose(1, 2).flatten(2))
         return self.proj_drop(x), attn
 
 
@@ -80,10 +83,14 @@ class AttentionBlock(nn.Module):
         self.mlp = Mlp(embed_dim, hidden_dim, dropout)
         self.drop_path = StochasticDepth(drop_path, "row") if drop_path > 0 else nn.Identity()
 
-    def forward(self, x: Tensor, return_attn: AttnRequest = False) -> tuple[Tensor, Tensor | None]:
-        """x: (B, T, D) -> (B, T, D) and the attention asked for (see `Attention.forward`)."""
-        y, attn = self.attn(self.norm1(x), return_attn)
-        x = x + self.drop_path(y)
+    def forward(self, x: Tensor, return_attn: AttnRequest = False,
+                cls_only: bool = False) -> tuple[Tensor, Tensor | None]:
+        """x: (B, T, D) -> (B, T, D) and the attention asked for (see `Attention.forward`).
+
+        cls_only: update and return only the class token, (B, 1, D): all a classifier needs of the
+        last block, at a fraction of its cost (keys and values still come from every token).
+        """
+        y, attn = self.attn(self.norm1(x), return_attn, cls_only)
+        x = (x[:, :1] if cls_only else x) + self.drop_path(y)
         x = x + self.drop_path(self.mlp(self.norm2(x)))
         return x, attn
-

@@ -112,15 +112,20 @@ class VisionTransformer(nn.Module):
         patch_pos = patch_pos.to(self.pos_embed.dtype).flatten(2).transpose(1, 2)
         return torch.cat([cls_pos, patch_pos], dim=1)
 
-    def forward_features(self, x: Tensor, return_attn: AttnRequest = False) -> tuple[Tensor, list[Tensor]]:
-        """x: (B, C, H, W) -> normed tokens (B, 1 + N, D) and the per-layer attention asked for."""
+    def forward_features(self, x: Tensor, return_attn: AttnRequest = False,
+                         cls_only: bool = False) -> tuple[Tensor, list[Tensor]]:
+        """x: (B, C, H, W) -> normed tokens (B, 1 + N, D) and the per-layer attention asked for.
+
+        cls_only: the last block updates only the class token, the only one the head reads, so the tokens
+        are (B, 1, D); the logits and every attention map are the same, the last block is ~T times cheaper.
+        """
         grid = self.patch_grid(x.shape[-2], x.shape[-1])
         x = self.patch_embed.proj(x).flatten(2).transpose(1, 2)  # (B, N, D), patches in row-major order
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.position_embedding(grid)
         x = self.pos_drop(x)
         attns = []
-        for block in self.blocks:
-            x, attn = block(x, return_attn)
+        for i, block in enumerate(self.blocks):
+            x, attn = block(x, return_attn, cls_only and i == len(self.blocks) - 1)
             if attn is not None:
                 attns.append(attn)
         return self.norm(x), attns
@@ -134,6 +139,6 @@ class VisionTransformer(nn.Module):
         """
         if return_attn not in (False, True, "cls"):
             raise ValueError(f"return_attn={return_attn!r} must be False, True or 'cls'.")
-        tokens, attns = self.forward_features(x, return_attn)
+        tokens, attns = self.forward_features(x, return_attn, cls_only=True)
         logits = self.head(self.head_drop(tokens[:, 0]))
         return (logits, attns) if return_attn else logits

@@ -57,6 +57,19 @@ def test_matches_timm_logits_and_every_attention_map(size):
     torch.testing.assert_close(model(x), expected, **TOL)
 
 
+def test_training_gradients_match_timm():
+    model = small_vit().train()
+    twin = timm_twin(model, 32).train()
+    for block in twin.blocks:
+        block.attn.fused_attn = True
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    torch.nn.functional.cross_entropy(twin(x), y).backward()
+    theirs = dict(twin.named_parameters())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, theirs[name].grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
 def test_fused_explicit_and_cls_paths_agree():
     model = small_vit()
     x = torch.randn(3, 3, 32, 32)

@@ -1,0 +1,125 @@
+"""Ours vs timm's VisionTransformer: same config, same weights, timed interleaved in one run.
+
+    python -m bench.vit_speed                 # MNIST config and ViT-Ti/16 at 224 (and 512: 1024 patches)
+    python -m bench.vit_speed --rounds 5 --configs mnist
+
+Prints img/s per task and the ratios: train and all-maps are ours / timm (higher is better for us);
+"cls"/plain is the time of `return_attn="cls"` over a plain forward of our model (1.0 = free).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from tqdm import tqdm
+
+from models.vit import VisionTransformer
+
+CONFIGS = {  # name: (image size, VisionTransformer kwargs, train batch, inference batch)
+    "mnist": (28, dict(embed_dim=64, hidden_dim=256, num_heads=4, num_layers=6, patch_size=4, num_channels=1,
+                       num_patches=49, num_classes=10), 256, 1024),
+    "vit_ti_224": (224, dict(embed_dim=192, hidden_dim=768, num_heads=3, num_layers=12, patch_size=16,
+                             num_channels=3, num_patches=196, num_classes=1000), 32, 64),
+    "vit_ti_512": (512, dict(embed_dim=192, hidden_dim=768, num_heads=3, num_layers=12, patch_size=16,
+                             num_channels=3, num_patches=196, num_classes=1000), 4, 8),
+}
+
+
+def timm_model(ours: VisionTransformer, explicit: bool):
+    """timm's model with our weights; explicit=True: unfused attention with hooks collecting every map."""
+    from timm.models.vision_transformer import VisionTransformer as TimmViT
+
+    c = ours.config
+    model = TimmViT(img_size=c["grid_size"][0] * c["patch_size"], patch_size=c["patch_size"],
+                    in_chans=c["num_channels"], num_classes=c["num_classes"], embed_dim=c["embed_dim"],
+                    depth=c["num_layers"], num_heads=c["num_heads"], mlp_ratio=c["hidden_dim"] / c["embed_dim"],
+                    dynamic_img_size=True)
+    model.load_state_dict(ours.state_dict())
+    model.maps = []
+    if explicit:
+        for block in model.blocks:
+            block.attn.fused_attn = False
+            block.attn.attn_drop.register_forward_hook(lambda m, inp, out: model.maps.append(inp[0]))
+    return model
+
+
+def train_step(model, x, y, opt) -> Callable[[], None]:
+    def step():
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def inference(fn) -> Callable[[], None]:
+    def run():
+        with torch.inference_mode():
+            fn()
+    return run
+
+
+def measure(tasks: dict[str, Callable[[], None]], batch: int, rounds: int, iters: int) -> dict[str, float]:
+    """img/s per task: median over rounds, tasks interleaved inside each round so drift hits all alike."""
+    for fn in tasks.values():  # warm-up
+        fn()
+    times = {name: [] for name in tasks}
+    for _ in tqdm(range(rounds), desc="rounds", leave=False):
+        for name, fn in tasks.items():
+            start = time.perf_counter()
+            for _ in range(iters):
+                fn()
+            times[name].append((time.perf_counter() - start) / iters)
+    return {name: batch / statistics.median(t) for name, t in times.items()}
+
+
+def bench(name: str, rounds: int, iters: int) -> list[tuple[str, float, float, str]]:
+    size, kwargs, train_batch, infer_batch = CONFIGS[name]
+    torch.manual_seed(0)
+    ours = VisionTransformer(**kwargs)
+    fused, explicit = timm_model(ours, explicit=False), timm_model(ours, explicit=True)
+    x = torch.randn(train_batch, kwargs["num_channels"], size, size)
+    y = torch.randint(0, kwargs["num_classes"], (train_batch,))
+    models = {"ours": ours.train(), "timm": fused.train()}
+    train = measure({k: train_step(m, x, y, torch.optim.AdamW(m.parameters(), lr=1e-4)) for k, m in models.items()},
+                    train_batch, rounds, iters)
+    ours.eval(), fused.eval(), explicit.eval()
+    x = torch.randn(infer_batch, kwargs["num_channels"], size, size)
+
+    def timm_maps():
+        explicit.maps.clear()
+        explicit(x)
+
+    infer = measure({"ours": inference(lambda: ours(x)), "timm": inference(lambda: fused(x)),
+                     "ours_maps": inference(lambda: ours(x, return_attn=True)), "timm_maps": inference(timm_maps),
+                     "ours_cls": inference(lambda: ours(x, return_attn="cls"))}, infer_batch, rounds, iters)
+    return [("train step (fwd+bwd+AdamW)", train["ours"], train["timm"], "ours/timm"),
+            ("inference", infer["ours"], infer["timm"], "ours/timm"),
+            ("inference + all maps", infer["ours_maps"], infer["timm_maps"], "ours/timm"),
+            ('"cls" rows vs plain (ours)', infer["ours_cls"], infer["ours"], "time cls/plain")]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds; the median is reported")
+    parser.add_argument("--iters", type=int, default=3, help="calls per task per round")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {args.threads} threads, "
+          f"{time.strftime('%Y-%m-%d')}")
+    print("| config | task | ours img/s | reference img/s | ratio |\n|---|---|---:|---:|---:|")
+    for name in args.configs:
+        for task, a, b, kind in bench(name, args.rounds, args.iters):
+            ratio = b / a if kind.startswith("time") else a / b  # cls: time ratio = plain img/s / cls img/s
+            print(f"| {name} | {task} | {a:.0f} | {b:.0f} | {ratio:.3f} ({kind}) |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
