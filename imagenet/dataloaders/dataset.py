@@ -1,0 +1,258 @@
+"""Image-classification datasets and the DeiT train / eval pipelines (torchvision `transforms.v2`).
+
+Layouts (any class set; the class count comes from the folders):
+- `ROOT/train/<class>/<image>` + `ROOT/val/<class>/<image>` (ImageFolder; ImageNet: class = WordNet id);
+- the official ILSVRC2012 archives in ROOT (extracted once into the layout above, torchvision's `ImageNet`);
+- for evaluation only, a flat folder of `<wnid>_<name>.JPEG` files (e.g. one photo per ImageNet class):
+  labels from the WordNet id, classes = the 1000 ImageNet-1k classes.
+
+Samples are (image (3, H, W) float, target, skipped) where `skipped` is "" or the path of an unreadable
+image that was replaced by the next readable one (so batches keep their size and DDP ranks stay in step).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.transforms import InterpolationMode, v2
+
+from imagenet.dataloaders.classes import WNIDS, index_from_filename
+
+IN1K = importlib.import_module("imagenet.dataloaders.imagenet-1k")
+LAYOUT = ("ROOT/train/<class>/<image> and ROOT/val/<class>/<image> (ImageFolder), or the ILSVRC2012 archives "
+          f"{IN1K.ARCHIVES['train']}, {IN1K.ARCHIVES['val']} and {IN1K.ARCHIVES['devkit']} in ROOT")
+
+
+class DatasetError(ValueError):
+    """A dataset root that cannot be used; the message says what was expected and what was found."""
+
+
+def is_image_file(name: str) -> bool:
+    return name.lower().endswith(IMG_EXTENSIONS)
+
+
+def _found(directory: Path, limit: int = 6) -> str:
+    entries = sorted(e.name + ("/" if e.is_dir() else "") for e in directory.iterdir())
+    if not entries:
+        return "it is empty"
+    more = f" and {len(entries) - limit} more" if len(entries) > limit else ""
+    return "found " + ", ".join(entries[:limit]) + more
+
+
+def extract_archives(root: str | Path, split: str) -> None:
+    """Build ROOT/<split>/<wnid>/ from the official archives in ROOT (no-op when the folder exists)."""
+    root = Path(root)
+    if (root / split).is_dir():
+        return
+    if not root.is_dir():
+        raise DatasetError(f"dataset root {root} does not exist; expected {LAYOUT}.")
+    missing = [IN1K.ARCHIVES[k] for k in ("devkit", split) if not (root / IN1K.ARCHIVES[k]).is_file()]
+    if missing:
+        raise DatasetError(f"cannot build {root / split}: {' and '.join(missing)} not found in {root} "
+                           f"(download the ILSVRC2012 archives from image-net.org); {_found(root)}.")
+    try:
+        import scipy  # noqa: F401  (torchvision reads the devkit's meta.mat with scipy.io.loadmat)
+    except ImportError:
+        raise DatasetError("reading the ILSVRC2012 devkit needs scipy: pip install scipy, then run again.") from None
+    import torchvision
+
+    print(f"extracting {root / IN1K.ARCHIVES[split]} into {root / split}/<wnid>/ (verifies the md5 first; this "
+          f"takes a while, once)")
+    torchvision.datasets.ImageNet(str(root), split=split)
+
+
+def split_dir(root: str | Path, split: str, *, extract: bool = False) -> Path:
+    """ROOT/<split> as a folder of class folders; extracts the archives first when asked and needed."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"dataset root {root} does not exist; expected {LAYOUT}.")
+    directory = root / split
+    has_archives = (root / IN1K.ARCHIVES[split]).is_file()
+    if not directory.is_dir() and extract and has_archives:
+        extract_archives(root, split)
+    if not directory.is_dir():
+        hint = (" (the ILSVRC2012 archives are there: run `python -m imagenet.dataloaders.imagenet-1k ROOT "
+                "--prepare` once)" if has_archives else "")
+        raise DatasetError(f"{root} has no {split}/ folder: expected {LAYOUT}; {_found(root)}{hint}.")
+    if not any(e.is_dir() for e in directory.iterdir()):
+        raise DatasetError(f"{directory} holds no class folders: expected {directory}/<class>/<image>; "
+                           f"{_found(directory)}.")
+    return directory
+
+
+def list_class_folder(directory: Path) -> tuple[list[str], list[str]]:
+    """Image files (recursively, sorted) and other files of one class folder."""
+    images, others = [], []
+    for dirpath, _, names in os.walk(directory, followlinks=True):
+        for name in sorted(names):
+            (images if is_image_file(name) else others).append(os.path.join(dirpath, name))
+    return sorted(images), others
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Decode an image file as RGB (grayscale, palette and RGBA images are converted)."""
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def check_image(path: str) -> tuple[str, str | None]:
+    """(path, None) when the file decodes completely, else (path, reason)."""
+    try:
+        with Image.open(path) as image:
+            image.draft("RGB", (64, 64))  # JPEG: decode at reduced scale, still reading the whole stream
+            image.load()
+        return path, None
+    except Exception as e:  # noqa: BLE001  any decoder failure means unreadable
+        return path, f"{type(e).__name__}: {e}"
+
+
+class ImageDataset(Dataset):
+    """Labelled image files -> (image, target, skipped).
+
+    Args:
+        samples: (path, class index) pairs.
+        classes: class names / WordNet ids by index.
+        transform: PIL RGB image -> tensor (3, H, W).
+    """
+
+    max_skips = 32
+
+    def __init__(self, samples: list[tuple[str, int]], classes: list[str], transform: Callable | None = None):
+        self.samples, self.classes, self.transform = samples, list(classes), transform
+        self.targets = [t for _, t in samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int, str]:
+        skipped = ""
+        for attempt in range(self.max_skips):
+            path, target = self.samples[(index + attempt) % len(self.samples)]
+            try:
+                image = load_rgb(path)
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+                skipped = skipped or path  # report this index's own file; substitutes report theirs when visited
+                continue
+            return (self.transform(image) if self.transform else image), target, skipped
+        raise DatasetError(f"{self.max_skips} consecutive unreadable images from {self.samples[index][0]} on; "
+                           f"check the dataset with `python -m imagenet.dataloaders.imagenet-1k ROOT`.")
+
+
+def folder_samples(directory: str | Path) -> tuple[list[tuple[str, int]], list[str]]:
+    """Samples and classes of `directory/<class>/<image>` or of a flat folder of `<wnid>_<name>.JPEG`."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise DatasetError(f"image folder {directory} does not exist; expected {directory}/<class>/<image> "
+                           f"or {directory}/<wnid>_<name>.JPEG.")
+    classes = sorted(e.name for e in directory.iterdir() if e.is_dir())
+    if classes:
+        samples = []
+        for index, name in enumerate(classes):
+            samples += [(path, index) for path in list_class_folder(directory / name)[0]]
+        if not samples:
+            raise DatasetError(f"the class folders of {directory} hold no images (extensions "
+                               f"{', '.join(IMG_EXTENSIONS)}); {_found(directory)}.")
+        return samples, classes
+    files = sorted(e.name for e in directory.iterdir() if e.is_file() and is_image_file(e.name))
+    if not files:
+        raise DatasetError(f"{directory} holds neither class folders ({directory}/<class>/<image>) nor "
+                           f"<wnid>_<name>.JPEG images; {_found(directory)}.")
+    return [(str(directory / f), index_from_filename(f)) for f in files], list(WNIDS)
+
+
+def build_datasets(root: str | Path, train_transform: Callable | None, eval_transform: Callable | None, *,
+                   eval_only: bool = False) -> tuple[ImageDataset | None, ImageDataset]:
+    """(train, val) datasets of ROOT; train is None when eval_only.
+
+    eval_only also accepts ROOT itself as the evaluation folder when it has no val/ (class folders or a
+    flat `<wnid>_<name>.JPEG` folder such as the ImageNet sample photos).
+    """
+    root = Path(root)
+    if eval_only and root.is_dir() and not (root / "val").is_dir() and not (root / IN1K.ARCHIVES["val"]).is_file():
+        samples, classes = folder_samples(root)
+        return None, ImageDataset(samples, classes, eval_transform)
+    val_dir = split_dir(root, "val", extract=True)
+    val_samples, val_classes = folder_samples(val_dir)
+    if eval_only:
+        return None, ImageDataset(val_samples, val_classes, eval_transform)
+    train_samples, train_classes = folder_samples(split_dir(root, "train", extract=True))
+    if train_classes != val_classes:
+        missing = sorted(set(train_classes) - set(val_classes))
+        extra = sorted(set(val_classes) - set(train_classes))
+        raise DatasetError(f"{root}/train and {root}/val must hold the same class folders; val lacks "
+                           f"{missing[:5] or 'none'} and has extra {extra[:5] or 'none'}.")
+    return (ImageDataset(train_samples, train_classes, train_transform),
+            ImageDataset(val_samples, val_classes, eval_transform))
+
+
+def _interpolation(name: str) -> InterpolationMode:
+    try:
+        return InterpolationMode(name)
+    except ValueError:
+        raise DatasetError(f"interpolation {name!r} is unknown; use bicubic, bilinear or nearest.") from None
+
+
+def train_transform(img_size: int = IN1K.IMAGE_SIZE, *, scale: tuple[float, float] = (0.08, 1.0),
+                    hflip: float = 0.5, randaug_ops: int = 2, randaug_magnitude: int = 9, reprob: float = 0.25,
+                    interpolation: str = IN1K.INTERPOLATION, mean=IN1K.MEAN, std=IN1K.STD) -> v2.Compose:
+    """DeiT training augmentation: PIL image -> (3, img_size, img_size) normalised float.
+
+    RandomResizedCrop (bicubic) -> flip -> RandAugment (torchvision's; DeiT uses timm's rand-m9-mstd0.5-inc1)
+    -> normalise -> RandomErasing with per-pixel normal noise (timm's mode "pixel"). randaug_magnitude=0
+    or reprob=0 turn those off.
+    """
+    mode = _interpolation(interpolation)
+    steps = [v2.RandomResizedCrop(img_size, scale=scale, interpolation=mode, antialias=True)]
+    if hflip > 0:
+        steps.append(v2.RandomHorizontalFlip(hflip))
+    if randaug_magnitude > 0 and randaug_ops > 0:
+        steps.append(v2.RandAugment(num_ops=randaug_ops, magnitude=randaug_magnitude, interpolation=mode))
+    steps += [v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    if reprob > 0:
+        steps.append(v2.RandomErasing(p=reprob, value="random"))
+    return v2.Compose(steps)
+
+
+def eval_transform(img_size: int = IN1K.IMAGE_SIZE, *, resize_size: int | None = None,
+                   interpolation: str = IN1K.INTERPOLATION, mean=IN1K.MEAN, std=IN1K.STD) -> v2.Compose:
+    """Resize the shorter side to resize_size (default img_size / 0.875: 256 for 224), center-crop img_size."""
+    resize_size = resize_size or round(img_size / 0.875)
+    return v2.Compose([v2.Resize(resize_size, interpolation=_interpolation(interpolation), antialias=True),
+                       v2.CenterCrop(img_size), v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True),
+                       v2.Normalize(mean, std)])
+
+
+def mixup_cutmix(num_classes: int, mixup: float = 0.8, cutmix: float = 1.0) -> Callable | None:
+    """Batch transform (x (B,C,H,W), y (B,)) -> (mixed x, soft targets (B, num_classes)); None when both are 0.
+
+    As DeiT: every batch is mixed, with MixUp or CutMix chosen with equal probability.
+    """
+    ops = ([v2.MixUp(alpha=mixup, num_classes=num_classes)] if mixup > 0 else []) + \
+          ([v2.CutMix(alpha=cutmix, num_classes=num_classes)] if cutmix > 0 else [])
+    if not ops:
+        return None
+    return ops[0] if len(ops) == 1 else v2.RandomChoice(ops)
+
+
+class SkipCounter:
+    """Wraps a loader of (x, y, skipped) batches, yields (x, y) and collects the skipped paths."""
+
+    def __init__(self, loader: DataLoader):
+        self.loader = loader
+        self.skipped: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        for x, y, skipped in self.loader:
+            self.skipped += [s for s in skipped if s]
+            yield x, y
