@@ -6,8 +6,10 @@ Layouts (any class set; the class count comes from the folders):
 - for evaluation only, a flat folder of `<wnid>_<name>.JPEG` files (e.g. one photo per ImageNet class):
   labels from the WordNet id, classes = the 1000 ImageNet-1k classes.
 
-Samples are (image (3, H, W) float, target, skipped) where `skipped` is "" or the path of an unreadable
+Samples are (image (3, H, W) float, target, index, skipped): `skipped` is "" or the path of an unreadable
 image that was replaced by the next readable one (so batches keep their size and DDP ranks stay in step).
+`SeededSampler` makes the augmentation of a sample a function of (seed, epoch, index) alone: the same on any
+number of ranks or workers, and after `--resume`.
 """
 
 from __future__ import annotations
@@ -20,11 +22,12 @@ from pathlib import Path
 import torch
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import InterpolationMode, v2
 
 from imagenet.dataloaders.classes import WNIDS, index_from_filename
+from utils.training import epoch_seed
 
 IN1K = importlib.import_module("imagenet.dataloaders.imagenet-1k")
 LAYOUT = ("ROOT/train/<class>/<image> and ROOT/val/<class>/<image> (ImageFolder), or the ILSVRC2012 archives "
@@ -115,12 +118,15 @@ def check_image(path: str) -> tuple[str, str | None]:
 
 
 class ImageDataset(Dataset):
-    """Labelled image files -> (image, target, skipped).
+    """Labelled image files -> (image, target, index, skipped).
 
     Args:
         samples: (path, class index) pairs.
         classes: class names / WordNet ids by index.
         transform: PIL RGB image -> tensor (3, H, W).
+
+    An item key is an index, or (seed, index) from `SeededSampler`: the transform then draws its random numbers
+    from torch's RNG seeded with `seed` (the caller's RNG state is left as it was).
     """
 
     max_skips = 32
@@ -132,7 +138,8 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, int, str]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Tensor, int, int, str]:
+        seed, index = key if isinstance(key, tuple) else (None, key)
         skipped = ""
         for attempt in range(self.max_skips):
             path, target = self.samples[(index + attempt) % len(self.samples)]
@@ -141,9 +148,39 @@ class ImageDataset(Dataset):
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
                 skipped = skipped or path  # report this index's own file; substitutes report theirs when visited
                 continue
-            return (self.transform(image) if self.transform else image), target, skipped
+            if self.transform is not None:
+                if seed is None:
+                    image = self.transform(image)
+                else:
+                    with torch.random.fork_rng(devices=[]):
+                        torch.manual_seed(seed)
+                        image = self.transform(image)
+            return image, target, index, skipped
         raise DatasetError(f"{self.max_skips} consecutive unreadable images from {self.samples[index][0]} on; "
                            f"check the dataset with `python -m imagenet.dataloaders.imagenet-1k ROOT`.")
+
+
+class SeededSampler(Sampler):
+    """Wraps a sampler of indices (e.g. DistributedSampler) and yields (seed, index) keys for `ImageDataset`.
+
+    The seed depends on (seed, epoch, index) only; call `set_epoch(epoch)` before each epoch (it is passed on).
+    """
+
+    def __init__(self, sampler: Sampler, seed: int):
+        self.sampler, self.seed, self.epoch = sampler, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        base = epoch_seed(self.seed, self.epoch)
+        for index in self.sampler:
+            yield hash((base, int(index))) & (2**63 - 1), int(index)
 
 
 def folder_samples(directory: str | Path) -> tuple[list[tuple[str, int]], list[str]]:
@@ -242,17 +279,19 @@ def mixup_cutmix(num_classes: int, mixup: float = 0.8, cutmix: float = 1.0) -> C
     return ops[0] if len(ops) == 1 else v2.RandomChoice(ops)
 
 
-class SkipCounter:
-    """Wraps a loader of (x, y, skipped) batches, yields (x, y) and collects the skipped paths."""
+class BatchLog:
+    """Wraps a loader of (x, y, index, skipped) batches, yields (x, y) and keeps the indices and skipped paths."""
 
     def __init__(self, loader: DataLoader):
         self.loader = loader
+        self.indices: list[int] = []
         self.skipped: list[str] = []
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        for x, y, skipped in self.loader:
+        for x, y, index, skipped in self.loader:
+            self.indices += index.tolist()
             self.skipped += [s for s in skipped if s]
             yield x, y

@@ -1,0 +1,184 @@
+"""Where does an ImageNet ViT look in a photo? `python -m imagenet.vis_attn` (edit the paths below or pass flags).
+
+The model may be this repo's checkpoint (runs/imagenet/checkpoint.pth, its EMA weights when it has them) or
+pretrained timm / DeiT / DINO / torchvision ViT weights. Prints the top-5 classes with probabilities and writes one
+figure: the photo, the top-5, attention rollout, gradient rollout for the top class (or --target) and the
+class token's attention in every layer x head.
+
+Any photo size and aspect, RGB or grayscale: the shorter side is resized to --img-size, the longer one to scale
+(at most 2x --img-size, center-cropped), then both are center-cropped to multiples of the patch size; the model
+resamples its position embedding for the new patch grid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
+
+from imagenet.dataloaders import classes as IN
+from models.pretrained import CheckpointError, load_pretrained, read_checkpoint
+from models.vit import VisionTransformer
+from utils.img2attn import attention_figure, save_figure
+
+IN1K = importlib.import_module("imagenet.dataloaders.imagenet-1k")
+
+# ----------------------------------------------------------------------------------------------------------- config
+image_path = "imgs/dog_and_cat.png"  # the photo: any size or aspect, RGB or grayscale (JPEG, PNG, WebP, ...)
+model_path = "checkpoints/deit_tiny_patch16_224.pth"  # repo checkpoint or timm/DeiT/DINO/torchvision ViT weights
+output_path = "imgs/imagenet_attention.png"  # the figure (PNG; the suffix picks the format)
+img_size = 224  # shorter side of the model input, in pixels
+target = ""  # class for the gradient map: index, WordNet id or name ("tiger cat"); "" = the top class
+num_heads = 0  # attention heads of foreign weights (0: embed_dim // 64, right for DeiT / timm / torchvision)
+device = "cpu"  # cpu | cuda | auto
+# -------------------------------------------------------------------------------------------------------------------
+
+
+class InputError(ValueError):
+    """A bad photo or option; one sentence."""
+
+
+def load_photo(path: str | Path) -> Image.Image:
+    """The photo as RGB, upright (EXIF orientation applied)."""
+    path = Path(path)
+    if not path.is_file():
+        what = "is a folder, not an image file" if path.is_dir() else "does not exist"
+        raise InputError(f"image '{path}' {what}.")
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise InputError(f"'{path}' is not an image that can be read ({type(e).__name__}: {e}).") from None
+
+
+def model_input(photo: Image.Image, size: int, patch: int) -> Image.Image:
+    """Resize the shorter side to `size` (bicubic), center-crop the longer side to <= 2·size, both to multiples of
+    the patch size."""
+    w, h = photo.size
+    scale = size / min(w, h)
+    new_w, new_h = max(patch, round(w * scale)), max(patch, round(h * scale))
+    photo = TF.resize(photo, [new_h, new_w], interpolation=InterpolationMode.BICUBIC, antialias=True)
+    crop_h, crop_w = (min(s, 2 * size) // patch * patch for s in (new_h, new_w))
+    return TF.center_crop(photo, [max(patch, crop_h), max(patch, crop_w)])
+
+
+def readable(name: str) -> str:
+    """A WordNet id -> its ImageNet name; anything else unchanged."""
+    try:
+        return IN.NAMES[IN.wnid_to_index(name)]
+    except ValueError:
+        return name
+
+
+def class_names_for(ckpt: dict, num_classes: int) -> list[str] | None:
+    """Names of the model's classes: the class folders a repo checkpoint saved, or ImageNet-1k's for 1000."""
+    saved = ckpt.get("classes")
+    if isinstance(saved, list | tuple) and len(saved) == num_classes:
+        return [readable(str(c)) for c in saved]
+    if num_classes == IN.NUM_CLASSES:
+        return list(IN.NAMES)
+    return None
+
+
+def resolve_target(value: str, names: Sequence[str] | None, num_classes: int) -> int | None:
+    if not value:
+        return None
+    if value.isdigit():
+        if int(value) >= num_classes:
+            raise InputError(f"--target {value} is out of range; the model has classes 0..{num_classes - 1}.")
+        return int(value)
+    if names is not None and list(names) == list(IN.NAMES):
+        try:
+            return IN.class_index(value)
+        except ValueError as e:
+            raise InputError(f"--target: {e}") from None
+    lowered = [n.lower() for n in names or []]
+    if value.lower() in lowered:
+        return lowered.index(value.lower())
+    raise InputError(f"--target {value!r} is not a class of this model; give a class index 0..{num_classes - 1}"
+                     + (f" or a name such as {names[0]!r}." if names else "."))
+
+
+def load_model(path: str, heads: int) -> tuple[VisionTransformer, dict]:
+    ckpt = read_checkpoint(path)
+    try:
+        model = load_pretrained(ckpt, num_heads=heads or None)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    if model.config["num_classes"] == 0:
+        raise CheckpointError(f"{path} has no classification head (a feature extractor such as DINO); the top-5 and "
+                              f"the gradient map need one.")
+    if model.config["num_channels"] != 3:
+        raise CheckpointError(f"{path} takes {model.config['num_channels']}-channel images, not RGB photos "
+                              f"(an MNIST model? use mnist.vis_attn).")
+    return model, ckpt
+
+
+def run(args: argparse.Namespace) -> None:
+    photo = load_photo(args.image_path)  # the photo first: cheap to check
+    dev = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                       "cpu" if args.device == "auto" else args.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {args.device}: no CUDA GPU here; use --device cpu.")
+    model, ckpt = load_model(args.model_path, args.num_heads)
+    model.eval().to(dev)
+    num_classes = model.config["num_classes"]
+    names = class_names_for(ckpt, num_classes)
+    tgt = resolve_target(str(args.target), names, num_classes)
+
+    shown = model_input(photo, args.img_size, model.patch_size)
+    x = TF.normalize(TF.to_tensor(shown), IN1K.MEAN, IN1K.STD)[None].to(dev)  # (1, 3, H, W)
+    with torch.no_grad():
+        probs = model(x).softmax(-1)[0]
+    top = probs.topk(min(5, num_classes))
+    grid = model.patch_grid(*x.shape[-2:])
+    print(f"{args.image_path}: {photo.size[0]}x{photo.size[1]} -> model input {shown.size[0]}x{shown.size[1]} "
+          f"({grid[0]}x{grid[1]} patches)")
+    for rank, (p, c) in enumerate(zip(top.values.tolist(), top.indices.tolist(), strict=True), 1):
+        label = names[c] if names else f"class {c}"
+        wnid = f"{IN.WNIDS[c]}, " if names == list(IN.NAMES) else ""
+        print(f"{rank}. {100 * p:5.1f}%  {label} ({wnid}index {c})")
+    fig = attention_figure(model, x, np.asarray(shown), class_names=names, target=tgt, topk=5)
+    save_figure(fig, args.output_path)
+    what = names[tgt] if names and tgt is not None else "the top class" if tgt is None else f"class {tgt}"
+    print(f"saved {args.output_path} (gradient map for {what})")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m imagenet.vis_attn", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--image-path", "--image", default=image_path, help="photo to explain")
+    parser.add_argument("--model-path", "--model", default=model_path,
+                        help="this repo's checkpoint or timm / DeiT / DINO / torchvision ViT weights")
+    parser.add_argument("--output-path", "--out", default=output_path, help="where the figure goes")
+    parser.add_argument("--img-size", type=int, default=img_size, help="shorter side of the model input")
+    parser.add_argument("--target", default=target,
+                        help="class of the gradient map: index, WordNet id or name; empty = the top class")
+    parser.add_argument("--num-heads", type=int, default=num_heads,
+                        help="heads of foreign weights (0: embed_dim // 64)")
+    parser.add_argument("--device", default=device, help="cpu | cuda | auto")
+    args = parser.parse_args(argv)
+    if args.img_size <= 0:
+        parser.error(f"--img-size {args.img_size} must be positive.")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (ValueError, FileNotFoundError) as e:  # InputError and CheckpointError are ValueErrors
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,286 @@
+"""ImageNet pipeline on the CPU: classes, dataset checks, one epoch (1 process and torchrun x 2), exact resume,
+bad input, vis_attn and fine-tuning with the DeiT-tiny weights (those skip without ../shared/data)."""
+
+import importlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from imagenet import train, vis_attn
+from imagenet.dataloaders import classes
+from imagenet.dataloaders.dataset import DatasetError, build_datasets, eval_transform, mixup_cutmix, train_transform
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+DEIT = SHARED / "weights" / "deit_tiny_patch16_224_lnq.pth"
+SAMPLES = SHARED / "imagenet-samples"
+needs_shared = pytest.mark.skipif(not DEIT.is_file() or not SAMPLES.is_dir(), reason="needs ../shared/data")
+TINY = ["--device", "cpu", "--embed-dim", "32", "--num-heads", "2", "--depth", "2", "--img-size", "32",
+        "--patch-size", "8", "--batch-size", "8", "--workers", "0", "--warmup-epochs", "1", "--no-progress"]
+IN1K = importlib.import_module("imagenet.dataloaders.imagenet-1k")
+
+
+def run_module(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(env or {})})
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *words: str) -> None:
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: "), proc.stderr
+    for w in words:
+        assert w in last, last
+
+
+def exit_message(fn, argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as e:
+        fn(argv)
+    assert isinstance(e.value.code, str) and e.value.code.startswith("error: "), e.value.code
+    return e.value.code
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    """train/{a,b,c}/ 8 colour-coded 32-40 px JPEGs each (+1 grayscale, +1 unreadable); val/ 4 each."""
+    root = tmp_path_factory.mktemp("tiny")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 8), ("val", 4)):
+        for c, name in enumerate("abc"):
+            (root / split / name).mkdir(parents=True)
+            for i in range(n):
+                a = rng.integers(0, 60, (36, 40, 3), dtype=np.uint8)
+                a[..., c] += 180
+                Image.fromarray(a).save(root / split / name / f"{i}.jpg")
+    Image.fromarray(rng.integers(0, 255, (30, 44), dtype=np.uint8)).save(root / "train" / "a" / "gray.jpg")
+    (root / "train" / "b" / "broken.jpg").write_bytes(b"not a jpeg")
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(tiny, tmp_path_factory) -> Path:
+    """One epoch of `python -m imagenet.train` in a subprocess; returns its output folder."""
+    out = tmp_path_factory.mktemp("run")
+    proc = run_module("imagenet.train", "--data-root", str(tiny), "--out", str(out), "--epochs", "1", *TINY)
+    assert proc.returncode == 0, proc.stderr
+    assert "epoch 1/1: train loss" in proc.stdout
+    assert "skipped 1 unreadable image(s)" in proc.stdout and "broken.jpg" in proc.stdout
+    out.joinpath("stdout.txt").write_text(proc.stdout)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------- classes
+def test_classes_order_and_lookups():
+    assert len(classes.WNIDS) == len(set(classes.WNIDS)) == classes.NUM_CLASSES == 1000
+    assert list(classes.WNIDS) == sorted(classes.WNIDS)
+    assert classes.NAMES[0] == "tench" and classes.NAMES[282] == "tiger cat"
+    assert classes.wnid_to_index("n02123159") == classes.name_to_index("Tiger_Cat") == classes.class_index("282")
+    assert classes.index_from_filename("x/n01440764_tench.JPEG") == 0
+    with pytest.raises(ValueError, match="ambiguous"):
+        classes.name_to_index("crane")
+    with pytest.raises(ValueError, match="WordNet id"):
+        classes.wnid_to_index("n99999999")
+
+
+@pytest.mark.skipif(not SAMPLES.is_dir(), reason="needs ../shared/data")
+def test_classes_agree_with_every_sample_file_name():
+    files = sorted(p.name for p in SAMPLES.glob("*.JPEG"))
+    assert len(files) == 1000
+    for index, name in enumerate(files):
+        wnid, label = name[:9], name[10:-len(".JPEG")]
+        assert classes.WNIDS[index] == wnid and classes.wnid_to_index(wnid) == index
+        assert classes.NAMES[index].replace(" ", "_") == label
+
+
+def test_imagenet_1k_settings_importable():
+    assert IN1K.NUM_CLASSES == 1000 and IN1K.IMAGE_SIZE == 224 and IN1K.RESIZE_SIZE == 256
+    assert IN1K.SPLIT_SIZES == {"train": 1_281_167, "val": 50_000} and IN1K.INTERPOLATION == "bicubic"
+
+
+# ------------------------------------------------------------------------------------------------- data pipeline
+def test_transforms_and_mixup_shapes():
+    photo = Image.fromarray(np.full((50, 70), 128, dtype=np.uint8)).convert("RGB")
+    assert train_transform(32)(photo).shape == (3, 32, 32)
+    assert eval_transform(32)(photo).shape == (3, 32, 32)
+    x, y = mixup_cutmix(5)(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]))
+    assert x.shape == (4, 3, 32, 32) and y.shape == (4, 5)
+    torch.testing.assert_close(y.sum(1), torch.ones(4))
+    assert mixup_cutmix(5, 0.0, 0.0) is None
+
+
+def test_dataset_layouts_and_errors(tiny, tmp_path):
+    train_set, val_set = build_datasets(tiny, None, None)
+    assert train_set.classes == val_set.classes == ["a", "b", "c"] and len(val_set) == 12
+    with pytest.raises(DatasetError, match="does not exist; expected ROOT/train/<class>"):
+        build_datasets(tmp_path / "missing", None, None)
+    (tmp_path / "flat").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "flat" / "img.png")
+    with pytest.raises(DatasetError, match=r"has no val/ folder: expected .* found flat/"):
+        build_datasets(tmp_path, None, None)
+    with pytest.raises(ValueError, match="does not start with a WordNet id"):  # flat folder for evaluation
+        build_datasets(tmp_path / "flat", None, None, eval_only=True)
+
+
+def test_check_script_finds_missing_class_and_unreadable_file(tiny, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(tiny, root)
+    shutil.rmtree(root / "val" / "c")
+    proc = run_module("imagenet.dataloaders.imagenet-1k", str(root), "--any-classes", "--workers", "1")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "val: 1 missing class folder(s): c" in proc.stdout
+    assert "unreadable image" in proc.stdout and "broken.jpg" in proc.stdout
+    assert "gray.jpg" not in proc.stdout  # grayscale is fine
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: 2 problem(s)")
+    assert "does not exist" in exit_message(IN1K.main, [str(tmp_path / "nope")])
+
+
+# ---------------------------------------------------------------------------------------------------------- train
+def test_one_epoch_cpu_writes_checkpoint_metrics_and_curves(trained):
+    assert sorted(p.name for p in trained.iterdir()) == ["checkpoint.pth", "curves.png", "metrics.json", "stdout.txt"]
+    metrics = json.loads((trained / "metrics.json").read_text())
+    row = metrics["epochs"][0]
+    assert row["epoch"] == 1 and row["train_images"] == 24 and row["skipped_images"] == 1
+    assert 0 <= row["val_top1"] <= row["val_top5"] <= 100
+    ckpt = torch.load(trained / "checkpoint.pth", weights_only=True)
+    assert ckpt["epoch"] == 1 and ckpt["classes"] == ["a", "b", "c"] and ckpt["model_config"]["num_classes"] == 3
+    assert {"optimizer", "scheduler", "rng", "metrics", "train_config"} <= set(ckpt)
+
+
+def test_torchrun_two_ranks_see_disjoint_data_and_rank0_alone_writes(tiny, tmp_path):
+    out = tmp_path / "ddp"
+    proc = run_module("torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "imagenet.train",
+                      "--data-root", str(tiny), "--out", str(out), "--epochs", "1", *TINY)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "on 2 x cpu" in proc.stdout and "(4 per rank)" in proc.stdout
+    assert proc.stdout.count("epoch 1/1: train loss") == 1 and proc.stdout.count("saved ") == 1  # rank 0 prints
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pth", "curves.png", "metrics.json"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    row = metrics["epochs"][0]
+    assert metrics["world_size"] == 2
+    assert row["rank_images"] == [12, 12] and row["rank_overlap"] == 0 and row["train_images"] == 24
+    assert row["skipped_images"] == 1
+
+
+def test_resume_continues_exactly(tiny, tmp_path):
+    common = ["--data-root", str(tiny), "--epochs", "2", "--ema-decay", "0.9", *TINY]
+    train.main([*common, "--out", str(tmp_path / "straight")])
+    train.main([*common, "--out", str(tmp_path / "split"), "--stop-after", "1"])
+    assert torch.load(tmp_path / "split" / "checkpoint.pth", weights_only=True)["epoch"] == 1
+    train.main(["--resume", "--out", str(tmp_path / "split"), "--device", "cpu", "--workers", "0", "--no-progress"])
+    a = torch.load(tmp_path / "straight" / "checkpoint.pth", weights_only=True)
+    b = torch.load(tmp_path / "split" / "checkpoint.pth", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 2
+    for part in ("model", "ema_model"):
+        for k, v in a[part].items():
+            assert torch.equal(v, b[part][k]), (part, k)
+    for ra, rb in zip(a["metrics"], b["metrics"], strict=True):
+        assert ra["train_loss"] == rb["train_loss"] and ra["val_loss"] == rb["val_loss"]
+    assert a["optimizer"]["state"][0]["step"] == b["optimizer"]["state"][0]["step"]
+
+
+def test_train_bad_input_one_line_errors(tiny, trained, tmp_path):
+    assert_one_line_error(run_module("imagenet.train", "--data-root", str(tmp_path / "none"), *TINY),
+                          "does not exist", "expected ROOT/train/<class>/<image>")
+    (tmp_path / "train" / "x").mkdir(parents=True)
+    msg = exit_message(train.main, ["--data-root", str(tmp_path), *TINY])
+    assert "has no val/ folder" in msg and "found train/" in msg
+    two = tmp_path / "two"
+    for split in ("train", "val"):
+        for name in "ab":
+            shutil.copytree(tiny / split / name, two / split / name)
+    msg = exit_message(train.main, ["--data-root", str(two), "--evaluate-only", "--pretrained",
+                                    str(trained / "checkpoint.pth"), *TINY])
+    assert "has 2 classes but the model's head has 3" in msg
+    msg = exit_message(train.main, ["--resume", "--out", str(trained), "--data-root", str(two), "--epochs", "2",
+                                    *TINY])
+    assert "has 2 classes but the model's head has 3" in msg
+    for split in ("train", "val"):
+        shutil.copytree(tiny / split / "c", two / split / "d")
+    msg = exit_message(train.main, ["--resume", "--out", str(trained), "--data-root", str(two), "--epochs", "2",
+                                    *TINY])
+    assert "differ from those the run was trained on" in msg
+    assert "does not exist" in exit_message(train.main, ["--resume", "--out", str(tmp_path / "nothing"), *TINY])
+    assert "--evaluate-only needs weights" in exit_message(train.main, ["--data-root", str(tiny), "--evaluate-only",
+                                                                       *TINY])
+
+
+# ------------------------------------------------------------------------------------------------------ vis_attn
+def test_vis_attn_on_repo_checkpoint_with_grayscale_non_square_photo(trained, tmp_path, capsys):
+    photo = tmp_path / "gray.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (45, 70), dtype=np.uint8)).save(photo)
+    vis_attn.main(["--image", str(photo), "--model", str(trained / "checkpoint.pth"), "--out",
+                   str(tmp_path / "fig.png"), "--img-size", "32", "--target", "b"])
+    out = capsys.readouterr().out
+    assert "model input 48x32 (4x6 patches)" in out  # 70x45 -> 50x32 -> crop to multiples of 8
+    assert re.search(r"^1\. .*% +[abc] \(index \d\)$", out, re.M) and "gradient map for b" in out
+    assert Image.open(tmp_path / "fig.png").size[0] > 500
+
+
+def test_vis_attn_bad_input(trained, tmp_path):
+    ckpt = str(trained / "checkpoint.pth")
+    photo = tmp_path / "p.png"
+    Image.new("L", (40, 40)).save(photo)
+    (tmp_path / "text.jpg").write_text("hello")
+    (tmp_path / "trunc.pth").write_bytes((trained / "checkpoint.pth").read_bytes()[:5000])
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "foreign.pth")
+    cases = [(["--image", str(tmp_path / "none.jpg"), "--model", ckpt], "does not exist"),
+             (["--image", str(tmp_path / "text.jpg"), "--model", ckpt], "is not an image"),
+             (["--image", str(photo), "--model", str(tmp_path / "none.pth")], "does not exist"),
+             (["--image", str(photo), "--model", str(tmp_path / "trunc.pth")], "not a readable PyTorch checkpoint"),
+             (["--image", str(photo), "--model", str(tmp_path / "foreign.pth")], "not a ViT checkpoint"),
+             (["--image", str(photo), "--model", ckpt, "--img-size", "32", "--target", "zebra"], "not a class")]
+    for argv, words in cases:
+        assert words in exit_message(vis_attn.main, [*argv, "--out", str(tmp_path / "f.png")])
+    assert_one_line_error(run_module("imagenet.vis_attn", "--image", str(tmp_path / "text.jpg"), "--model", ckpt),
+                          "is not an image")
+
+
+@needs_shared
+def test_vis_attn_deit_tiny_sees_dog_and_tiger_cat(tmp_path, capsys):
+    vis_attn.main(["--image", str(SHARED / "photos" / "dog_and_cat.png"), "--model", str(DEIT), "--out",
+                   str(tmp_path / "fig.png")])
+    out = capsys.readouterr().out
+    top = [int(i) for i in re.findall(r"^\d\. .*index (\d+)\)$", out, re.M)]
+    assert len(top) == 5
+    assert 151 <= top[0] <= 268, out  # ImageNet's dog breeds
+    assert classes.name_to_index("tiger cat") in top, out
+    assert (tmp_path / "fig.png").is_file()
+
+
+# ------------------------------------------------------------------------------------------------ pretrained weights
+@needs_shared
+def test_finetune_one_step_from_deit_tiny_and_evaluate_flat_folder(tmp_path, capsys):
+    wnids = ["n01440764", "n02123159"]  # tench, tiger cat
+    data = tmp_path / "data"
+    for split in ("train", "val"):
+        for wnid in wnids:
+            (data / split / wnid).mkdir(parents=True)
+            for f in sorted(SAMPLES.glob(f"{wnid}_*"))[:1]:
+                for k in range(2 if split == "train" else 1):
+                    os.symlink(f, data / split / wnid / f"{k}_{f.name}")
+    out = tmp_path / "ft"
+    train.main(["--data-root", str(data), "--out", str(out), "--pretrained", str(DEIT), "--epochs", "1",
+                "--batch-size", "4", "--device", "cpu", "--workers", "0", "--no-progress", "--lr", "1e-4"])
+    text = capsys.readouterr().out
+    assert "1000-class head and the dataset has 2 classes: the head is re-initialised" in text
+    assert "D=192 heads=3 depth=12" in text and "1 steps per epoch" in text
+    ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert ckpt["model_config"]["num_classes"] == 2 and ckpt["classes"] == wnids
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for f in sorted(SAMPLES.glob("*.JPEG"))[::100]:  # 10 photos, labels from the WordNet id
+        os.symlink(f, flat / f.name)
+    train.main(["--evaluate-only", "--pretrained", str(DEIT), "--data-root", str(flat), "--device", "cpu",
+                "--workers", "0", "--batch-size", "10", "--no-progress"])
+    top1, top5 = map(float, re.search(r"top-1 ([\d.]+)%  top-5 ([\d.]+)%", capsys.readouterr().out).groups())
+    assert top1 >= 50 and top5 >= top1
