@@ -32,9 +32,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:  # DINO's full checkpoints pickle their argparse.Namespace: harmless, so allow it.
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # the unpickler raises anything on garbage: KeyError, EOFError, RuntimeError...
-        raise CheckpointError(f"'{path}' is not a readable PyTorch checkpoint (truncated, or another format): "
-                              f"{str(e).splitlines()[0][:200]}") from None
+    except Exception:  # the unpickler raises anything on garbage: KeyError, EOFError, RuntimeError...
+        raise CheckpointError(f"'{path}' is not a readable PyTorch checkpoint: it is truncated or another kind "
+                              f"of file.") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"'{path}' holds a {type(obj).__name__}, not a checkpoint dict of tensors.")
     return obj
