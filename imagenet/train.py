@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -285,7 +286,7 @@ def run(cfg: dict[str, Any], given: set[str]) -> None:
     channels_last = cfg["channels_last"] and device.type == "cuda"
     progress = cfg["progress"] and ctx.is_main
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.set_float32_matmul_precision("high")  # TF32 for what runs outside autocast
     seed_everything(cfg["seed"])  # the same on every rank: identical initial weights
 
     # ---- data (rank 0 first: it may extract the archives)
@@ -343,11 +344,11 @@ def run(cfg: dict[str, Any], given: set[str]) -> None:
             raise DatasetError(f"the class folders of {cfg['data_root']} differ from those the run was trained on "
                                f"(e.g. {list(ckpt['classes'])[:3]}); resume on the same dataset.")
         ctx.print(f"resuming {out / 'checkpoint.pth'} after epoch {start_epoch}")
-    train_model = model
+    train_model = eval_model  # (compiled once when single-process)
     if ctx.distributed:
         train_model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    if cfg["compile"]:
-        train_model = torch.compile(train_model)
+        if cfg["compile"]:
+            train_model = torch.compile(train_model)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg["label_smoothing"])
     mix = mixup_cutmix(num_classes, cfg["mixup"], cfg["cutmix"])
     ctx.print(f"{len(train_set)} train / {len(val_set)} val images, {num_classes} classes; batch {cfg['batch_size']} "
@@ -365,8 +366,8 @@ def run(cfg: dict[str, Any], given: set[str]) -> None:
                                 step=epoch * steps, total=steps, ema=ema, amp_dtype=amp_dtype, scaler=scaler,
                                 grad_clip=cfg["grad_clip"] or None, progress=progress,
                                 desc=f"epoch {epoch + 1}/{cfg['epochs']}")
-        sums = all_reduce_sum(torch.tensor([stats["train_loss"], stats["images"]], dtype=torch.float64))
-        seconds = float(all_reduce_max(torch.tensor([stats["seconds"]], dtype=torch.float64)))
+        sums = all_reduce_sum(torch.tensor([stats["train_loss"], stats["images"]], dtype=torch.float64, device=device))
+        seconds = float(all_reduce_max(torch.tensor([stats["seconds"]], dtype=torch.float64, device=device)))
         row = {"epoch": epoch + 1, "train_loss": float(sums[0]) / ctx.world_size, "lr": scheduler.get_last_lr()[0],
                "train_images": int(sums[1]), "img_per_s": float(sums[1]) / max(seconds, 1e-9), "seconds": seconds}
         if ctx.distributed:  # which images each rank trained on: the shards must be disjoint
@@ -404,12 +405,13 @@ def run(cfg: dict[str, Any], given: set[str]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     cfg, given = parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
     try:
         run(cfg, given)
     except NonFiniteLossError as e:
         sys.exit(f"error: {e} The last finished epoch is in {Path(cfg['out']) / 'checkpoint.pth'} (--resume).")
     except (ValueError, FileNotFoundError) as e:  # UsageError, DatasetError, CheckpointError are ValueErrors
-        sys.exit(f"error: {e}")
+        sys.exit(f"error: {e}" if rank == 0 else 1)  # the same on every rank: rank 0 says it
     except KeyboardInterrupt:
         sys.exit(f"interrupted; the last finished epoch is in {Path(cfg['out']) / 'checkpoint.pth'} (--resume)")
     finally:

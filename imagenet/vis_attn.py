@@ -30,10 +30,11 @@ from models.vit import VisionTransformer
 from utils.img2attn import attention_figure, save_figure
 
 IN1K = importlib.import_module("imagenet.dataloaders.imagenet-1k")
+DEIT_TINY_URL = "https://dl.fbaipublicfiles.com/deit/deit_tiny_patch16_224-a1311bcf.pth"  # DeiT's release (72.2%)
 
 # ----------------------------------------------------------------------------------------------------------- config
 image_path = "imgs/dog_and_cat.png"  # the photo: any size or aspect, RGB or grayscale (JPEG, PNG, WebP, ...)
-model_path = "checkpoints/deit_tiny_patch16_224.pth"  # repo checkpoint or timm/DeiT/DINO/torchvision ViT weights
+model_path = "checkpoints/deit_tiny_patch16_224-a1311bcf.pth"  # DeiT's release, runs/imagenet/checkpoint.pth, ...
 output_path = "imgs/imagenet_attention.png"  # the figure (PNG; the suffix picks the format)
 img_size = 224  # shorter side of the model input, in pixels
 target = ""  # class for the gradient map: index, WordNet id or name ("tiger cat"); "" = the top class
@@ -109,6 +110,9 @@ def resolve_target(value: str, names: Sequence[str] | None, num_classes: int) ->
 
 
 def load_model(path: str, heads: int) -> tuple[VisionTransformer, dict]:
+    if not Path(path).is_file():
+        raise InputError(f"checkpoint '{path}' does not exist; pass --model runs/imagenet/checkpoint.pth (what "
+                         f"imagenet.train writes) or pretrained weights such as {DEIT_TINY_URL} (download it first).")
     ckpt = read_checkpoint(path)
     try:
         model = load_pretrained(ckpt, num_heads=heads or None)

@@ -69,7 +69,10 @@ def extract_archives(root: str | Path, split: str) -> None:
 
     print(f"extracting {root / IN1K.ARCHIVES[split]} into {root / split}/<wnid>/ (verifies the md5 first; this "
           f"takes a while, once)")
-    torchvision.datasets.ImageNet(str(root), split=split)
+    try:
+        torchvision.datasets.ImageNet(str(root), split=split)
+    except RuntimeError as e:  # a corrupt or partial archive fails its md5 check
+        raise DatasetError(f"could not extract the {split} archive in {root}: {e}") from None
 
 
 def split_dir(root: str | Path, split: str, *, extract: bool = False) -> Path:
@@ -202,7 +205,11 @@ def folder_samples(directory: str | Path) -> tuple[list[tuple[str, int]], list[s
     if not files:
         raise DatasetError(f"{directory} holds neither class folders ({directory}/<class>/<image>) nor "
                            f"<wnid>_<name>.JPEG images; {_found(directory)}.")
-    return [(str(directory / f), index_from_filename(f)) for f in files], list(WNIDS)
+    try:
+        return [(str(directory / f), index_from_filename(f)) for f in files], list(WNIDS)
+    except ValueError as e:
+        raise DatasetError(f"{directory} holds no class folders, so its images must be named <wnid>_<name>.JPEG: "
+                           f"{e}") from None
 
 
 def build_datasets(root: str | Path, train_transform: Callable | None, eval_transform: Callable | None, *,

@@ -1,0 +1,113 @@
+"""Training throughput of the ImageNet recipe: the model step and the data pipeline, each in img/s.
+
+    python -m bench.imagenet_throughput --device cpu                      # vit_ti, 224 px, batch 32
+    python -m bench.imagenet_throughput --model vit_s --batch-size 256 --device cuda --compile
+    python -m bench.imagenet_throughput --data ../shared/data/imagenet-samples --workers 2
+
+model step: what `imagenet.train` does per batch (MixUp/CutMix, forward under autocast, label-smoothed
+cross-entropy, backward, AdamW step) on random images already on the device. data: decoding + the DeiT training
+augmentation of real photos through a DataLoader (any folder of images; skipped when absent). A run trains at
+about the smaller of the two (the loader works in parallel with the model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from imagenet.dataloaders.dataset import ImageDataset, is_image_file, mixup_cutmix, train_transform
+from imagenet.train import MODEL, PRESETS, RECIPE, model_from_config, resolve_amp
+from utils.distributed import resolve_device
+from utils.training import param_groups
+
+SHARED_SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-samples"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_model(args: argparse.Namespace, device: torch.device) -> list[float]:
+    cfg = {k: v for k, (v, _) in {**MODEL, **RECIPE}.items()} | {"model": args.model, "img_size": args.img_size}
+    torch.manual_seed(0)
+    model = model_from_config(cfg, 1000).to(device).train()
+    amp_dtype = resolve_amp(args.amp, device)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg["weight_decay"]), lr=1e-3,
+                                  fused=True if device.type == "cuda" else None)
+    step_model = torch.compile(model) if args.compile else model
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg["label_smoothing"])
+    mix = mixup_cutmix(1000, cfg["mixup"], cfg["cutmix"])
+    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
+    y = torch.randint(0, 1000, (args.batch_size,), device=device)
+    rates = []
+    for i in range(args.warmup + args.steps):
+        sync(device)
+        start = time.perf_counter()
+        xm, ym = mix(x, y)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            loss = loss_fn(step_model(xm), ym)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        sync(device)
+        if i >= args.warmup:
+            rates.append(args.batch_size / (time.perf_counter() - start))
+    return rates
+
+
+def bench_data(args: argparse.Namespace) -> float | None:
+    folder = Path(args.data)
+    if not folder.is_dir():
+        return None
+    files = sorted(str(p) for p in folder.rglob("*") if is_image_file(p.name))[:args.images]
+    dataset = ImageDataset([(f, 0) for f in files], ["x"], train_transform(args.img_size))
+    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers,
+                        persistent_workers=False, drop_last=False)
+    start = time.perf_counter()
+    n = sum(len(batch[0]) for batch in loader)
+    return n / (time.perf_counter() - start)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.imagenet_throughput", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", default="vit_ti", choices=sorted(PRESETS))
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps (after --warmup)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    parser.add_argument("--amp", default="auto", help="auto (bf16 on GPU) | bf16 | fp16 | none")
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--data", default=str(SHARED_SAMPLES), help="folder of photos for the data-pipeline part")
+    parser.add_argument("--images", type=int, default=256, help="photos the data part decodes")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the data part")
+    args = parser.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"{args.model} {args.img_size}px, batch {args.batch_size}, {name}, amp={resolve_amp(args.amp, device)}, "
+          f"compile={args.compile}, torch {torch.__version__}")
+    rates = bench_model(args, device)
+    print(f"model step: {statistics.median(rates):.1f} img/s (median of {len(rates)} steps; min "
+          f"{min(rates):.1f}, max {max(rates):.1f})")
+    data_rate = bench_data(args)
+    if data_rate is None:
+        print(f"data: skipped ({args.data} is not a folder)")
+    else:
+        print(f"data: {data_rate:.1f} img/s (decode + DeiT augmentation, {args.workers} workers, "
+              f"{min(args.images, len(list(Path(args.data).iterdir())))} photos of {args.data})")
+        print(f"training throughput ~ {min(data_rate, statistics.median(rates)):.1f} img/s (the slower of the two)")
+
+
+if __name__ == "__main__":
+    main()
