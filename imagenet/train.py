@@ -401,6 +401,8 @@ def run(cfg: dict[str, Any], given: set[str]) -> None:
         ctx.print(f"stopped after epoch {last_epoch} (--stop-after {cfg['stop_after']}); continue with --resume")
     elif last_epoch > start_epoch:
         ctx.print(f"saved {out / 'checkpoint.pth'}, {out / 'metrics.json'}, {out / 'curves.png'}")
+    else:
+        ctx.print(f"the run already has its {cfg['epochs']} epochs; raise --epochs to train on")
 
 
 def main(argv: list[str] | None = None) -> None:
