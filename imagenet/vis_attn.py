@@ -33,7 +33,7 @@ IN1K = importlib.import_module("imagenet.dataloaders.imagenet-1k")
 DEIT_TINY_URL = "https://dl.fbaipublicfiles.com/deit/deit_tiny_patch16_224-a1311bcf.pth"  # DeiT's release (72.2%)
 
 # ----------------------------------------------------------------------------------------------------------- config
-image_path = "imgs/dog_and_cat.png"  # the photo: any size or aspect, RGB or grayscale (JPEG, PNG, WebP, ...)
+image_path = "../shared/data/photos/dog_and_cat.png"  # your photo: any size or aspect, RGB or gray (JPEG, PNG, ...)
 model_path = "checkpoints/deit_tiny_patch16_224-a1311bcf.pth"  # DeiT's release, runs/imagenet/checkpoint.pth, ...
 output_path = "imgs/imagenet_attention.png"  # the figure (PNG; the suffix picks the format)
 img_size = 224  # shorter side of the model input, in pixels
