@@ -1,0 +1,114 @@
+"""Rank MNIST training settings on a held-out part of the training set: `python -m bench.mnist_search`.
+
+Each candidate runs `python -m mnist.train --val-split 5000 ...` as a subprocess (its own output folder under
+--out) and is scored by its validation accuracy; the test set is scored once, at the end of each run, and only
+reported. Prints one table row per candidate: val / test top-1, epochs, wall time (process start to exit, data
+loading and evaluation included) and training throughput. Rows are appended to <out>/results.jsonl, so a rerun
+with --skip-done only runs what is missing.
+
+    python -m bench.mnist_search --epochs 4              # proxy ranking of all candidates
+    python -m bench.mnist_search --only p7-d128,p7-d128-bs128 --epochs 12   # longer runs of a few
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# Every candidate spells out the whole recipe (so it keeps its meaning when mnist.train's defaults change):
+# BASE (the first default: patch 4, D=64, 6 layers) plus the flags of the candidate.
+BASE = ["--embed-dim", "64", "--hidden-dim", "128", "--num-heads", "4", "--num-layers", "6", "--patch-size", "4",
+        "--dropout", "0", "--drop-path-rate", "0", "--batch-size", "256", "--lr", "2e-3", "--weight-decay", "0.05",
+        "--warmup-epochs", "1", "--min-lr-ratio", "0.01", "--label-smoothing", "0.1", "--ema-decay", "0",
+        "--rotate", "10", "--scale", "0.1", "--shift", "2", "--seed", "0"]
+P7 = ["--patch-size", "7", "--embed-dim", "128", "--hidden-dim", "256"]  # 16 tokens instead of 49
+CANDIDATES = {  # name -> flags on top of BASE
+    "p4-d64": [],
+    "p4-d64-shift-only": ["--rotate", "0", "--scale", "0"],
+    "p4-d96-l4": ["--embed-dim", "96", "--hidden-dim", "192", "--num-layers", "4"],
+    "p7-d128": P7,
+    "p7-d128-bs128": [*P7, "--batch-size", "128"],
+    "p7-d128-bs128-lr1e-3": [*P7, "--batch-size", "128", "--lr", "1e-3"],
+    "p7-d128-lr4e-3": [*P7, "--lr", "4e-3"],
+    "p7-d128-shift-only": [*P7, "--rotate", "0", "--scale", "0"],
+    "p7-d128-no-ls": [*P7, "--label-smoothing", "0"],
+    "p7-d128-ema": [*P7, "--ema-decay", "0.998"],
+    "p7-d128-l8": [*P7, "--num-layers", "8"],
+    "p7-d192": ["--patch-size", "7", "--embed-dim", "192", "--hidden-dim", "384", "--num-heads", "6"],
+    "p7-d96": ["--patch-size", "7", "--embed-dim", "96", "--hidden-dim", "192"],
+}
+
+
+def run(name: str, flags: list[str], args: argparse.Namespace) -> dict:
+    out = Path(args.out) / name
+    cmd = [sys.executable, "-m", "mnist.train", "--out", str(out), "--data-root", args.data_root, "--no-progress",
+           "--threads", str(args.threads), "--val-split", str(args.val_split), *BASE, *flags]
+    if args.epochs:
+        cmd += ["--epochs", str(args.epochs)]
+    print("$", " ".join(cmd[1:]), flush=True)
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, text=True, capture_output=True)
+    wall = time.perf_counter() - start
+    if proc.returncode:
+        print(proc.stdout[-2000:], proc.stderr[-2000:], sep="\n")
+        return {"name": name, "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
+    epochs = json.loads((out / "metrics.json").read_text())["epochs"]
+    last = epochs[-1]
+    ema = "ema_test_top1" in last
+    pick = "ema_" if ema else ""
+    train_s = sum(e["seconds"] for e in epochs)
+    return {"name": name, "flags": " ".join(flags), "epochs": last["epoch"], "val_top1": last.get(f"{pick}val_top1"),
+            "test_top1": last[f"{pick}test_top1"], "raw_test_top1": last["test_top1"], "wall_s": round(wall, 1),
+            "train_img_per_s": round(sum(e["images"] for e in epochs) / train_s), "threads": args.threads,
+            "date": time.strftime("%Y-%m-%d %H:%M")}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.mnist_search", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--only", default="", help="comma-separated candidates (default: all): " + ", ".join(CANDIDATES))
+    p.add_argument("--epochs", type=int, default=4, help="epochs per run (0 = each recipe's own)")
+    p.add_argument("--val-split", type=int, default=5000, help="training images held out to rank by")
+    p.add_argument("--threads", type=int, default=2, help="torch threads per run")
+    p.add_argument("--data-root", default="data", help="MNIST root (see mnist.train --data-root)")
+    p.add_argument("--out", default="runs/mnist_search", help="folder for the runs and results.jsonl")
+    p.add_argument("--skip-done", action="store_true", help="skip candidates already in results.jsonl with these "
+                                                            "epochs and val split")
+    args = p.parse_args()
+    names = [n for n in args.only.split(",") if n] or list(CANDIDATES)
+    unknown = [n for n in names if n not in CANDIDATES]
+    if unknown:
+        sys.exit(f"error: unknown candidate {unknown[0]!r}; choose among {', '.join(CANDIDATES)}.")
+    results_path = Path(args.out) / "results.jsonl"
+    results_path.parent.mkdir(parents=True, exist_ok=True)
+    done = set()
+    if args.skip_done and results_path.exists():
+        for line in results_path.read_text().splitlines():
+            r = json.loads(line)
+            done.add((r["name"], r.get("epochs_arg"), r.get("val_split")))
+    rows = []
+    for name in names:
+        if (name, args.epochs, args.val_split) in done:
+            continue
+        row = run(name, CANDIDATES[name], args) | {"epochs_arg": args.epochs, "val_split": args.val_split}
+        rows.append(row)
+        with results_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps(row), flush=True)
+    print("\n| setting | flags | epochs | val top-1 | test top-1 | wall (s) | train img/s |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['name']} | error: {r['error']} |||||")
+            continue
+        val = f"{r['val_top1']:.2f}" if r["val_top1"] is not None else "-"
+        print(f"| {r['name']} | `{r['flags']}` | {r['epochs']} | {val} | {r['test_top1']:.2f} | {r['wall_s']:.0f} | "
+              f"{r['train_img_per_s']} |")
+
+
+if __name__ == "__main__":
+    main()

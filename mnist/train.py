@@ -1,0 +1,329 @@
+"""Train a Vision Transformer on MNIST: `python -m mnist.train` (then `python -m mnist.vis_attn`).
+
+The whole data set lives on the device as one uint8 tensor; shuffling and augmentation (random rotation, scale and
+shift through one batched affine_grid + grid_sample) happen there, a batch at a time. Every epoch's randomness comes
+from a generator seeded with (seed, epoch), so `--resume` continues bit for bit where a run stopped. Each epoch
+writes <out>/checkpoint.pth (atomically), <out>/metrics.json and <out>/curves.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from models.vit import VisionTransformer
+from utils import training as T
+
+# ----------------------------------------------------------------------------------------------------------- config
+# Every entry is a command-line flag (`embed_dim` -> --embed-dim); (default, help).
+MODEL = {  # VisionTransformer arguments; num_channels=1, num_patches=(28/patch_size)^2, num_classes=10 follow
+    "embed_dim": (64, "token width D"),
+    "hidden_dim": (128, "MLP hidden width"),
+    "num_heads": (4, "attention heads (must divide embed_dim)"),
+    "num_layers": (6, "transformer blocks"),
+    "patch_size": (4, "patch side in pixels; divides 28: 2, 4, 7 or 14 (4 -> 49 tokens, 7 -> 16 tokens)"),
+    "dropout": (0.0, "dropout after position embedding, attention projection and MLP"),
+    "drop_path_rate": (0.0, "stochastic depth of the last block (linear from 0)"),
+}
+RECIPE = {
+    "epochs": (12, "epochs to train"),
+    "batch_size": (256, "images per optimizer step"),
+    "lr": (2e-3, "peak AdamW learning rate"),
+    "weight_decay": (0.05, "AdamW weight decay (matrices only)"),
+    "warmup_epochs": (1.0, "linear warm-up, in epochs, before the cosine decay"),
+    "min_lr_ratio": (0.01, "final learning rate as a fraction of --lr"),
+    "label_smoothing": (0.1, "cross-entropy label smoothing"),
+    "ema_decay": (0.0, "decay of an EMA of the weights, updated every step (0 = off); the EMA is the final model"),
+    "rotate": (10.0, "random rotation, +- degrees"),
+    "scale": (0.1, "random zoom, +- fraction"),
+    "shift": (2.0, "random translation, +- pixels"),
+    "val_split": (0, "hold out this many training images for validation; the test set is then scored only at "
+                     "the end (use it to choose settings)"),
+    "limit_train": (0, "train on only the first N training images (0 = all; for quick checks)"),
+    "amp": ("none", "autocast dtype: none or bf16"),
+    "compile": (False, "torch.compile the model (compile time counts in the wall time)"),
+    "seed": (0, "seed of the initial weights, the shuffling and the augmentation"),
+}
+RUN = {
+    "data_root": ("data", "MNIST folder; holds MNIST/raw/*-ubyte(.gz) or receives the download"),
+    "out": ("runs/mnist", "output folder: checkpoint.pth, metrics.json, curves.png"),
+    "device": ("cuda" if torch.cuda.is_available() else "cpu", "torch device: cpu, cuda, cuda:1, mps"),
+    "threads": (2, "CPU threads for torch (torch.set_num_threads)"),
+    "resume": (False, "continue <out>/checkpoint.pth with the settings it was trained with"),
+    "stop_after": (0, "stop after this many epochs in this run (0 = never); continue later with --resume"),
+    "download": (True, "download MNIST into --data-root when it is not there (--no-download: never)"),
+    "progress": (True, "tqdm progress bars (--no-progress: only the per-epoch lines)"),
+}
+PRESETS = {  # --preset NAME sets these; explicit flags still win
+    "default": {},  # <= 10 min on a 2-core laptop CPU
+    "long": dict(embed_dim=192, hidden_dim=576, num_heads=6, num_layers=8, drop_path_rate=0.1, epochs=100,
+                 batch_size=512, lr=1e-3, warmup_epochs=5.0, rotate=15.0, scale=0.15, shift=3.0, ema_decay=0.9998,
+                 amp="bf16" if torch.cuda.is_available() else "none", out="runs/mnist_long"),  # GPU-sized
+}
+MEAN, STD = 0.1307, 0.3081  # pixel statistics of the MNIST training set (in [0, 1])
+IMAGE_SIZE, NUM_CLASSES = 28, 10
+FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+VAL_SPLIT_SEED = 1234  # the validation images do not change with --seed
+# -------------------------------------------------------------------------------------------------------------------
+
+
+class DataError(ValueError):
+    """MNIST is missing or unreadable."""
+
+
+def load_mnist(root: str | Path, download: bool = True,
+               splits: tuple[str, ...] = ("train", "test")) -> dict[str, Tensor]:
+    """MNIST from `root`/MNIST/raw via torchvision -> {"train_x": (60000, 28, 28) uint8, "train_y": (60000,) int64,
+    "test_x": (10000, 28, 28) uint8, "test_y": (10000,) int64} (the `splits` asked for).
+
+    Gzipped files already in raw/ are extracted here (torchvision would first re-download files whose checksum
+    differs); otherwise torchvision downloads them when `download` is set.
+    """
+    from torchvision.datasets import MNIST
+    from torchvision.datasets.utils import extract_archive
+
+    raw = Path(root) / "MNIST" / "raw"
+    for name in FILES:
+        if not (raw / name).exists() and (raw / f"{name}.gz").exists():
+            extract_archive(str(raw / f"{name}.gz"), str(raw))
+    missing = [n for n in FILES if not (raw / n).exists()]  # torchvision wants all four, whatever the split
+    where = (f"MNIST is not in {raw}: put {', '.join(f'{n}.gz' for n in FILES)} there "
+             f"(e.g. copy /work/shared/data/MNIST/raw) or allow the download")
+    if missing and not download:
+        raise DataError(f"{where} (it is off: --no-download).")
+    try:
+        sets = {split: MNIST(str(root), train=split == "train", download=download) for split in splits}
+    except Exception as e:  # no network (URLError / RuntimeError), a bad file (AssertionError, ValueError)
+        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        raise DataError(f"{where}; reading or downloading failed: {reason}") from None
+    return {f"{split}_{k}": v for split, ds in sets.items() for k, v in (("x", ds.data), ("y", ds.targets))}
+
+
+def normalize(x: Tensor) -> Tensor:
+    """x: (B, 1, H, W) in [0, 1] -> the model's input (zero mean, unit variance over MNIST)."""
+    return (x - MEAN) / STD
+
+
+def augment(x: Tensor, gen: torch.Generator, rotate: float, scale: float, shift: float) -> Tensor:
+    """x: (B, 1, H, W) in [0, 1] -> each image rotated by U(+-rotate) degrees, zoomed by U(1 +- scale) and shifted
+    by U(+-shift) pixels, in one batched affine_grid + grid_sample (bilinear, zero fill)."""
+    if not (rotate or scale or shift):
+        return x
+    B, _, H, W = x.shape
+    u = torch.rand(B, 4, generator=gen, device=x.device) * 2 - 1
+    angle, zoom = u[:, 0] * math.radians(rotate), 1 + u[:, 1] * scale
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom  # theta maps output to input coordinates
+    tx, ty = u[:, 2] * shift * 2 / W, u[:, 3] * shift * 2 / H
+    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)  # (B, 2, 3)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def train_batches(images: Tensor, labels: Tensor, cfg: dict[str, Any], gen: torch.Generator):
+    """Shuffled, augmented, normalised batches (x (B, 1, 28, 28), y (B,)) of uint8 `images` (N, 28, 28) that are
+    already on the device; the last incomplete batch is dropped."""
+    perm = torch.randperm(len(images), generator=gen, device=images.device)
+    bs = cfg["batch_size"]
+    for i in range(len(images) // bs):
+        idx = perm[i * bs:(i + 1) * bs]
+        x = images[idx].unsqueeze(1).float().div_(255)
+        yield normalize(augment(x, gen, cfg["rotate"], cfg["scale"], cfg["shift"])), labels[idx]
+
+
+def eval_batches(x: Tensor, y: Tensor, batch_size: int = 1000):
+    """(x (B, 1, 28, 28), y (B,)) batches of a normalised set, in order."""
+    for i in range(0, len(x), batch_size):
+        yield x[i:i + batch_size], y[i:i + batch_size]
+
+
+def build_model(cfg: dict[str, Any]) -> VisionTransformer:
+    """The VisionTransformer of the MODEL entries of `cfg`."""
+    p = cfg["patch_size"]
+    if p <= 0 or IMAGE_SIZE % p:
+        raise ValueError(f"--patch-size {p} does not divide {IMAGE_SIZE}; use 2, 4, 7 or 14.")
+    return VisionTransformer(**{k: cfg[k] for k in MODEL}, num_channels=1, num_patches=(IMAGE_SIZE // p) ** 2,
+                             num_classes=NUM_CLASSES)
+
+
+# ------------------------------------------------------------------------------------------------------------- CLI
+def parse_args(argv: list[str] | None = None) -> tuple[dict[str, Any], set[str]]:
+    """-> (config: every MODEL/RECIPE/RUN entry, names of the flags given explicitly)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", default="default", choices=sorted(PRESETS))
+    preset = pre.parse_known_args(argv)[0].preset
+    parser = argparse.ArgumentParser(
+        prog="python -m mnist.train", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="Presets: " + "; ".join(f"{k}: {v or 'the defaults above'}" for k, v in PRESETS.items()))
+    parser.add_argument("--preset", default="default", choices=sorted(PRESETS),
+                        help="a named set of defaults (long: GPU-sized, aims at 99.7%%)")
+    for title, table in (("model", MODEL), ("recipe", RECIPE), ("run", RUN)):
+        group = parser.add_argument_group(title)
+        for name, (default, help_text) in table.items():
+            default = PRESETS[preset].get(name, default)
+            flag = "--" + name.replace("_", "-")
+            if isinstance(default, bool):
+                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+            else:
+                kw = {"choices": ["none", "bf16"]} if name == "amp" else {}
+                group.add_argument(flag, type=type(default), default=default, help=help_text, **kw)
+    parser.add_argument("--nan-at-step", type=int, default=-1, help=argparse.SUPPRESS)  # tests: fake a NaN loss
+    args = vars(parser.parse_args(argv))
+    unset = object()  # parse again with every default replaced by `unset`: what remains was given explicitly
+    parser.set_defaults(**{k: unset for k in args})
+    given = {k for k, v in vars(parser.parse_args(argv)).items() if v is not unset}
+    return args, given
+
+
+def check_config(cfg: dict[str, Any]) -> None:
+    """ValueError naming the first out-of-range setting."""
+    for name in ("epochs", "batch_size", "threads"):
+        if cfg[name] <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} {cfg[name]} must be positive.")
+    if not cfg["lr"] > 0:
+        raise ValueError(f"--lr {cfg['lr']} must be positive.")
+    if not 0 <= cfg["ema_decay"] < 1:
+        raise ValueError(f"--ema-decay {cfg['ema_decay']} must be in [0, 1) (0 = no EMA).")
+    if not 0 <= cfg["val_split"] < 60000:
+        raise ValueError(f"--val-split {cfg['val_split']} must be in [0, 60000).")
+    if cfg["limit_train"] < 0:
+        raise ValueError(f"--limit-train {cfg['limit_train']} must be >= 0 (0 = all images).")
+
+
+# ------------------------------------------------------------------------------------------------------------ main
+def train(cfg: dict[str, Any], given: set[str]) -> dict[str, Any]:
+    """Run (or resume) training as configured; returns the final metrics dict."""
+    t0 = time.perf_counter()
+    out = Path(cfg["out"])
+    ckpt_path = out / "checkpoint.pth"
+    ckpt = None
+    if cfg["resume"]:
+        ckpt = T.load_checkpoint(ckpt_path)
+        saved = ckpt.get("train_config")
+        if not isinstance(saved, dict) or saved.get("dataset") != "mnist":
+            raise T.CheckpointError(f"{ckpt_path} is not an MNIST training checkpoint of this repo; cannot resume it.")
+        clash = {k for k in given & (set(MODEL) | set(RECIPE)) if saved.get(k) != cfg[k]}
+        if clash:
+            k = sorted(clash)[0]
+            raise ValueError(f"--{k.replace('_', '-')} {cfg[k]} differs from the {saved.get(k)} that {ckpt_path} was "
+                             f"trained with; drop it to resume, or pick a new --out to start over.")
+        cfg.update({k: saved[k] for k in (*MODEL, *RECIPE) if k in saved})
+    check_config(cfg)
+    device = torch.device(cfg["device"])
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {cfg['device']}: no CUDA GPU here; use --device cpu.")
+    torch.set_num_threads(cfg["threads"])
+    amp_dtype = torch.bfloat16 if cfg["amp"] == "bf16" else None
+
+    data = load_mnist(cfg["data_root"], cfg["download"])
+    train_x, train_y = data["train_x"], data["train_y"]
+    if cfg["limit_train"]:
+        train_x, train_y = train_x[:cfg["limit_train"]], train_y[:cfg["limit_train"]]
+    val = None
+    if cfg["val_split"]:
+        perm = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(VAL_SPLIT_SEED))
+        val_idx, train_idx = perm[:cfg["val_split"]], perm[cfg["val_split"]:]
+        val = (normalize(train_x[val_idx].unsqueeze(1).float() / 255).to(device), train_y[val_idx].to(device))
+        train_x, train_y = train_x[train_idx], train_y[train_idx]
+    train_x, train_y = train_x.to(device), train_y.to(device)
+    test = (normalize(data["test_x"].unsqueeze(1).float() / 255).to(device), data["test_y"].to(device))
+    steps_per_epoch = len(train_x) // cfg["batch_size"]
+    if steps_per_epoch == 0:
+        raise ValueError(f"--batch-size {cfg['batch_size']} exceeds the {len(train_x)} training images.")
+
+    T.seed_everything(cfg["seed"])
+    model = build_model(cfg).to(device)
+    optimizer = torch.optim.AdamW(T.param_groups(model, cfg["weight_decay"]), lr=cfg["lr"],
+                                  fused=device.type == "cuda")
+    scheduler = T.warmup_cosine(optimizer, cfg["epochs"] * steps_per_epoch,
+                                min(round(cfg["warmup_epochs"] * steps_per_epoch), cfg["epochs"] * steps_per_epoch),
+                                cfg["min_lr_ratio"])
+    ema = T.make_ema(model, cfg["ema_decay"]) if cfg["ema_decay"] else None
+    start, metrics = 0, []
+    if ckpt is not None:
+        start, metrics = T.restore_checkpoint(ckpt, model, optimizer, scheduler, ema=ema)
+        print(f"resuming {ckpt_path} after epoch {start}/{cfg['epochs']}")
+    train_config = {k: cfg[k] for k in (*MODEL, *RECIPE)} | {"dataset": "mnist", "normalize": [MEAN, STD]}
+    net = torch.compile(model) if cfg["compile"] else model
+
+    step = start * steps_per_epoch
+    ce = nn.CrossEntropyLoss(label_smoothing=cfg["label_smoothing"])
+
+    def loss_fn(logits: Tensor, y: Tensor) -> Tensor:
+        nonlocal step
+        loss = ce(logits.float(), y)
+        step += 1
+        return loss * float("nan") if step - 1 == cfg["nan_at_step"] else loss
+
+    wall_before = metrics[-1]["wall_s"] if metrics else 0.0
+    ran = 0
+    for epoch in range(start, cfg["epochs"]):
+        T.seed_everything(T.epoch_seed(cfg["seed"], epoch))  # dropout etc.: independent of what ran before
+        gen = T.epoch_generator(cfg["seed"], epoch, device)
+        try:
+            stats = T.train_one_epoch(net, train_batches(train_x, train_y, cfg, gen), optimizer, scheduler, loss_fn,
+                                      device=device, epoch=epoch + 1, step=epoch * steps_per_epoch,
+                                      total=steps_per_epoch, ema=ema, amp_dtype=amp_dtype, progress=cfg["progress"],
+                                      desc=f"epoch {epoch + 1}/{cfg['epochs']}")
+        except T.NonFiniteLossError as e:
+            kept = (f"the last good checkpoint (epoch {epoch}) is kept at {ckpt_path}" if epoch > 0
+                    else "no checkpoint was written")
+            e.args = (f"{e} {kept[0].upper()}{kept[1:]}.",)
+            raise
+        last = epoch + 1 == cfg["epochs"]
+        row: dict[str, Any] = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **stats}
+        for prefix, m in (("", net), ("ema_", ema.module if ema is not None else None)):
+            if m is None:
+                continue
+            sets = {"val": val} if val is not None else {}
+            if val is None or last:
+                sets["test"] = test
+            for name, (x, y) in sets.items():
+                r = T.evaluate(m, eval_batches(x, y), device=device, amp_dtype=amp_dtype)
+                row[f"{prefix}{name}_top1"], row[f"{prefix}{name}_loss"] = r["top1"], r["loss"]
+        row["wall_s"] = wall_before + time.perf_counter() - t0
+        metrics.append(row)
+        state = T.checkpoint_state(model, optimizer, scheduler, epoch=epoch + 1, metrics=metrics,
+                                   train_config=train_config, ema=ema)
+        T.save_checkpoint(state, ckpt_path)
+        T.save_metrics(metrics, out / "metrics.json", train_config=train_config)
+        T.plot_curves(metrics, out / "curves.png", title=f"MNIST ViT {cfg['embed_dim']}d x {cfg['num_layers']}, "
+                                                        f"patch {cfg['patch_size']}")
+        scores = "  ".join(f"{k} {v:.2f}%" for k, v in row.items() if k.endswith("_top1"))
+        tqdm.write(f"epoch {epoch + 1}/{cfg['epochs']}  train loss {stats['train_loss']:.4f}  {scores}  "
+                   f"{stats['img_per_s']:.0f} img/s  {row['wall_s']:.0f} s")
+        ran += 1
+        if cfg["stop_after"] and ran >= cfg["stop_after"] and not last:
+            print(f"stopped after epoch {epoch + 1} (--stop-after {cfg['stop_after']}); continue with --resume")
+            return row
+    final = metrics[-1]
+    which = "ema_" if ema is not None else ""
+    acc = final.get(f"{which}test_top1")
+    wall = time.perf_counter() - t0
+    total = f", {final['wall_s']:.0f} s over all sessions" if start else ""
+    print(f"final: test accuracy {acc:.2f}%{' (EMA weights)' if ema is not None else ''} after {final['epoch']} "
+          f"epochs, wall time {wall:.0f} s ({wall / 60:.1f} min{total}); checkpoint {ckpt_path}")
+    return final
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg, given = parse_args(argv)
+    try:
+        train(cfg, given)
+    except (ValueError, FileNotFoundError, T.NonFiniteLossError) as e:  # DataError, CheckpointError are ValueErrors
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit(f"interrupted; the last finished epoch is in {Path(cfg['out']) / 'checkpoint.pth'} (--resume)")
+
+
+if __name__ == "__main__":
+    main()

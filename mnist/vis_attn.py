@@ -1,0 +1,139 @@
+"""Where the MNIST ViT looks: `python -m mnist.vis_attn` (after `python -m mnist.train`).
+
+Shows a digit, the prediction and its probability, attention rollout and gradient rollout overlays, and the class
+token's attention in every layer x head (`utils.img2attn.attention_figure`). The digit is a test-set image
+(--index) or your own picture (--image): any size, colour or gray, dark-on-light or light-on-dark; it is brought
+to the MNIST form first (gray, light digit on black, scaled into a 20x20 box, centred by centre of mass in 28x28).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from mnist.train import IMAGE_SIZE, MEAN, NUM_CLASSES, STD, load_mnist
+from models.pretrained import CheckpointError, load_pretrained, read_checkpoint
+from models.vit import VisionTransformer
+
+# ----------------------------------------------------------------------------------------------------------- config
+image_path = None  # a PNG/JPG of a digit; None: test-set digit number `index` (from `data_root`)
+index = 0  # which test-set digit when no image is given
+model_path = "runs/mnist/checkpoint.pth"  # what `python -m mnist.train` writes (its EMA weights when it has them)
+output_path = "imgs/mnist_attention.png"
+data_root = "data"  # MNIST root, as for mnist.train --data-root
+target = None  # class explained by the gradient rollout; None: the predicted one
+# Maps drawn (fixed by attention_figure): attention rollout (mean over heads), gradient rollout for `target`,
+# and the class token's raw attention per layer x head.
+# -------------------------------------------------------------------------------------------------------------------
+
+
+def to_mnist(image: Image.Image) -> np.ndarray:
+    """Any picture of one digit -> (28, 28) uint8 in the MNIST form: light digit on black, its bounding box scaled
+    to fit 20x20 (aspect kept), placed so its centre of mass is at the centre of the 28x28 frame.
+
+    The background is the median of the border pixels; a light background is inverted. Transparent pixels count
+    as background.
+    """
+    rgba = np.asarray(image.convert("RGBA"), dtype=np.float32)
+    gray = rgba[..., :3] @ np.array([0.299, 0.587, 0.114], dtype=np.float32)  # (H, W) in [0, 255]
+    alpha = rgba[..., 3] / 255
+    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+    if alpha.min() < 1:  # transparent background: the opaque pixels are the ink; fill behind them with the opposite
+        ink = np.median(gray[alpha > 0.5]) if (alpha > 0.5).any() else 0.0
+        gray = alpha * gray + (1 - alpha) * (0.0 if ink > 127 else 255.0)
+        border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+    background = float(np.median(border))
+    ink = np.abs(gray - background)  # distance from the background, whatever the polarity
+    peak = float(ink.max())
+    if peak < 32:
+        raise ValueError("the image has no digit: it is (almost) a single colour.")
+    ink = np.clip((ink - 0.15 * peak) / (0.85 * peak), 0, 1)  # drop paper texture / noise, then stretch to [0, 1]
+    rows, cols = np.nonzero(ink)
+    ink = ink[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+    h, w = ink.shape
+    scale = 20 / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    box = np.asarray(Image.fromarray((ink * 255).astype(np.uint8)).resize(size, Image.Resampling.LANCZOS),
+                     dtype=np.float32)
+    total = box.sum()
+    cy, cx = ((np.indices(box.shape) * box).reshape(2, -1).sum(1) / total) if total > 0 else np.array(box.shape) / 2
+    top, left = round(IMAGE_SIZE / 2 - cy), round(IMAGE_SIZE / 2 - cx)
+    top = min(max(top, 0), IMAGE_SIZE - box.shape[0])
+    left = min(max(left, 0), IMAGE_SIZE - box.shape[1])
+    out = np.zeros((IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
+    out[top:top + box.shape[0], left:left + box.shape[1]] = box
+    return np.clip(out, 0, 255).round().astype(np.uint8)
+
+
+def load_image(path: str | Path) -> np.ndarray:
+    """Read a picture of a digit and bring it to the MNIST form -> (28, 28) uint8."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image {path} does not exist; pass the path of a PNG or JPG of a digit.")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return to_mnist(im)
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"{path} is not an image that PIL can read ({type(e).__name__}); pass a PNG or JPG.") from None
+
+
+def load_model(path: str | Path) -> tuple[VisionTransformer, tuple[float, float]]:
+    """A trained MNIST ViT (EMA weights preferred) and its input (mean, std) from a checkpoint of mnist.train."""
+    ckpt = read_checkpoint(path)
+    cfg = ckpt.get("model_config")
+    model = load_pretrained(ckpt)
+    c = model.config
+    side = IMAGE_SIZE // c["patch_size"] if IMAGE_SIZE % c["patch_size"] == 0 else None
+    if c["num_channels"] != 1 or c["num_classes"] != NUM_CLASSES or list(c["grid_size"]) != [side, side]:
+        raise CheckpointError(
+            f"{path} holds a ViT for {c['num_channels']}-channel {c['grid_size'][0] * c['patch_size']}x"
+            f"{c['grid_size'][1] * c['patch_size']} images and {c['num_classes']} classes, not MNIST (1-channel "
+            f"28x28, 10 classes); pass a checkpoint of python -m mnist.train.")
+    norm = (ckpt.get("train_config") or {}).get("normalize", [MEAN, STD]) if cfg is not None else [MEAN, STD]
+    return model.eval(), (float(norm[0]), float(norm[1]))
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m mnist.vis_attn", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--image", default=image_path, help="PNG/JPG of a digit (default: a test-set digit)")
+    p.add_argument("--index", type=int, default=index, help="test-set digit to show when no --image is given")
+    p.add_argument("--model", default=model_path, help="checkpoint written by python -m mnist.train")
+    p.add_argument("--output", default=output_path, help="where to write the figure (PNG)")
+    p.add_argument("--data-root", default=data_root, help="MNIST root for the test-set digits")
+    p.add_argument("--target", type=int, default=target, help="class (0-9) the gradient rollout explains "
+                                                                "(default: the predicted one)")
+    args = p.parse_args(argv)
+    try:
+        if args.target is not None and not 0 <= args.target < NUM_CLASSES:
+            raise ValueError(f"--target {args.target} is not a digit; pass 0-9.")
+        model, (mean, std) = load_model(args.model)
+        if args.image:
+            digit, label = load_image(args.image), None
+        else:
+            test = load_mnist(args.data_root, download=True, splits=("test",))
+            if not 0 <= args.index < len(test["test_x"]):
+                raise ValueError(f"--index {args.index} is outside the test set (0..{len(test['test_x']) - 1}).")
+            digit, label = test["test_x"][args.index].numpy(), int(test["test_y"][args.index])
+        from utils.img2attn import attention_figure, save_figure  # matplotlib: only once the inputs are good
+
+        x = ((torch.from_numpy(digit).float() / 255 - mean) / std)[None, None]  # (1, 1, 28, 28)
+        fig = attention_figure(model, x, digit, class_names=[str(i) for i in range(NUM_CLASSES)],
+                               target=args.target)
+        with torch.no_grad():
+            probs = model(x).softmax(-1)[0]
+        save_figure(fig, args.output)
+    except (ValueError, FileNotFoundError) as e:  # CheckpointError and DataError are ValueErrors
+        sys.exit(f"error: {e}")
+    truth = f" (label {label})" if label is not None else ""
+    print(f"predicted {int(probs.argmax())} ({float(probs.max()):.1%}){truth}; wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
