@@ -65,7 +65,7 @@ def inference(fn) -> Callable[[], None]:
 
 
 def measure(tasks: dict[str, Callable[[], None]], batch: int, rounds: int, iters: int) -> dict[str, float]:
-    """img/s per task: median over rounds, tasks interleaved inside each round so drift hits all alike."""
+    """img/s per task: median over rounds; the tasks (a pair to compare) alternate inside each round."""
     for fn in tasks.values():  # warm-up
         fn()
     times = {name: [] for name in tasks}
@@ -91,18 +91,21 @@ def bench(name: str, rounds: int, iters: int) -> list[tuple[str, float, float, s
     ours.eval(), fused.eval(), explicit.eval()
     x = torch.randn(infer_batch, kwargs["num_channels"], size, size)
 
-    def timm_maps():
-        explicit.maps.clear()
-        explicit(x)
+    def timm_maps():  # like ours, hand the maps to the caller, who drops them (not held until the next call)
+        logits = explicit(x)
+        maps, explicit.maps = explicit.maps, []
+        return logits, maps
 
-    infer = measure({"ours": inference(lambda: ours(x)), "timm": inference(lambda: fused(x)),
-                     "ours_maps": inference(lambda: ours(x, return_attn=True)), "timm_maps": inference(timm_maps),
-                     "ours_cls": inference(lambda: ours(x, return_attn="cls"))}, infer_batch, rounds, iters)
+    plain = measure({"ours": inference(lambda: ours(x)), "timm": inference(lambda: fused(x))},
+                    infer_batch, rounds, iters)
+    maps = measure({"ours": inference(lambda: ours(x, return_attn=True)), "timm": inference(timm_maps)},
+                   infer_batch, rounds, iters)
+    cls = measure({"cls": inference(lambda: ours(x, return_attn="cls")), "plain": inference(lambda: ours(x))},
+                  infer_batch, rounds, iters)
     return [("train step (fwd+bwd+AdamW)", train["ours"], train["timm"], "ours/timm"),
-            ("inference", infer["ours"], infer["timm"], "ours/timm"),
-            ("inference + all maps", infer["ours_maps"], infer["timm_maps"], "ours/timm"),
-            ('"cls" rows vs plain (ours)', infer["ours_cls"], infer["ours"], "time cls/plain")]
-
+            ("inference", plain["ours"], plain["timm"], "ours/timm"),
+            ("inference + all maps", maps["ours"], maps["timm"], "ours/timm"),
+            ('"cls" rows vs plain (ours)', cls["cls"], cls["plain"], "time cls/plain")]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
