@@ -121,7 +121,7 @@ def main() -> None:
     for name in args.configs:
         for task, a, b, kind in bench(name, args.rounds, args.iters):
             ratio = b / a if kind.startswith("time") else a / b  # cls: time ratio = plain img/s / cls img/s
-            print(f"| {name} | {task} | {a:.0f} | {b:.0f} | {ratio:.3f} ({kind}) |", flush=True)
+            print(f"| {name} | {task} | {a:.1f} | {b:.1f} | {ratio:.3f} ({kind}) |", flush=True)
 
 
 if __name__ == "__main__":
