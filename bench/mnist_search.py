@@ -23,8 +23,8 @@ from pathlib import Path
 # BASE (the first default: patch 4, D=64, 6 layers) plus the flags of the candidate.
 BASE = ["--embed-dim", "64", "--hidden-dim", "128", "--num-heads", "4", "--num-layers", "6", "--patch-size", "4",
         "--dropout", "0", "--drop-path-rate", "0", "--batch-size", "256", "--lr", "2e-3", "--weight-decay", "0.05",
-        "--warmup-epochs", "1", "--min-lr-ratio", "0.01", "--label-smoothing", "0.1", "--ema-decay", "0",
-        "--rotate", "10", "--scale", "0.1", "--shift", "2", "--seed", "0"]
+        "--beta2", "0.999", "--warmup-epochs", "1", "--min-lr-ratio", "0.01", "--label-smoothing", "0.1",
+        "--ema-decay", "0", "--rotate", "10", "--scale", "0.1", "--shift", "2", "--seed", "0"]
 P7 = ["--patch-size", "7", "--embed-dim", "128", "--hidden-dim", "256"]  # 16 tokens instead of 49
 CANDIDATES = {  # name -> flags on top of BASE
     "p4-d64": [],
@@ -34,6 +34,26 @@ CANDIDATES = {  # name -> flags on top of BASE
     "p7-d128-bs128": [*P7, "--batch-size", "128"],
     "p7-d128-bs128-lr1e-3": [*P7, "--batch-size", "128", "--lr", "1e-3"],
     "p7-d128-lr4e-3": [*P7, "--lr", "4e-3"],
+    "p7-d128-bs64": [*P7, "--batch-size", "64"],
+    "p7-d128-bs64-lr1e-3": [*P7, "--batch-size", "64", "--lr", "1e-3"],
+    "p7-d128-bs32-lr1e-3": [*P7, "--batch-size", "32", "--lr", "1e-3"],
+    "p4-d64-l4-bs64": ["--num-layers", "4", "--batch-size", "64"],
+    "p7-d96-bs64": ["--patch-size", "7", "--embed-dim", "96", "--hidden-dim", "192", "--batch-size", "64"],
+    "p7-d128-l4-bs64": [*P7, "--num-layers", "4", "--batch-size", "64"],
+    "p7-d192-bs64": ["--patch-size", "7", "--embed-dim", "192", "--hidden-dim", "384", "--num-heads", "6",
+                     "--batch-size", "64"],
+    "p7-d128-bs64-ema": [*P7, "--batch-size", "64", "--ema-decay", "0.999"],
+    "p7-d128-bs64-lr3e-3": [*P7, "--batch-size", "64", "--lr", "3e-3"],
+    "p7-d128-bs64-no-ls": [*P7, "--batch-size", "64", "--label-smoothing", "0"],
+    "p7-d128-bs64-shift-only": [*P7, "--batch-size", "64", "--rotate", "0", "--scale", "0"],
+    "p7-d128-bs64-beta2-0.99": [*P7, "--batch-size", "64", "--beta2", "0.99"],
+    "p7-d128-bs64-warmup0.3": [*P7, "--batch-size", "64", "--warmup-epochs", "0.3"],
+    "p7-d96-bs32-lr1.5e-3": ["--patch-size", "7", "--embed-dim", "96", "--hidden-dim", "192", "--batch-size", "32",
+                             "--lr", "1.5e-3"],
+    "p7-d64-bs64": ["--patch-size", "7", "--batch-size", "64"],
+    "p7-d64-bs64-ema": ["--patch-size", "7", "--batch-size", "64", "--ema-decay", "0.999"],
+    "p7-d128-bs32-lr1.5e-3": [*P7, "--batch-size", "32", "--lr", "1.5e-3"],
+    "p7-d128-bs32-lr2e-3": [*P7, "--batch-size", "32", "--lr", "2e-3"],
     "p7-d128-shift-only": [*P7, "--rotate", "0", "--scale", "0"],
     "p7-d128-no-ls": [*P7, "--label-smoothing", "0"],
     "p7-d128-ema": [*P7, "--ema-decay", "0.998"],
