@@ -51,6 +51,7 @@ CANDIDATES = {  # name -> flags on top of BASE
     "p7-d96-bs32-lr1.5e-3": ["--patch-size", "7", "--embed-dim", "96", "--hidden-dim", "192", "--batch-size", "32",
                              "--lr", "1.5e-3"],
     "p7-d64-bs64": ["--patch-size", "7", "--batch-size", "64"],
+    "p7-d64-bs64-no-aug": ["--patch-size", "7", "--batch-size", "64", "--rotate", "0", "--scale", "0", "--shift", "0"],
     "p7-d64-bs64-ema": ["--patch-size", "7", "--batch-size", "64", "--ema-decay", "0.999"],
     "p7-d128-bs32-lr1.5e-3": [*P7, "--batch-size", "32", "--lr", "1.5e-3"],
     "p7-d128-bs32-lr2e-3": [*P7, "--batch-size", "32", "--lr", "2e-3"],
