@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from mnist.train import IMAGE_SIZE, MEAN, NUM_CLASSES, STD, load_mnist
+from mnist.train import IMAGE_SIZE, MEAN, NUM_CLASSES, STD, deskew, load_mnist
 from models.pretrained import CheckpointError, load_pretrained, read_checkpoint
 from models.vit import VisionTransformer
 
@@ -83,8 +83,9 @@ def load_image(path: str | Path) -> np.ndarray:
         raise ValueError(f"{path} is not an image that PIL can read ({type(e).__name__}); pass a PNG or JPG.") from None
 
 
-def load_model(path: str | Path) -> tuple[VisionTransformer, tuple[float, float]]:
-    """A trained MNIST ViT (EMA weights preferred) and its input (mean, std) from a checkpoint of mnist.train."""
+def load_model(path: str | Path) -> tuple[VisionTransformer, dict]:
+    """A trained MNIST ViT (EMA weights preferred) and its input preparation {"mean", "std", "deskew"} from a
+    checkpoint of mnist.train."""
     ckpt = read_checkpoint(path)
     cfg = ckpt.get("model_config")
     model = load_pretrained(ckpt)
@@ -95,8 +96,9 @@ def load_model(path: str | Path) -> tuple[VisionTransformer, tuple[float, float]
             f"{path} holds a ViT for {c['num_channels']}-channel {c['grid_size'][0] * c['patch_size']}x"
             f"{c['grid_size'][1] * c['patch_size']} images and {c['num_classes']} classes, not MNIST (1-channel "
             f"28x28, 10 classes); pass a checkpoint of python -m mnist.train.")
-    norm = (ckpt.get("train_config") or {}).get("normalize", [MEAN, STD]) if cfg is not None else [MEAN, STD]
-    return model.eval(), (float(norm[0]), float(norm[1]))
+    recipe = (ckpt.get("train_config") or {}) if cfg is not None else {}
+    mean, std = recipe.get("normalize", [MEAN, STD])
+    return model.eval(), {"mean": float(mean), "std": float(std), "deskew": bool(recipe.get("deskew", False))}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -113,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.target is not None and not 0 <= args.target < NUM_CLASSES:
             raise ValueError(f"--target {args.target} is not a digit; pass 0-9.")
-        model, (mean, std) = load_model(args.model)
+        model, prep = load_model(args.model)
         if args.image:
             digit, label = load_image(args.image), None
         else:
@@ -123,7 +125,9 @@ def main(argv: list[str] | None = None) -> None:
             digit, label = test["test_x"][args.index].numpy(), int(test["test_y"][args.index])
         from utils.img2attn import attention_figure, save_figure  # matplotlib: only once the inputs are good
 
-        x = ((torch.from_numpy(digit).float() / 255 - mean) / std)[None, None]  # (1, 1, 28, 28)
+        if prep["deskew"]:  # the model was trained on upright digits: show and feed it the same
+            digit = deskew(torch.from_numpy(digit)[None])[0].numpy()
+        x = ((torch.from_numpy(digit).float() / 255 - prep["mean"]) / prep["std"])[None, None]  # (1, 1, 28, 28)
         fig = attention_figure(model, x, digit, class_names=[str(i) for i in range(NUM_CLASSES)],
                                target=args.target)
         with torch.no_grad():

@@ -182,3 +182,13 @@ def test_real_mnist_short_run(tmp_path):
                       "--no-progress", "--no-download"])
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())["epochs"]
     assert metrics[-1]["test_top1"] > 90
+
+
+def test_deskew_makes_a_slanted_stroke_upright():
+    img = torch.zeros(1, 28, 28, dtype=torch.uint8)
+    for r in range(4, 24):  # a stroke leaning right: column grows with the row
+        img[0, r, 8 + (r - 4) // 2:11 + (r - 4) // 2] = 255
+    out = mnist_train.deskew(img)[0].float()
+    cols = [(out[r] * torch.arange(28)).sum() / out[r].sum() for r in range(6, 22) if out[r].sum() > 0]
+    assert max(cols) - min(cols) < 1.5  # was 8 columns of lean
+    assert out.sum() > 0.8 * img.float().sum()
