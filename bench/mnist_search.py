@@ -24,7 +24,8 @@ from pathlib import Path
 BASE = ["--embed-dim", "64", "--hidden-dim", "128", "--num-heads", "4", "--num-layers", "6", "--patch-size", "4",
         "--dropout", "0", "--drop-path-rate", "0", "--batch-size", "256", "--lr", "2e-3", "--weight-decay", "0.05",
         "--beta2", "0.999", "--warmup-epochs", "1", "--min-lr-ratio", "0.01", "--label-smoothing", "0.1",
-        "--ema-decay", "0", "--no-deskew", "--rotate", "10", "--scale", "0.1", "--shift", "2", "--seed", "0"]
+        "--ema-decay", "0", "--no-deskew", "--elastic", "0", "--rotate", "10", "--scale", "0.1", "--shift", "2",
+        "--seed", "0"]
 P7 = ["--patch-size", "7", "--embed-dim", "128", "--hidden-dim", "256"]  # 16 tokens instead of 49
 CANDIDATES = {  # name -> flags on top of BASE
     "p4-d64": [],
@@ -54,6 +55,8 @@ CANDIDATES = {  # name -> flags on top of BASE
     "p7-d64-bs64-no-aug": ["--patch-size", "7", "--batch-size", "64", "--rotate", "0", "--scale", "0", "--shift", "0"],
     "p7-d64-bs64-deskew": ["--patch-size", "7", "--batch-size", "64", "--deskew"],
     "p7-d64-bs64-deskew-no-rot": ["--patch-size", "7", "--batch-size", "64", "--deskew", "--rotate", "0"],
+    "p7-d64-bs64-deskew-elastic34": ["--patch-size", "7", "--batch-size", "64", "--deskew", "--elastic", "34"],
+    "p7-d64-bs64-deskew-elastic16": ["--patch-size", "7", "--batch-size", "64", "--deskew", "--elastic", "16"],
     "p7-d64-bs64-ema": ["--patch-size", "7", "--batch-size", "64", "--ema-decay", "0.999"],
     "p7-d128-bs32-lr1.5e-3": [*P7, "--batch-size", "32", "--lr", "1.5e-3"],
     "p7-d128-bs32-lr2e-3": [*P7, "--batch-size", "32", "--lr", "2e-3"],

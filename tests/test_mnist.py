@@ -70,7 +70,8 @@ def call(main, *args: str | Path) -> str:
 def straight(data_root, tmp_path_factory) -> Path:
     """A 2-epoch run, in a subprocess (the real command line)."""
     out = tmp_path_factory.mktemp("straight")
-    p = run("mnist.train", *TINY, "--data-root", data_root, "--out", out, "--epochs", "2", "--ema-decay", "0.9")
+    p = run("mnist.train", *TINY, "--data-root", data_root, "--out", out, "--epochs", "2", "--ema-decay", "0.9",
+            "--deskew", "--elastic", "8")
     assert p.returncode == 0, p.stderr
     assert "final: test accuracy" in p.stdout and "wall time" in p.stdout
     return out
@@ -91,7 +92,8 @@ def test_train_writes_checkpoint_metrics_and_plot(straight):
 
 
 def test_resume_equals_straight_run(straight, data_root, tmp_path):
-    args = [*TINY, "--data-root", data_root, "--out", tmp_path, "--epochs", "2", "--ema-decay", "0.9"]
+    args = [*TINY, "--data-root", data_root, "--out", tmp_path, "--epochs", "2", "--ema-decay", "0.9", "--deskew",
+            "--elastic", "8"]
     mnist_train.main([str(a) for a in args] + ["--stop-after", "1"])
     assert torch.load(tmp_path / "checkpoint.pth", weights_only=True)["epoch"] == 1
     mnist_train.main([str(a) for a in args] + ["--resume"])
