@@ -4,7 +4,8 @@
     python -m bench.vit_speed --rounds 5 --configs mnist
 
 Prints img/s per task and the ratios: train and all-maps are ours / timm (higher is better for us);
-"cls"/plain is the time of `return_attn="cls"` over a plain forward of our model (1.0 = free).
+"cls"/plain is the time of `return_attn="cls"` over a plain forward of our model (1.0 = free);
+explicit/SDPA compares our train step with `fused_attn=False` (explicit softmax) and True (the SDPA kernel).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from tqdm import tqdm
 from models.vit import VisionTransformer
 
 CONFIGS = {  # name: (image size, VisionTransformer kwargs, train batch, inference batch)
+    "mnist_p7": (28, dict(embed_dim=64, hidden_dim=128, num_heads=4, num_layers=6, patch_size=7, num_channels=1,
+                          num_patches=16, num_classes=10), 64, 1024),  # the mnist.train default
     "mnist": (28, dict(embed_dim=64, hidden_dim=256, num_heads=4, num_layers=6, patch_size=4, num_channels=1,
                        num_patches=49, num_classes=10), 256, 1024),
     "vit_ti_224": (224, dict(embed_dim=192, hidden_dim=768, num_heads=3, num_layers=12, patch_size=16,
@@ -88,6 +91,13 @@ def bench(name: str, rounds: int, iters: int) -> list[tuple[str, float, float, s
     models = {"ours": ours.train(), "timm": fused.train()}
     train = measure({k: train_step(m, x, y, torch.optim.AdamW(m.parameters(), lr=1e-4)) for k, m in models.items()},
                     train_batch, rounds, iters)
+    twin = VisionTransformer(**kwargs).train()  # the same model with the explicit softmax
+    twin.load_state_dict(ours.state_dict())
+    for block in twin.blocks:
+        block.attn.fused_attn = False
+    models = {"explicit": twin, "sdpa": ours}
+    softmax = measure({k: train_step(m, x, y, torch.optim.AdamW(m.parameters(), lr=1e-4)) for k, m in models.items()},
+                      train_batch, rounds, iters)
     ours.eval(), fused.eval(), explicit.eval()
     x = torch.randn(infer_batch, kwargs["num_channels"], size, size)
 
@@ -105,7 +115,9 @@ def bench(name: str, rounds: int, iters: int) -> list[tuple[str, float, float, s
     return [("train step (fwd+bwd+AdamW)", train["ours"], train["timm"], "ours/timm"),
             ("inference", plain["ours"], plain["timm"], "ours/timm"),
             ("inference + all maps", maps["ours"], maps["timm"], "ours/timm"),
-            ('"cls" rows vs plain (ours)', cls["cls"], cls["plain"], "time cls/plain")]
+            ('"cls" rows vs plain (ours)', cls["cls"], cls["plain"], "time cls/plain"),
+            ("train step, explicit softmax vs SDPA (ours)", softmax["explicit"], softmax["sdpa"], "explicit/SDPA")]
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

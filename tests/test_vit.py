@@ -83,6 +83,14 @@ def test_fused_explicit_and_cls_paths_agree():
         assert row.shape == full[:, :, 0].shape
         torch.testing.assert_close(row, full[:, :, 0], **TOL)
         torch.testing.assert_close(full.sum(-1), torch.ones(full.shape[:-1]), **TOL)
+    for block in model.blocks:  # the explicit softmax without maps (fused_attn=False): same numbers
+        block.attn.fused_attn = False
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), fused, **TOL)
+        unfused_logits, unfused_rows = model(x, return_attn="cls")
+    torch.testing.assert_close(unfused_logits, fused, **TOL)
+    for a, b in zip(unfused_rows, rows, strict=True):
+        torch.testing.assert_close(a, b, **TOL)
 
 
 def test_batch_equals_single_images():
