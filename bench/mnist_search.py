@@ -8,6 +8,7 @@ with --skip-done only runs what is missing.
 
     python -m bench.mnist_search --epochs 4              # proxy ranking of all candidates
     python -m bench.mnist_search --only p7-d128,p7-d128-bs128 --epochs 12   # longer runs of a few
+    python -m bench.mnist_search --only default --epochs 0 --val-split 0   # the 10-minute target: mnist.train as is
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ BASE = ["--embed-dim", "64", "--hidden-dim", "128", "--num-heads", "4", "--num-l
         "--ema-decay", "0", "--no-deskew", "--elastic", "0", "--rotate", "10", "--scale", "0.1", "--shift", "2",
         "--seed", "0"]
 P7 = ["--patch-size", "7", "--embed-dim", "128", "--hidden-dim", "256"]  # 16 tokens instead of 49
-CANDIDATES = {  # name -> flags on top of BASE
+CANDIDATES = {  # name -> flags on top of BASE ("default": mnist.train's own defaults, without BASE)
+    "default": [],
     "p4-d64": [],
     "p4-d64-shift-only": ["--rotate", "0", "--scale", "0"],
     "p4-d96-l4": ["--embed-dim", "96", "--hidden-dim", "192", "--num-layers", "4"],
@@ -57,6 +59,17 @@ CANDIDATES = {  # name -> flags on top of BASE
     "p7-d64-bs64-deskew-no-rot": ["--patch-size", "7", "--batch-size", "64", "--deskew", "--rotate", "0"],
     "p7-d64-bs64-deskew-elastic34": ["--patch-size", "7", "--batch-size", "64", "--deskew", "--elastic", "34"],
     "p7-d64-bs64-deskew-elastic16": ["--patch-size", "7", "--batch-size", "64", "--deskew", "--elastic", "16"],
+    "p7-d64-bs128-deskew": ["--patch-size", "7", "--batch-size", "128", "--deskew"],
+    "p7-d64-bs128-deskew-lr3e-3": ["--patch-size", "7", "--batch-size", "128", "--deskew", "--lr", "3e-3"],
+    "p7-d64-bs128-deskew-dp0.1": ["--patch-size", "7", "--batch-size", "128", "--deskew", "--drop-path-rate", "0.1"],
+    "p7-d64-l4-bs128-deskew": ["--patch-size", "7", "--batch-size", "128", "--deskew", "--num-layers", "4"],
+    "p7-d96-l4-bs128-deskew": ["--patch-size", "7", "--embed-dim", "96", "--hidden-dim", "192", "--num-layers", "4",
+                               "--batch-size", "128", "--deskew"],
+    "p7-d64-l4-bs128-deskew-ema": ["--patch-size", "7", "--batch-size", "128", "--deskew", "--num-layers", "4",
+                                   "--ema-decay", "0.999"],
+    "p7-d64-l4-bs128-deskew-spt3": ["--patch-size", "7", "--batch-size", "128", "--deskew", "--num-layers", "4",
+                                    "--shifted-patches", "3"],
+    "p7-d64-bs128-deskew-spt3": ["--patch-size", "7", "--batch-size", "128", "--deskew", "--shifted-patches", "3"],
     "p7-d64-bs64-ema": ["--patch-size", "7", "--batch-size", "64", "--ema-decay", "0.999"],
     "p7-d128-bs32-lr1.5e-3": [*P7, "--batch-size", "32", "--lr", "1.5e-3"],
     "p7-d128-bs32-lr2e-3": [*P7, "--batch-size", "32", "--lr", "2e-3"],
@@ -71,8 +84,9 @@ CANDIDATES = {  # name -> flags on top of BASE
 
 def run(name: str, flags: list[str], args: argparse.Namespace) -> dict:
     out = Path(args.out) / name
+    base = BASE if name != "default" else []
     cmd = [sys.executable, "-m", "mnist.train", "--out", str(out), "--data-root", args.data_root, "--no-progress",
-           "--threads", str(args.threads), "--val-split", str(args.val_split), *BASE, *flags]
+           "--threads", str(args.threads), "--val-split", str(args.val_split), *base, *flags]
     if args.epochs:
         cmd += ["--epochs", str(args.epochs)]
     print("$", " ".join(cmd[1:]), flush=True)
