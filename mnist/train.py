@@ -25,9 +25,7 @@ from utils import training as T
 
 # ----------------------------------------------------------------------------------------------------------- config
 # Every entry is a command-line flag (`embed_dim` -> --embed-dim); (default, help).
-# MODEL: VisionTransformer arguments; num_channels (1, or 5 with shifted_patches), num_patches = (28 / patch_size)^2
-# and num_classes = 10 follow.
-MODEL = {
+MODEL = {  # VisionTransformer arguments; num_channels=1, num_patches=(28/patch_size)^2, num_classes=10 follow
     "embed_dim": (128, "token width D"),
     "hidden_dim": (256, "MLP hidden width"),
     "num_heads": (4, "attention heads (must divide embed_dim)"),
@@ -48,9 +46,6 @@ RECIPE = {
     "ema_decay": (0.0, "decay of an EMA of the weights, updated every step (0 = off); the EMA is the final model"),
     "deskew": (False, "shear every image (train, test, yours) upright by its second moments, the classic MNIST "
                       "preprocessing"),
-    "shifted_patches": (0, "Shifted Patch Tokenization (Lee et al. 2021): 4 copies of each image, shifted "
-                           "diagonally by this many pixels, join it as channels, so every patch also sees its "
-                           "neighbours; 0 = off"),
     "rotate": (10.0, "random rotation, +- degrees"),
     "elastic": (0.0, "elastic distortion strength in pixels (Simard et al. 2003, sigma 4 px; ~34 is theirs); 0 = off"),
     "scale": (0.1, "random zoom, +- fraction"),
@@ -141,13 +136,8 @@ def deskew(images: Tensor, chunk: int = 10000) -> Tensor:
     return out
 
 
-def model_input(x: Tensor, shifted_patches: int = 0) -> Tensor:
-    """x: (B, 1, H, W) in [0, 1] -> the model's input: zero mean, unit variance over MNIST; with shifted_patches
-    s > 0, (B, 5, H, W): the image and its copies shifted by (+-s, +-s) pixels (zero fill)."""
-    if s := shifted_patches:
-        H, W = x.shape[-2:]
-        padded = F.pad(x, (s, s, s, s))
-        x = torch.cat([x, *(padded[..., s + dy:s + dy + H, s + dx:s + dx + W] for dy in (-s, s) for dx in (-s, s))], 1)
+def normalize(x: Tensor) -> Tensor:
+    """x: (B, 1, H, W) in [0, 1] -> the model's input (zero mean, unit variance over MNIST)."""
     return (x - MEAN) / STD
 
 
@@ -185,7 +175,7 @@ def train_batches(images: Tensor, labels: Tensor, cfg: dict[str, Any], gen: torc
         idx = perm[i * bs:(i + 1) * bs]
         x = images[idx].unsqueeze(1).float().div_(255)
         x = augment(x, gen, cfg["rotate"], cfg["scale"], cfg["shift"], cfg.get("elastic", 0.0))
-        yield model_input(x, cfg["shifted_patches"]), labels[idx]
+        yield normalize(x), labels[idx]
 
 
 def eval_batches(x: Tensor, y: Tensor, batch_size: int = 1000):
@@ -194,18 +184,13 @@ def eval_batches(x: Tensor, y: Tensor, batch_size: int = 1000):
         yield x[i:i + batch_size], y[i:i + batch_size]
 
 
-def input_channels(shifted_patches: int) -> int:
-    """Channels of the model's input: the image, plus its 4 shifted copies when shifted_patches > 0."""
-    return 5 if shifted_patches else 1
-
-
 def build_model(cfg: dict[str, Any]) -> VisionTransformer:
     """The VisionTransformer of the MODEL entries of `cfg`."""
     p = cfg["patch_size"]
     if p <= 0 or IMAGE_SIZE % p:
         raise ValueError(f"--patch-size {p} does not divide {IMAGE_SIZE}; use 2, 4, 7 or 14.")
-    return VisionTransformer(**{k: cfg[k] for k in MODEL}, num_channels=input_channels(cfg["shifted_patches"]),
-                             num_patches=(IMAGE_SIZE // p) ** 2, num_classes=NUM_CLASSES)
+    return VisionTransformer(**{k: cfg[k] for k in MODEL}, num_channels=1, num_patches=(IMAGE_SIZE // p) ** 2,
+                             num_classes=NUM_CLASSES)
 
 
 # ------------------------------------------------------------------------------------------------------------- CLI
@@ -249,9 +234,6 @@ def check_config(cfg: dict[str, Any]) -> None:
         raise ValueError(f"--ema-decay {cfg['ema_decay']} must be in [0, 1) (0 = no EMA).")
     if not 0 <= cfg["val_split"] < 60000:
         raise ValueError(f"--val-split {cfg['val_split']} must be in [0, 60000).")
-    if not 0 <= cfg["shifted_patches"] < IMAGE_SIZE // 2:
-        raise ValueError(f"--shifted-patches {cfg['shifted_patches']} must be in [0, {IMAGE_SIZE // 2}) pixels "
-                         f"(0 = off).")
     if cfg["limit_train"] < 0:
         raise ValueError(f"--limit-train {cfg['limit_train']} must be >= 0 (0 = all images).")
 
@@ -291,12 +273,10 @@ def train(cfg: dict[str, Any], given: set[str]) -> dict[str, Any]:
     if cfg["val_split"]:
         perm = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(VAL_SPLIT_SEED))
         val_idx, train_idx = perm[:cfg["val_split"]], perm[cfg["val_split"]:]
-        val = (model_input(train_x[val_idx].unsqueeze(1).float() / 255, cfg["shifted_patches"]).to(device),
-               train_y[val_idx].to(device))
+        val = (normalize(train_x[val_idx].unsqueeze(1).float() / 255).to(device), train_y[val_idx].to(device))
         train_x, train_y = train_x[train_idx], train_y[train_idx]
     train_x, train_y = train_x.to(device), train_y.to(device)
-    test = (model_input(data["test_x"].unsqueeze(1).float() / 255, cfg["shifted_patches"]).to(device),
-            data["test_y"].to(device))
+    test = (normalize(data["test_x"].unsqueeze(1).float() / 255).to(device), data["test_y"].to(device))
     steps_per_epoch = len(train_x) // cfg["batch_size"]
     if steps_per_epoch == 0:
         raise ValueError(f"--batch-size {cfg['batch_size']} exceeds the {len(train_x)} training images.")

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from mnist.train import IMAGE_SIZE, NUM_CLASSES, deskew, input_channels, load_mnist, model_input
+from mnist.train import IMAGE_SIZE, MEAN, NUM_CLASSES, STD, deskew, load_mnist
 from models.pretrained import CheckpointError, load_pretrained, read_checkpoint
 from models.vit import VisionTransformer
 
@@ -84,22 +84,21 @@ def load_image(path: str | Path) -> np.ndarray:
 
 
 def load_model(path: str | Path) -> tuple[VisionTransformer, dict]:
-    """A trained MNIST ViT (EMA weights preferred) and its input preparation {"deskew", "shifted_patches"}
-    from a checkpoint of mnist.train."""
+    """A trained MNIST ViT (EMA weights preferred) and its input preparation {"mean", "std", "deskew"} from a
+    checkpoint of mnist.train."""
     ckpt = read_checkpoint(path)
     cfg = ckpt.get("model_config")
     model = load_pretrained(ckpt)
     c = model.config
-    recipe = (ckpt.get("train_config") or {}) if cfg is not None else {}
-    shifted = int(recipe.get("shifted_patches", 0))
     side = IMAGE_SIZE // c["patch_size"] if IMAGE_SIZE % c["patch_size"] == 0 else None
-    channels = input_channels(shifted)
-    if c["num_channels"] != channels or c["num_classes"] != NUM_CLASSES or list(c["grid_size"]) != [side, side]:
+    if c["num_channels"] != 1 or c["num_classes"] != NUM_CLASSES or list(c["grid_size"]) != [side, side]:
         raise CheckpointError(
             f"{path} holds a ViT for {c['num_channels']}-channel {c['grid_size'][0] * c['patch_size']}x"
-            f"{c['grid_size'][1] * c['patch_size']} images and {c['num_classes']} classes, not MNIST "
-            f"({channels}-channel 28x28, 10 classes); pass a checkpoint of python -m mnist.train.")
-    return model.eval(), {"deskew": bool(recipe.get("deskew", False)), "shifted_patches": shifted}
+            f"{c['grid_size'][1] * c['patch_size']} images and {c['num_classes']} classes, not MNIST (1-channel "
+            f"28x28, 10 classes); pass a checkpoint of python -m mnist.train.")
+    recipe = (ckpt.get("train_config") or {}) if cfg is not None else {}
+    mean, std = recipe.get("normalize", [MEAN, STD])
+    return model.eval(), {"mean": float(mean), "std": float(std), "deskew": bool(recipe.get("deskew", False))}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -128,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
 
         if prep["deskew"]:  # the model was trained on upright digits: show and feed it the same
             digit = deskew(torch.from_numpy(digit)[None])[0].numpy()
-        x = model_input(torch.from_numpy(digit).float()[None, None] / 255, prep["shifted_patches"])  # (1, C, 28, 28)
+        x = ((torch.from_numpy(digit).float() / 255 - prep["mean"]) / prep["std"])[None, None]  # (1, 1, 28, 28)
         fig = attention_figure(model, x, digit, class_names=[str(i) for i in range(NUM_CLASSES)],
                                target=args.target)
         with torch.no_grad():

@@ -23,7 +23,6 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "MNIST"
 TINY = ["--embed-dim", "16", "--hidden-dim", "32", "--num-heads", "2", "--num-layers", "2", "--patch-size", "7",
         "--batch-size", "64", "--threads", "1", "--no-progress", "--no-download"]
-RECIPE = ["--ema-decay", "0.9", "--deskew", "--elastic", "8", "--shifted-patches", "2"]  # every input option on
 
 
 def fake_digits(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -71,7 +70,8 @@ def call(main, *args: str | Path) -> str:
 def straight(data_root, tmp_path_factory) -> Path:
     """A 2-epoch run, in a subprocess (the real command line)."""
     out = tmp_path_factory.mktemp("straight")
-    p = run("mnist.train", *TINY, "--data-root", data_root, "--out", out, "--epochs", "2", *RECIPE)
+    p = run("mnist.train", *TINY, "--data-root", data_root, "--out", out, "--epochs", "2", "--ema-decay", "0.9",
+            "--deskew", "--elastic", "8")
     assert p.returncode == 0, p.stderr
     assert "final: test accuracy" in p.stdout and "wall time" in p.stdout
     return out
@@ -92,7 +92,8 @@ def test_train_writes_checkpoint_metrics_and_plot(straight):
 
 
 def test_resume_equals_straight_run(straight, data_root, tmp_path):
-    args = [*TINY, "--data-root", data_root, "--out", tmp_path, "--epochs", "2", *RECIPE]
+    args = [*TINY, "--data-root", data_root, "--out", tmp_path, "--epochs", "2", "--ema-decay", "0.9", "--deskew",
+            "--elastic", "8"]
     mnist_train.main([str(a) for a in args] + ["--stop-after", "1"])
     assert torch.load(tmp_path / "checkpoint.pth", weights_only=True)["epoch"] == 1
     mnist_train.main([str(a) for a in args] + ["--resume"])
@@ -193,14 +194,3 @@ def test_deskew_makes_a_slanted_stroke_upright():
     cols = [(out[r] * torch.arange(28)).sum() / out[r].sum() for r in range(6, 22) if out[r].sum() > 0]
     assert max(cols) - min(cols) < 1.5  # was 8 columns of lean
     assert out.sum() > 0.8 * img.float().sum()
-
-
-def test_shifted_patches_add_four_diagonal_copies():
-    x = torch.zeros(1, 1, 28, 28)
-    x[0, 0, 10, 10] = 1
-    out = mnist_train.model_input(x, shifted_patches=3) * mnist_train.STD + mnist_train.MEAN  # undo normalisation
-    assert out.shape == (1, 5, 28, 28)
-    peaks = [divmod(int(c.argmax()), 28) for c in out[0]]
-    assert peaks == [(10, 10), (13, 13), (13, 7), (7, 13), (7, 7)]
-    torch.testing.assert_close(out.sum((2, 3)), torch.ones(1, 5))
-    assert mnist_train.model_input(x).shape == (1, 1, 28, 28)
