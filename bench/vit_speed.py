@@ -22,8 +22,8 @@ from tqdm import tqdm
 from models.vit import VisionTransformer
 
 CONFIGS = {  # name: (image size, VisionTransformer kwargs, train batch, inference batch)
-    "mnist_p7": (28, dict(embed_dim=64, hidden_dim=128, num_heads=4, num_layers=6, patch_size=7, num_channels=1,
-                          num_patches=16, num_classes=10), 64, 1024),  # the mnist.train default
+    "mnist_p7": (28, dict(embed_dim=64, hidden_dim=128, num_heads=4, num_layers=4, patch_size=7, num_channels=1,
+                          num_patches=16, num_classes=10), 128, 1024),  # the mnist.train default
     "mnist": (28, dict(embed_dim=64, hidden_dim=256, num_heads=4, num_layers=6, patch_size=4, num_channels=1,
                        num_patches=49, num_classes=10), 256, 1024),
     "vit_ti_224": (224, dict(embed_dim=192, hidden_dim=768, num_heads=3, num_layers=12, patch_size=16,
