@@ -33,7 +33,6 @@ MODEL = {  # VisionTransformer arguments; num_channels=1, num_patches=(28/patch_
     "patch_size": (7, "patch side in pixels; divides 28: 2, 4, 7 or 14 (4 -> 49 tokens, 7 -> 16 tokens)"),
     "dropout": (0.0, "dropout after position embedding, attention projection and MLP"),
     "drop_path_rate": (0.0, "stochastic depth of the last block (linear from 0)"),
-    "patch_drop_rate": (0.0, "fraction of patch tokens each training image drops at random (PatchDropout)"),
 }
 RECIPE = {
     "epochs": (36, "epochs to train"),

@@ -37,14 +37,12 @@ class VisionTransformer(nn.Module):
             default: a square grid of num_patches.
         attn_dropout: dropout on the attention probabilities.
         drop_path_rate: stochastic depth, rising linearly from 0 to this value over the blocks.
-        patch_drop_rate: fraction of the patch tokens each training image drops at random before the blocks
-            (PatchDropout, Liu et al. 2022; timm's `patch_drop_rate`): cheaper steps; evaluation sees all tokens.
     """
 
     def __init__(self, embed_dim: int, hidden_dim: int, num_heads: int, num_layers: int, patch_size: int,
                  num_channels: int, num_patches: int, num_classes: int, dropout: float = 0.0, *,
                  grid_size: tuple[int, int] | None = None, attn_dropout: float = 0.0,
-                 drop_path_rate: float = 0.0, patch_drop_rate: float = 0.0):
+                 drop_path_rate: float = 0.0):
         super().__init__()
         sizes = dict(embed_dim=embed_dim, hidden_dim=hidden_dim, num_heads=num_heads, num_layers=num_layers,
                      patch_size=patch_size, num_channels=num_channels, num_patches=num_patches)
@@ -55,9 +53,7 @@ class VisionTransformer(nn.Module):
         _check(embed_dim % num_heads == 0,
                f"embed_dim={embed_dim} is not divisible by num_heads={num_heads}; pick num_heads among the "
                f"divisors of embed_dim (e.g. embed_dim // 64).")
-        probs = dict(dropout=dropout, attn_dropout=attn_dropout, drop_path_rate=drop_path_rate,
-                     patch_drop_rate=patch_drop_rate)
-        for name, p in probs.items():
+        for name, p in dict(dropout=dropout, attn_dropout=attn_dropout, drop_path_rate=drop_path_rate).items():
             _check(0.0 <= p < 1.0, f"{name}={p!r} must be in [0, 1).")
         if grid_size is None:
             side = math.isqrt(num_patches)
@@ -71,10 +67,9 @@ class VisionTransformer(nn.Module):
                f"num_patches must equal grid_h * grid_w.")
 
         self.patch_size, self.grid_size, self.num_heads = patch_size, grid_size, num_heads
-        self.patch_drop_rate = patch_drop_rate
         # Constructor arguments as plain values: what a checkpoint needs to rebuild this model.
         self.config = dict(sizes, num_classes=num_classes, dropout=dropout, grid_size=list(grid_size),
-                           attn_dropout=attn_dropout, drop_path_rate=drop_path_rate, patch_drop_rate=patch_drop_rate)
+                           attn_dropout=attn_dropout, drop_path_rate=drop_path_rate)
         self.patch_embed = nn.Module()  # timm's key names: patch_embed.proj.{weight,bias}
         self.patch_embed.proj = nn.Conv2d(num_channels, embed_dim, patch_size, stride=patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -117,14 +112,6 @@ class VisionTransformer(nn.Module):
         patch_pos = patch_pos.to(self.pos_embed.dtype).flatten(2).transpose(1, 2)
         return torch.cat([cls_pos, patch_pos], dim=1)
 
-    def drop_patches(self, x: Tensor) -> Tensor:
-        """x: (B, 1 + N, D) -> (B, 1 + K, D): the class token and K = round(N·(1 - patch_drop_rate)) of the N
-        patch tokens, a random subset per image (positions are already embedded, so order does not matter)."""
-        B, T, D = x.shape
-        keep = max(1, round((T - 1) * (1 - self.patch_drop_rate)))
-        idx = torch.rand(B, T - 1, device=x.device).argsort(1)[:, :keep] + 1  # (B, K)
-        return torch.cat([x[:, :1], x.gather(1, idx[..., None].expand(-1, -1, D))], dim=1)
-
     def forward_features(self, x: Tensor, return_attn: AttnRequest = False,
                          cls_only: bool = False) -> tuple[Tensor, list[Tensor]]:
         """x: (B, C, H, W) -> normed tokens (B, 1 + N, D) and the per-layer attention asked for.
@@ -136,8 +123,6 @@ class VisionTransformer(nn.Module):
         x = self.patch_embed.proj(x).flatten(2).transpose(1, 2)  # (B, N, D), patches in row-major order
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.position_embedding(grid)
         x = self.pos_drop(x)
-        if self.training and self.patch_drop_rate and not return_attn:
-            x = self.drop_patches(x)
         attns = []
         for i, block in enumerate(self.blocks):
             x, attn = block(x, return_attn, cls_only and i == len(self.blocks) - 1)

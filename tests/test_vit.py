@@ -124,18 +124,6 @@ def test_defaults_change_nothing_in_training_mode():
         torch.testing.assert_close(maps[0].sum(-1), torch.ones(maps[0].shape[:-1]), **TOL)
 
 
-def test_patch_dropout_keeps_a_random_subset_in_training_only():
-    model = small_vit(patch_drop_rate=0.25)
-    x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        torch.testing.assert_close(model(x), small_vit()(x), atol=0, rtol=0)  # eval: every token, same logits
-        tokens = model.train().forward_features(x)[0]
-        assert tokens.shape == (2, 1 + 48, 48)  # 64 patches -> 48 kept, plus the class token
-        kept = model.drop_patches(torch.arange(65.0)[None, :, None].expand(2, 65, 1))[..., 0]
-        assert kept[:, 0].eq(0).all() and all(len(set(row[1:].tolist())) == 48 for row in kept)
-        assert not torch.equal(kept[0], kept[1])  # a different subset per image
-
-
 def test_timm_init_statistics():
     model = VisionTransformer(192, 768, 3, 12, 16, 3, 196, 1000)
     w = model.blocks[0].mlp.fc1.weight
