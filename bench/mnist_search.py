@@ -76,6 +76,8 @@ CANDIDATES = {  # name -> flags on top of BASE ("default": mnist.train's own def
                                                    "3", "--seed", "1"],
     "p7-d64-l4-bs128-deskew-stronger-affine": ["--patch-size", "7", "--batch-size", "128", "--deskew", "--num-layers",
                                                "4", "--rotate", "20", "--scale", "0.2", "--shift", "4"],
+    "l4-default-seed2": ["--patch-size", "7", "--batch-size", "128", "--deskew", "--num-layers", "4", "--rotate", "15",
+                         "--scale", "0.15", "--shift", "3", "--seed", "2"],
     "p7-d64-bs64-ema": ["--patch-size", "7", "--batch-size", "64", "--ema-decay", "0.999"],
     "p7-d128-bs32-lr1.5e-3": [*P7, "--batch-size", "32", "--lr", "1.5e-3"],
     "p7-d128-bs32-lr2e-3": [*P7, "--batch-size", "32", "--lr", "2e-3"],
