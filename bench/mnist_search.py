@@ -28,6 +28,8 @@ BASE = ["--embed-dim", "64", "--hidden-dim", "128", "--num-heads", "4", "--num-l
         "--ema-decay", "0", "--no-deskew", "--elastic", "0", "--rotate", "10", "--scale", "0.1", "--shift", "2",
         "--seed", "0"]
 P7 = ["--patch-size", "7", "--embed-dim", "128", "--hidden-dim", "256"]  # 16 tokens instead of 49
+L4 = ["--patch-size", "7", "--batch-size", "128", "--deskew", "--num-layers", "4"]  # D=64, 4 layers, deskewed
+AFFINE15 = ["--rotate", "15", "--scale", "0.15", "--shift", "3"]
 CANDIDATES = {  # name -> flags on top of BASE ("default": mnist.train's own defaults, without BASE)
     "default": [],
     "p4-d64": [],
@@ -62,22 +64,15 @@ CANDIDATES = {  # name -> flags on top of BASE ("default": mnist.train's own def
     "p7-d64-bs128-deskew": ["--patch-size", "7", "--batch-size", "128", "--deskew"],
     "p7-d64-bs128-deskew-lr3e-3": ["--patch-size", "7", "--batch-size", "128", "--deskew", "--lr", "3e-3"],
     "p7-d64-bs128-deskew-dp0.1": ["--patch-size", "7", "--batch-size", "128", "--deskew", "--drop-path-rate", "0.1"],
-    "p7-d64-l4-bs128-deskew": ["--patch-size", "7", "--batch-size", "128", "--deskew", "--num-layers", "4"],
+    "p7-d64-l4-bs128-deskew": L4,
     "p7-d96-l4-bs128-deskew": ["--patch-size", "7", "--embed-dim", "96", "--hidden-dim", "192", "--num-layers", "4",
                                "--batch-size", "128", "--deskew"],
-    "p7-d64-l4-bs128-deskew-ema": ["--patch-size", "7", "--batch-size", "128", "--deskew", "--num-layers", "4",
-                                   "--ema-decay", "0.999"],
-    "p7-d64-l4-bs128-deskew-elastic8": ["--patch-size", "7", "--batch-size", "128", "--deskew", "--num-layers", "4",
-                                        "--elastic", "8"],
-    "p7-d64-l4-bs128-deskew-strong-affine": ["--patch-size", "7", "--batch-size", "128", "--deskew", "--num-layers",
-                                             "4", "--rotate", "15", "--scale", "0.15", "--shift", "3"],
-    "p7-d64-l4-bs128-deskew-strong-affine-seed1": ["--patch-size", "7", "--batch-size", "128", "--deskew",
-                                                   "--num-layers", "4", "--rotate", "15", "--scale", "0.15", "--shift",
-                                                   "3", "--seed", "1"],
-    "p7-d64-l4-bs128-deskew-stronger-affine": ["--patch-size", "7", "--batch-size", "128", "--deskew", "--num-layers",
-                                               "4", "--rotate", "20", "--scale", "0.2", "--shift", "4"],
-    "l4-default-seed2": ["--patch-size", "7", "--batch-size", "128", "--deskew", "--num-layers", "4", "--rotate", "15",
-                         "--scale", "0.15", "--shift", "3", "--seed", "2"],
+    "p7-d64-l4-bs128-deskew-ema": [*L4, "--ema-decay", "0.999"],
+    "p7-d64-l4-bs128-deskew-elastic8": [*L4, "--elastic", "8"],
+    "p7-d64-l4-bs128-deskew-strong-affine": [*L4, *AFFINE15],  # = the default recipe
+    "p7-d64-l4-bs128-deskew-strong-affine-seed1": [*L4, *AFFINE15, "--seed", "1"],
+    "p7-d64-l4-bs128-deskew-strong-affine-seed2": [*L4, *AFFINE15, "--seed", "2"],
+    "p7-d64-l4-bs128-deskew-stronger-affine": [*L4, "--rotate", "20", "--scale", "0.2", "--shift", "4"],
     "p7-d64-bs64-ema": ["--patch-size", "7", "--batch-size", "64", "--ema-decay", "0.999"],
     "p7-d128-bs32-lr1.5e-3": [*P7, "--batch-size", "32", "--lr", "1.5e-3"],
     "p7-d128-bs32-lr2e-3": [*P7, "--batch-size", "32", "--lr", "2e-3"],
