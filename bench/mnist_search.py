@@ -30,8 +30,10 @@ BASE = ["--embed-dim", "64", "--hidden-dim", "128", "--num-heads", "4", "--num-l
 P7 = ["--patch-size", "7", "--embed-dim", "128", "--hidden-dim", "256"]  # 16 tokens instead of 49
 L4 = ["--patch-size", "7", "--batch-size", "128", "--deskew", "--num-layers", "4"]  # D=64, 4 layers, deskewed
 AFFINE15 = ["--rotate", "15", "--scale", "0.15", "--shift", "3"]
-CANDIDATES = {  # name -> flags on top of BASE ("default": mnist.train's own defaults, without BASE)
+CANDIDATES = {  # name -> flags on top of BASE ("default*": mnist.train's own defaults, without BASE)
     "default": [],
+    "default-seed1": ["--seed", "1"],
+    "default-seed2": ["--seed", "2"],
     "p4-d64": [],
     "p4-d64-shift-only": ["--rotate", "0", "--scale", "0"],
     "p4-d96-l4": ["--embed-dim", "96", "--hidden-dim", "192", "--num-layers", "4"],
@@ -87,7 +89,7 @@ CANDIDATES = {  # name -> flags on top of BASE ("default": mnist.train's own def
 
 def run(name: str, flags: list[str], args: argparse.Namespace) -> dict:
     out = Path(args.out) / name
-    base = BASE if name != "default" else []
+    base = [] if name.startswith("default") else BASE
     cmd = [sys.executable, "-m", "mnist.train", "--out", str(out), "--data-root", args.data_root, "--no-progress",
            "--threads", str(args.threads), "--val-split", str(args.val_split), *base, *flags]
     if args.epochs:
