@@ -88,16 +88,17 @@ def bench(name: str, rounds: int, iters: int) -> list[tuple[str, float, float, s
     fused, explicit = timm_model(ours, explicit=False), timm_model(ours, explicit=True)
     x = torch.randn(train_batch, kwargs["num_channels"], size, size)
     y = torch.randint(0, kwargs["num_classes"], (train_batch,))
-    models = {"ours": ours.train(), "timm": fused.train()}
-    train = measure({k: train_step(m, x, y, torch.optim.AdamW(m.parameters(), lr=1e-4)) for k, m in models.items()},
-                    train_batch, rounds, iters)
-    twin = VisionTransformer(**kwargs).train()  # the same model with the explicit softmax
+
+    def train_rates(models: dict[str, torch.nn.Module]) -> dict[str, float]:
+        steps = {k: train_step(m.train(), x, y, torch.optim.AdamW(m.parameters(), lr=1e-4)) for k, m in models.items()}
+        return measure(steps, train_batch, rounds, iters)
+
+    train = train_rates({"ours": ours, "timm": fused})
+    twin = VisionTransformer(**kwargs)  # the same model with the explicit softmax
     twin.load_state_dict(ours.state_dict())
     for block in twin.blocks:
         block.attn.fused_attn = False
-    models = {"explicit": twin, "sdpa": ours}
-    softmax = measure({k: train_step(m, x, y, torch.optim.AdamW(m.parameters(), lr=1e-4)) for k, m in models.items()},
-                      train_batch, rounds, iters)
+    softmax = train_rates({"explicit": twin, "sdpa": ours})
     ours.eval(), fused.eval(), explicit.eval()
     x = torch.randn(infer_batch, kwargs["num_channels"], size, size)
 

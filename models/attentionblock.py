@@ -38,17 +38,15 @@ class Attention(nn.Module):
         """
         B, T, D = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        attn = None
-        if return_attn is True or not self.fused_attn:
-            if cls_only and return_attn is not True:
-                q = q[:, :, :1]
+        attn, full_maps = None, return_attn is True
+        if cls_only and not full_maps:  # only the class token's query is needed
+            q = q[:, :, :1]
+        if full_maps or not self.fused_attn:
             attn = (q * self.scale @ k.transpose(-2, -1)).softmax(dim=-1)
             x = self.attn_drop(attn[:, :, :1] if cls_only else attn) @ v
-            if return_attn is not True:
+            if not full_maps:
                 attn = attn[:, :, 0] if return_attn == "cls" else None
         else:
-            if cls_only:
-                q = q[:, :, :1]
             p = self.attn_drop.p if self.training else 0.0
             x = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
             if return_attn == "cls":  # (B, h, 1, hd) @ (B, h, hd, T): O(T), never a T x T matrix
