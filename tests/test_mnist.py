@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import shutil
 import struct
 import subprocess
@@ -18,11 +19,12 @@ from PIL import Image
 from mnist import train as mnist_train
 from mnist import vis_attn
 from models.vit import VisionTransformer
+from utils import training
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "MNIST"
 TINY = ["--embed-dim", "16", "--hidden-dim", "32", "--num-heads", "2", "--num-layers", "2", "--patch-size", "7",
-        "--batch-size", "64", "--threads", "1", "--no-progress", "--no-download"]
+        "--batch-size", "64", "--threads", "1", "--no-compile", "--no-progress", "--no-download"]
 
 
 def fake_digits(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -86,9 +88,14 @@ def test_train_writes_checkpoint_metrics_and_plot(straight):
     model.load_state_dict(ckpt["model"])
     metrics = json.loads((straight / "metrics.json").read_text())["epochs"]
     assert [m["epoch"] for m in metrics] == [1, 2]
-    assert {"train_loss", "test_top1", "ema_test_top1", "img_per_s", "wall_s"} <= set(metrics[-1])
+    assert {"train_loss", "test_top1", "ema_test_top1", "ema_tta_test_top1", "img_per_s", "wall_s"} <= set(metrics[-1])
+    assert "tta_test_top1" not in metrics[0]  # shift TTA only in the final evaluation
     assert 0 <= metrics[-1]["ema_test_top1"] <= 100
     assert (straight / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("checkpoint.pth", "metrics.json", "curves.png"):  # atomic writes keep open()'s permissions
+        assert (straight / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
 
 
 def test_resume_equals_straight_run(straight, data_root, tmp_path):
@@ -181,7 +188,7 @@ def test_real_mnist_short_run(tmp_path):
                       "--epochs", "3", "--embed-dim", "64", "--hidden-dim", "128", "--num-heads", "2",
                       "--num-layers", "2", "--patch-size", "14", "--batch-size", "32", "--lr", "2e-3",
                       "--warmup-epochs", "0.3", "--rotate", "0", "--scale", "0", "--shift", "0", "--threads", "1",
-                      "--no-progress", "--no-download"])
+                      "--no-compile", "--no-progress", "--no-download"])
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())["epochs"]
     assert metrics[-1]["test_top1"] > 90
 
@@ -194,3 +201,25 @@ def test_deskew_makes_a_slanted_stroke_upright():
     cols = [(out[r] * torch.arange(28)).sum() / out[r].sum() for r in range(6, 22) if out[r].sum() > 0]
     assert max(cols) - min(cols) < 1.5  # was 8 columns of lean
     assert out.sum() > 0.8 * img.float().sum()
+
+
+def test_shift_tta_averages_the_softmax_over_five_shifted_copies():
+    torch.manual_seed(0)
+    x = torch.full((3, 1, 28, 28), -mnist_train.MEAN / mnist_train.STD)  # blank, normalised
+    x[..., 8:20, 9:19] = torch.randn(3, 1, 12, 10)  # a "digit" away from the border: roll == shift with blank fill
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, 10))
+    views = [x] + [torch.roll(x, s, dim) for s in (2, -2) for dim in (-1, -2)]
+    want = torch.stack([model(v).softmax(-1) for v in views]).mean(0).log()
+    torch.testing.assert_close(mnist_train.ShiftTTA(model, 2)(x), want)
+
+
+def test_compile_or_eager_falls_back_with_one_line(monkeypatch, capsys):
+    def broken_compile(model):
+        def fail(x):
+            raise RuntimeError("InvalidCxxCompiler: no working C++ compiler\n(long details)")
+        return fail
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    model = torch.nn.Linear(4, 2)
+    assert training.compile_or_eager(model, torch.randn(8, 4)) is model
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "InvalidCxxCompiler" in err and "without it" in err

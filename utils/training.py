@@ -8,6 +8,7 @@ caller silence the progress bar on ranks other than 0 (`progress=False`). AMP is
     rng_states, set_rng_states                    -- capture / restore every RNG (plain values: weights_only-safe)
     param_groups, warmup_cosine                   -- AdamW groups without decay on norms/biases/tokens; LR schedule
     make_ema, unwrap                              -- EMA of the weights (swa_utils.AveragedModel); the bare model
+    compile_or_eager                              -- torch.compile, or a one-line warning where it cannot work
     train_one_epoch, evaluate, accuracy_counts    -- the epoch loop with NaN guard; top-1/top-5 evaluation
     checkpoint_state, restore_checkpoint          -- the repo's checkpoint dict, and resuming from it
     save_checkpoint, load_checkpoint              -- atomic write; torch.load(weights_only=True) with clear errors
@@ -20,6 +21,7 @@ import json
 import math
 import os
 import random
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable
@@ -137,6 +139,25 @@ def make_ema(model: nn.Module, decay: float) -> AveragedModel:
 # ------------------------------------------------------------------------------------------------- train / evaluate
 def _autocast(device: torch.device, amp_dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+
+
+def compile_or_eager(model: nn.Module, example: Tensor, amp_dtype: torch.dtype | None = None) -> nn.Module:
+    """torch.compile(model), compiled here by one forward/backward of `example` (a batch of the training shape, under
+    the training autocast, so training reuses these graphs); where that fails (no C++ compiler on a CPU, no Triton
+    on a GPU) a one-line warning on stderr and `model` itself. Leaves the gradients empty."""
+    compiled = torch.compile(model)
+    try:
+        with _autocast(example.device, amp_dtype):
+            out = compiled(example)
+        out.float().sum().backward()
+    except Exception as e:  # the backend's own error type differs between torch versions and devices
+        reason = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        print(f"warning: torch.compile does not work here ({reason[:150]}); training without it (slower).",
+              file=sys.stderr)
+        return model
+    finally:
+        model.zero_grad(set_to_none=True)
+    return compiled
 
 
 def train_one_epoch(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], optimizer: torch.optim.Optimizer,
@@ -306,11 +327,14 @@ def restore_checkpoint(ckpt: dict[str, Any], model: nn.Module, optimizer: torch.
 def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
     try:
         with os.fdopen(fd, mode) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 -> what a plain open() would give
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
