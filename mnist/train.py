@@ -3,7 +3,8 @@
 The whole data set lives on the device as one uint8 tensor; shuffling and augmentation (random rotation, scale and
 shift through one batched affine_grid + grid_sample) happen there, a batch at a time. Every epoch's randomness comes
 from a generator seeded with (seed, epoch), so `--resume` continues bit for bit where a run stopped. Each epoch
-writes <out>/checkpoint.pth (atomically), <out>/metrics.json and <out>/curves.png.
+writes <out>/checkpoint.pth (atomically), <out>/metrics.json and <out>/curves.png. The last epoch's test score is
+reported for the single view and with shift test-time augmentation (`ShiftTTA`, --tta-shift).
 """
 
 from __future__ import annotations
