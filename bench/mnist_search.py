@@ -26,7 +26,7 @@ BASE = ["--embed-dim", "64", "--hidden-dim", "128", "--num-heads", "4", "--num-l
         "--dropout", "0", "--drop-path-rate", "0", "--batch-size", "256", "--lr", "2e-3", "--weight-decay", "0.05",
         "--beta2", "0.999", "--warmup-epochs", "1", "--min-lr-ratio", "0.01", "--label-smoothing", "0.1",
         "--ema-decay", "0", "--no-deskew", "--elastic", "0", "--rotate", "10", "--scale", "0.1", "--shift", "2",
-        "--tta-shift", "2", "--seed", "0"]
+        "--no-compile", "--amp", "none", "--tta-shift", "2", "--seed", "0"]
 P7 = ["--patch-size", "7", "--embed-dim", "128", "--hidden-dim", "256"]  # 16 tokens instead of 49
 L4 = ["--patch-size", "7", "--batch-size", "128", "--deskew", "--num-layers", "4"]  # D=64, 4 layers, deskewed
 AFFINE15 = ["--rotate", "15", "--scale", "0.15", "--shift", "3"]

@@ -1,13 +1,14 @@
 """Shift test-time augmentation on trained MNIST checkpoints: `python -m bench.mnist_tta runs/.../checkpoint.pth`.
 
-For each checkpoint, top-1 on its held-out validation images (the --val-split it was trained with, if any) and on the
-test set, single view and averaged over the image and its copies shifted by 1, 2, 3 pixels right, left, down and up
-(`mnist.train.ShiftTTA`, what `--tta-shift` does in the final evaluation). Pick the shift on val.
+For each checkpoint, top-1 (in fp32) on its held-out validation images (the --val-split it was trained with, if any)
+and on the test set, single view and averaged over the image and its copies shifted by 1, 2, 3 pixels right, left,
+down and up (`mnist.train.ShiftTTA`, what `--tta-shift` does in the final evaluation). Pick the shift on val.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 
@@ -24,6 +25,8 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     shifts = [int(s) for s in args.shifts.split(",")]
+    if min(shifts) < 0:
+        sys.exit(f"error: --shifts {args.shifts} must be >= 0 pixels (0 = single view).")
     data = M.load_mnist(args.data_root, download=False)
     cache: dict[bool, dict[str, torch.Tensor]] = {}
     print("| checkpoint | " + " | ".join(f"val / test, shift {s}" for s in shifts) + " |")
@@ -31,14 +34,14 @@ def main() -> None:
     for path in args.checkpoints:
         ckpt = T.load_checkpoint(path)
         cfg = ckpt["train_config"]
-        skew = cfg["deskew"]
+        skew = cfg.get("deskew", False)
         if skew not in cache:
             cache[skew] = {k: M.deskew(v) if skew and k.endswith("_x") else v for k, v in data.items()}
         d = cache[skew]
         sets = {"test": (d["test_x"], d["test_y"])}
         if cfg["val_split"]:
-            perm = torch.randperm(60000, generator=torch.Generator().manual_seed(M.VAL_SPLIT_SEED))[:cfg["val_split"]]
-            sets = {"val": (d["train_x"][perm], d["train_y"][perm])} | sets
+            val_idx, _ = M.split_indices(cfg.get("limit_train") or len(d["train_x"]), cfg["val_split"])
+            sets = {"val": (d["train_x"][val_idx], d["train_y"][val_idx])} | sets
         model = M.build_model(cfg)
         model.load_state_dict(ckpt["ema_model"] if "ema_model" in ckpt else ckpt["model"])
         cells = []

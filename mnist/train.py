@@ -2,9 +2,9 @@
 
 The whole data set lives on the device as one uint8 tensor; shuffling and augmentation (random rotation, scale and
 shift through one batched affine_grid + grid_sample) happen there, a batch at a time. Every epoch's randomness comes
-from a generator seeded with (seed, epoch), so `--resume` continues bit for bit where a run stopped. Each epoch
-writes <out>/checkpoint.pth (atomically), <out>/metrics.json and <out>/curves.png. The last epoch's test score is
-reported for the single view and with shift test-time augmentation (`ShiftTTA`, --tta-shift).
+from a generator seeded with (seed, epoch), so `--resume` continues bit for bit (on a CPU) where a run stopped. Each
+epoch writes <out>/checkpoint.pth (atomically), <out>/metrics.json and <out>/curves.png. The last epoch's test score
+is reported for the single view and with shift test-time augmentation (`ShiftTTA`, --tta-shift).
 """
 
 from __future__ import annotations
@@ -52,19 +52,20 @@ RECIPE = {
     "elastic": (0.0, "elastic distortion strength in pixels (Simard et al. 2003, sigma 4 px; ~34 is theirs); 0 = off"),
     "scale": (0.15, "random zoom, +- fraction"),
     "shift": (3.0, "random translation, +- pixels"),
-    "tta_shift": (2, "the final evaluation also averages the softmax over each image and its copies shifted this many "
-                     "pixels right, left, down and up: five placements of the patch grid (0 = off)"),
     "val_split": (0, "hold out this many training images for validation; the test set is then scored only at "
                      "the end (use it to choose settings)"),
     "limit_train": (0, "train on only the first N training images (0 = all; for quick checks)"),
-    "amp": ("bf16", "autocast dtype: bf16 or none (bf16: ~1.4x faster on a CPU with AVX512-BF16 / AMX, and on GPUs)"),
-    "compile": (True, "torch.compile the model (~20 s, counted in the wall time; ~1.4x faster steps)"),
+    "amp": ("bf16", "autocast dtype: bf16 (~1.4x faster on GPUs and on CPUs with AVX512-BF16 or AMX) or none (fp32; "
+                    "may be faster on other CPUs)"),
+    "compile": (True, "torch.compile the model (~30 s, counted in the wall time; ~1.4x faster steps)"),
     "seed": (0, "seed of the initial weights, the shuffling and the augmentation"),
 }
 RUN = {
     "data_root": ("data", "MNIST folder; holds MNIST/raw/*-ubyte(.gz) or receives the download"),
     "out": ("runs/mnist", "output folder: checkpoint.pth, metrics.json, curves.png"),
     "device": ("cuda" if torch.cuda.is_available() else "cpu", "torch device: cpu, cuda, cuda:1, mps"),
+    "tta_shift": (2, "the final evaluation also averages the softmax over each image and its copies shifted this many "
+                     "pixels right, left, down and up: five placements of the patch grid (0 = off)"),
     "threads": (2, "CPU threads for torch (torch.set_num_threads)"),
     "resume": (False, "continue <out>/checkpoint.pth with the settings it was trained with"),
     "stop_after": (0, "stop after this many epochs in this run (0 = never); continue later with --resume"),
@@ -140,6 +141,12 @@ def deskew(images: Tensor, chunk: int = 10000) -> Tensor:
     return out
 
 
+def split_indices(n: int, val_split: int) -> tuple[Tensor, Tensor]:
+    """(validation, training) indices of `n` training images: `val_split` held out, the same ones for every --seed."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(VAL_SPLIT_SEED))
+    return perm[:val_split], perm[val_split:]
+
+
 def normalize(x: Tensor) -> Tensor:
     """x: (B, 1, H, W) in [0, 1] -> the model's input (zero mean, unit variance over MNIST)."""
     return (x - MEAN) / STD
@@ -195,14 +202,15 @@ class ShiftTTA(nn.Module):
     def __init__(self, model: nn.Module, pixels: int):
         super().__init__()
         self.model, self.pixels = model, pixels
+        self.train(model.training)
 
     def forward(self, x: Tensor) -> Tensor:
         p, (H, W) = self.pixels, x.shape[-2:]
         padded = F.pad(x, (p, p, p, p), value=-MEAN / STD)  # the normalised value of a blank pixel
         shifts = ((0, -p), (0, p), (-p, 0), (p, 0))  # (dy, dx) of the window: the digit moves right, left, down, up
         views = [x] + [padded[..., p + dy:p + dy + H, p + dx:p + dx + W] for dy, dx in shifts]
-        probs = self.model(torch.cat(views)).float().softmax(-1).unflatten(0, (len(views), len(x)))
-        return probs.mean(0).log()
+        log_probs = self.model(torch.cat(views)).float().log_softmax(-1).unflatten(0, (len(views), len(x)))
+        return log_probs.logsumexp(0) - math.log(len(views))  # log of the mean probability, without underflow
 
 
 def build_model(cfg: dict[str, Any]) -> VisionTransformer:
@@ -273,10 +281,10 @@ def train(cfg: dict[str, Any], given: set[str]) -> dict[str, Any]:
         saved = ckpt.get("train_config")
         if not isinstance(saved, dict) or saved.get("dataset") != "mnist":
             raise T.CheckpointError(f"{ckpt_path} is not an MNIST training checkpoint of this repo; cannot resume it.")
-        clash = {k for k in given & (set(MODEL) | set(RECIPE)) if saved.get(k) != cfg[k]}
+        clash = {k for k in given & (set(MODEL) | set(RECIPE)) if k in saved and saved[k] != cfg[k]}
         if clash:
             k = sorted(clash)[0]
-            raise ValueError(f"--{k.replace('_', '-')} {cfg[k]} differs from the {saved.get(k)} that {ckpt_path} was "
+            raise ValueError(f"--{k.replace('_', '-')} {cfg[k]} differs from the {saved[k]} that {ckpt_path} was "
                              f"trained with; drop it to resume, or pick a new --out to start over.")
         cfg.update({k: saved[k] for k in (*MODEL, *RECIPE) if k in saved})
     check_config(cfg)
@@ -294,8 +302,7 @@ def train(cfg: dict[str, Any], given: set[str]) -> dict[str, Any]:
         train_x, train_y = train_x[:cfg["limit_train"]], train_y[:cfg["limit_train"]]
     val = None
     if cfg["val_split"]:
-        perm = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(VAL_SPLIT_SEED))
-        val_idx, train_idx = perm[:cfg["val_split"]], perm[cfg["val_split"]:]
+        val_idx, train_idx = split_indices(len(train_x), cfg["val_split"])
         val = (normalize(train_x[val_idx].unsqueeze(1).float() / 255).to(device), train_y[val_idx].to(device))
         train_x, train_y = train_x[train_idx], train_y[train_idx]
     train_x, train_y = train_x.to(device), train_y.to(device)
@@ -319,8 +326,9 @@ def train(cfg: dict[str, Any], given: set[str]) -> dict[str, Any]:
         start, metrics = T.restore_checkpoint(ckpt, model, optimizer, scheduler, ema=ema)
         print(f"resuming {ckpt_path} after epoch {start}/{cfg['epochs']}")
     train_config = {k: cfg[k] for k in (*MODEL, *RECIPE)} | {"dataset": "mnist", "normalize": [MEAN, STD]}
-    example = train_x[:cfg["batch_size"]].unsqueeze(1).float() / 255  # the shape (and autocast) of every training step
-    net = T.compile_or_eager(model, example, amp_dtype) if cfg["compile"] else model
+    net = model
+    if cfg["compile"]:  # compiled for the shape (and autocast) of every training step
+        net = T.compile_or_eager(model, train_x[:cfg["batch_size"]].unsqueeze(1).float() / 255, amp_dtype)
 
     step = start * steps_per_epoch
     ce = nn.CrossEntropyLoss(label_smoothing=cfg["label_smoothing"])
@@ -354,7 +362,9 @@ def train(cfg: dict[str, Any], given: set[str]) -> dict[str, Any]:
             sets = {"val": val} if val is not None else {}
             if val is None or last:
                 sets["test"] = test
-            views = [("", m)] + [("tta_", ShiftTTA(T.unwrap(m), cfg["tta_shift"]))] * (last and cfg["tta_shift"] > 0)
+            views = [("", m)]
+            if last and cfg["tta_shift"]:
+                views.append(("tta_", ShiftTTA(T.unwrap(m), cfg["tta_shift"])))
             for (tta, viewer), (name, (x, y)) in itertools.product(views, sets.items()):
                 r = T.evaluate(viewer, eval_batches(x, y), device=device, amp_dtype=amp_dtype)
                 row[f"{prefix}{tta}{name}_top1"], row[f"{prefix}{tta}{name}_loss"] = r["top1"], r["loss"]
@@ -375,7 +385,7 @@ def train(cfg: dict[str, Any], given: set[str]) -> dict[str, Any]:
             return row
     final = metrics[-1]
     which = "ema_" if ema is not None else ""
-    notes = ["EMA weights"] * (ema is not None)
+    notes = ["EMA weights"] if ema is not None else []
     if f"{which}tta_test_top1" in final:
         notes.append(f"shift TTA; single view {final[f'{which}test_top1']:.2f}%")
     acc = final.get(f"{which}tta_test_top1", final[f"{which}test_top1"])

@@ -103,7 +103,7 @@ def test_resume_equals_straight_run(straight, data_root, tmp_path):
             "--elastic", "8"]
     mnist_train.main([str(a) for a in args] + ["--stop-after", "1"])
     assert torch.load(tmp_path / "checkpoint.pth", weights_only=True)["epoch"] == 1
-    mnist_train.main([str(a) for a in args] + ["--resume"])
+    mnist_train.main([str(a) for a in args] + ["--resume", "--tta-shift", "1"])  # evaluation only: no clash
     a = torch.load(straight / "checkpoint.pth", weights_only=True)
     b = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
     assert b["epoch"] == 2

@@ -151,9 +151,9 @@ def compile_or_eager(model: nn.Module, example: Tensor, amp_dtype: torch.dtype |
             out = compiled(example)
         out.float().sum().backward()
     except Exception as e:  # the backend's own error type differs between torch versions and devices
+        e = getattr(e, "inner_exception", None) or e  # older torch: BackendCompilerFailed("backend=... raised:")
         reason = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
-        print(f"warning: torch.compile does not work here ({reason[:150]}); training without it (slower).",
-              file=sys.stderr)
+        print(f"warning: torch.compile failed here ({reason[:150]}); training without it (slower).", file=sys.stderr)
         return model
     finally:
         model.zero_grad(set_to_none=True)
@@ -324,17 +324,19 @@ def restore_checkpoint(ckpt: dict[str, Any], model: nn.Module, optimizer: torch.
     return int(ckpt["epoch"]), list(ckpt.get("metrics", []))
 
 
+_UMASK = os.umask(0)  # read once (setting it is the only way to read it), restored at once
+os.umask(_UMASK)
+
+
 def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
     try:
         with os.fdopen(fd, mode) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 -> what a plain open() would give
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 -> what open() gives a new file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
