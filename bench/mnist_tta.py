@@ -38,17 +38,17 @@ def main() -> None:
         if skew not in cache:
             cache[skew] = {k: M.deskew(v) if skew and k.endswith("_x") else v for k, v in data.items()}
         d = cache[skew]
-        sets = {"test": (d["test_x"], d["test_y"])}
+        sets = {"test": (M.model_input(d["test_x"]), d["test_y"])}
         if cfg["val_split"]:
             val_idx, _ = M.split_indices(cfg.get("limit_train") or len(d["train_x"]), cfg["val_split"])
-            sets = {"val": (d["train_x"][val_idx], d["train_y"][val_idx])} | sets
+            sets = {"val": (M.model_input(d["train_x"][val_idx]), d["train_y"][val_idx])} | sets
         model = M.build_model(cfg)
         model.load_state_dict(ckpt["ema_model"] if "ema_model" in ckpt else ckpt["model"])
         cells = []
         for s in shifts:
             viewer = M.ShiftTTA(model, s) if s else model
-            top1 = {name: T.evaluate(viewer, M.eval_batches(M.normalize(x.unsqueeze(1).float() / 255), y),
-                                     device="cpu")["top1"] for name, (x, y) in sets.items()}
+            top1 = {name: T.evaluate(viewer, M.eval_batches(x, y), device="cpu")["top1"]
+                    for name, (x, y) in sets.items()}
             cells.append(" / ".join(f"{top1[k]:.2f}" if k in top1 else "-" for k in ("val", "test")))
         print(f"| {path} | " + " | ".join(cells) + " |", flush=True)
 

@@ -152,6 +152,11 @@ def normalize(x: Tensor) -> Tensor:
     return (x - MEAN) / STD
 
 
+def model_input(images: Tensor) -> Tensor:
+    """images: (N, H, W) uint8 -> (N, 1, H, W) the model's input, unaugmented (evaluation)."""
+    return normalize(images.unsqueeze(1).float() / 255)
+
+
 def augment(x: Tensor, gen: torch.Generator, rotate: float, scale: float, shift: float,
             elastic: float = 0.0, sigma: float = 4.0) -> Tensor:
     """x: (B, 1, H, W) in [0, 1] -> each image rotated by U(+-rotate) degrees, zoomed by U(1 +- scale), shifted by
@@ -303,10 +308,10 @@ def train(cfg: dict[str, Any], given: set[str]) -> dict[str, Any]:
     val = None
     if cfg["val_split"]:
         val_idx, train_idx = split_indices(len(train_x), cfg["val_split"])
-        val = (normalize(train_x[val_idx].unsqueeze(1).float() / 255).to(device), train_y[val_idx].to(device))
+        val = (model_input(train_x[val_idx]).to(device), train_y[val_idx].to(device))
         train_x, train_y = train_x[train_idx], train_y[train_idx]
     train_x, train_y = train_x.to(device), train_y.to(device)
-    test = (normalize(data["test_x"].unsqueeze(1).float() / 255).to(device), data["test_y"].to(device))
+    test = (model_input(data["test_x"]).to(device), data["test_y"].to(device))
     steps_per_epoch = len(train_x) // cfg["batch_size"]
     if steps_per_epoch == 0:
         raise ValueError(f"--batch-size {cfg['batch_size']} exceeds the {len(train_x)} training images.")
