@@ -22,8 +22,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from imagenet.dataloaders.dataset import ImageDataset, is_image_file, mixup_cutmix, train_transform
-from imagenet.train import MODEL, PRESETS, RECIPE, model_from_config, resolve_amp
-from utils.distributed import resolve_device
+from imagenet.train import MODEL, PRESETS, RECIPE, model_from_config
+from utils import hardware
 from utils.training import param_groups
 
 SHARED_SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-samples"
@@ -34,11 +34,11 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench_model(args: argparse.Namespace, device: torch.device) -> list[float]:
+def bench_model(args: argparse.Namespace, hw: hardware.Hardware) -> list[float]:
     cfg = {k: v for k, (v, _) in {**MODEL, **RECIPE}.items()} | {"model": args.model, "img_size": args.img_size}
     torch.manual_seed(0)
+    device = hw.device
     model = model_from_config(cfg, 1000).to(device).train()
-    amp_dtype = resolve_amp(args.amp, device)
     optimizer = torch.optim.AdamW(param_groups(model, cfg["weight_decay"]), lr=1e-3,
                                   fused=True if device.type == "cuda" else None)
     step_model = torch.compile(model) if args.compile else model
@@ -51,7 +51,7 @@ def bench_model(args: argparse.Namespace, device: torch.device) -> list[float]:
         sync(device)
         start = time.perf_counter()
         xm, ym = mix(x, y)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        with hw.autocast():
             loss = loss_fn(step_model(xm), ym)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -83,8 +83,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=5, help="timed steps (after --warmup)")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    parser.add_argument("--amp", default="auto", help="auto (bf16 on GPU) | bf16 | fp16 | none")
+    parser.add_argument("--device", default="auto", help=hardware.DEVICE_HELP)
+    parser.add_argument("--amp", default="auto", choices=hardware.AMP_CHOICES, help=hardware.AMP_HELP)
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--data", default=str(SHARED_SAMPLES), help="folder of photos for the data-pipeline part")
@@ -93,11 +93,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"{args.model} {args.img_size}px, batch {args.batch_size}, {name}, amp={resolve_amp(args.amp, device)}, "
-          f"compile={args.compile}, torch {torch.__version__}")
-    rates = bench_model(args, device)
+    try:
+        hw = hardware.resolve(args.device, args.amp)
+    except ValueError as e:
+        parser.exit(2, f"error: {e}\n")
+    print(f"{args.model} {args.img_size}px, batch {args.batch_size}, {hw.summary}, compile={args.compile}, "
+          f"torch {torch.__version__}")
+    rates = bench_model(args, hw)
     print(f"model step: {statistics.median(rates):.1f} img/s (median of {len(rates)} steps; min "
           f"{min(rates):.1f}, max {max(rates):.1f})")
     data_rate = bench_data(args)

@@ -26,7 +26,7 @@ BASE = ["--embed-dim", "64", "--hidden-dim", "128", "--num-heads", "4", "--num-l
         "--dropout", "0", "--drop-path-rate", "0", "--batch-size", "256", "--lr", "2e-3", "--weight-decay", "0.05",
         "--beta2", "0.999", "--warmup-epochs", "1", "--min-lr-ratio", "0.01", "--label-smoothing", "0.1",
         "--ema-decay", "0", "--no-deskew", "--elastic", "0", "--rotate", "10", "--scale", "0.1", "--shift", "2",
-        "--no-compile", "--amp", "none", "--tta-shift", "2", "--seed", "0"]
+        "--no-compile", "--amp", "none", "--tta-shift", "2", "--seed", "0", "--minutes", "0"]
 P7 = ["--patch-size", "7", "--embed-dim", "128", "--hidden-dim", "256"]  # 16 tokens instead of 49
 L4 = ["--patch-size", "7", "--batch-size", "128", "--deskew", "--num-layers", "4"]  # D=64, 4 layers, deskewed
 AFFINE15 = ["--rotate", "15", "--scale", "0.15", "--shift", "3"]
@@ -35,6 +35,7 @@ CANDIDATES = {  # name -> flags on top of BASE ("default*": mnist.train's own de
     "default": [],
     "default-seed1": ["--seed", "1"],
     "default-seed2": ["--seed", "2"],
+    "default-l3": ["--num-layers", "3"],  # 3 blocks: ~1.4x the img/s, more epochs in the budget
     "p4-d64": [],
     "p4-d64-shift-only": ["--rotate", "0", "--scale", "0"],
     "p4-d96-l4": ["--embed-dim", "96", "--hidden-dim", "192", "--num-layers", "4"],
@@ -106,7 +107,8 @@ def run(name: str, flags: list[str], args: argparse.Namespace) -> dict:
     if proc.returncode:
         print(proc.stdout[-2000:], proc.stderr[-2000:], sep="\n")
         return {"name": name, "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
-    epochs = json.loads((out / "metrics.json").read_text())["epochs"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    epochs = metrics["epochs"]
     last = epochs[-1]
     pick = "ema_" if "ema_test_top1" in last else ""
     train_s = sum(e["seconds"] for e in epochs)
@@ -115,6 +117,7 @@ def run(name: str, flags: list[str], args: argparse.Namespace) -> dict:
             "tta_val_top1": last.get(f"{pick}tta_val_top1"), "tta_test_top1": last.get(f"{pick}tta_test_top1"),
             "wall_s": round(wall, 1),
             "train_img_per_s": round(sum(e["images"] for e in epochs) / train_s), "threads": args.threads,
+            "hardware": metrics.get("ran_as", {}).get("hardware"),
             "date": time.strftime("%Y-%m-%d %H:%M")}
 
 

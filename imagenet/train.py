@@ -37,6 +37,7 @@ from imagenet.dataloaders.dataset import (
 )
 from models.pretrained import CheckpointError, load_pretrained
 from models.vit import VisionTransformer
+from utils import hardware
 from utils.distributed import (
     DistContext,
     all_gather_objects,
@@ -102,8 +103,8 @@ RUN = {
     "pretrained": ("", "initial weights: this repo's checkpoint or timm / DeiT / DINO / torchvision ViT weights"),
     "resume": (False, "continue <out>/checkpoint.pth exactly, with the settings it was trained with"),
     "evaluate_only": (False, "only report top-1 / top-5 of the --pretrained weights on the validation images"),
-    "device": ("auto", "auto (cuda if available) | cuda | cpu; under torchrun each rank takes cuda:<LOCAL_RANK>"),
-    "amp": ("auto", "autocast: auto (bf16 on GPU, none on CPU) | bf16 | fp16 (with a GradScaler) | none"),
+    "device": ("auto", hardware.DEVICE_HELP + "; under torchrun each rank takes cuda:<LOCAL_RANK>"),
+    "amp": ("auto", hardware.AMP_HELP),
     "compile": (False, "torch.compile the model"),
     "channels_last": (True, "NHWC input and patch-embedding conv on GPU (tensor-core layout); ignored on CPU"),
     "workers": (8, "data-loading processes per rank (pinned memory, persistent workers)"),
@@ -220,17 +221,6 @@ def report_skipped(log: BatchLog, ctx: DistContext, what: str) -> int:
 
 
 # -------------------------------------------------------------------------------------------------------------- run
-def resolve_amp(name: str, device: torch.device) -> torch.dtype | None:
-    if name == "auto":
-        name = "bf16" if device.type == "cuda" else "none"
-    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
-    if name not in dtypes:
-        raise UsageError(f"--amp {name!r} is unknown; use auto, bf16, fp16 or none.")
-    if name == "fp16" and device.type != "cuda":
-        raise UsageError("--amp fp16 needs a GPU; use bf16 or none on the CPU.")
-    return dtypes[name]
-
-
 def merge_resumed(cfg: dict[str, Any], given: set[str], ckpt: dict[str, Any], path: Path, ctx: DistContext) -> None:
     """Take the model, recipe and data root a run was trained with; explicit recipe flags override (with a note)."""
     saved = ckpt.get("train_config")
@@ -269,10 +259,11 @@ def run(cfg: dict[str, Any], given: set[str]) -> None:
     if cfg["resume"]:
         ckpt = load_checkpoint(out / "checkpoint.pth")
         merge_resumed(cfg, given, ckpt, out / "checkpoint.pth", ctx)
-    device = ctx.device
-    amp_dtype = resolve_amp(cfg["amp"], device)
     if cfg["threads"] > 0:
         torch.set_num_threads(cfg["threads"])
+    hw = hardware.resolve(ctx.device, cfg["amp"], warn=lambda m: ctx.print(m, file=sys.stderr))
+    device, amp_dtype = hw.device, hw.amp_dtype
+    ctx.print(f"{hw.summary}, {'compiled' if cfg['compile'] else 'eager'}")  # the first line of every run
     if cfg["img_size"] % cfg["patch_size"]:
         raise UsageError(f"--img-size {cfg['img_size']} is not a multiple of --patch-size {cfg['patch_size']}; "
                          f"use {max(1, cfg['img_size'] // cfg['patch_size']) * cfg['patch_size']}.")
@@ -310,7 +301,7 @@ def run(cfg: dict[str, Any], given: set[str]) -> None:
     if channels_last:
         model.to(memory_format=torch.channels_last)
     eval_model = torch.compile(model) if cfg["compile"] else model
-    ctx.print(f"{describe(model)} on {ctx.world_size} x {device.type}, amp={amp_dtype}")
+    ctx.print(f"{describe(model)} on {ctx.world_size} x {device.type}")
 
     if cfg["evaluate_only"]:
         log = eval_loader(val_set, per_rank, cfg, ctx)
@@ -334,7 +325,7 @@ def run(cfg: dict[str, Any], given: set[str]) -> None:
                                   fused=True if device.type == "cuda" else None)
     scheduler = warmup_cosine(optimizer, cfg["epochs"] * steps, min(cfg["warmup_epochs"], cfg["epochs"]) * steps,
                               min_lr_ratio=min(1.0, cfg["min_lr"] / lr))
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    scaler = hw.grad_scaler()
     ema = make_ema(model, cfg["ema_decay"]) if cfg["ema_decay"] > 0 else None
     start_epoch, metrics = 0, []
     if ckpt is not None:
@@ -394,7 +385,8 @@ def run(cfg: dict[str, Any], given: set[str]) -> None:
                                      train_config=train_config, ema=ema, scaler=scaler,
                                      classes=list(train_set.classes))
             save_checkpoint(state, out / "checkpoint.pth")
-            save_metrics(metrics, out / "metrics.json", config=train_config, world_size=ctx.world_size)
+            save_metrics(metrics, out / "metrics.json", config=train_config, world_size=ctx.world_size,
+                         ran_as=hw.record() | {"compiled": cfg["compile"]})
             plot_curves(metrics, out / "curves.png", title=f"{cfg['model']} on {cfg['data_root']}")
         barrier()
     if last_epoch < cfg["epochs"]:

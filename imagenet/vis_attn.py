@@ -27,6 +27,7 @@ from torchvision.transforms import functional as TF
 from imagenet.dataloaders import classes as IN
 from models.pretrained import CheckpointError, load_pretrained, read_checkpoint
 from models.vit import VisionTransformer
+from utils import hardware
 from utils.img2attn import attention_figure, save_figure
 
 IN1K = importlib.import_module("imagenet.dataloaders.imagenet-1k")
@@ -39,7 +40,7 @@ output_path = "imgs/imagenet_attention.png"  # the figure (PNG; the suffix picks
 img_size = 224  # shorter side of the model input, in pixels
 target = ""  # class for the gradient map: index, WordNet id or name ("tiger cat"); "" = the top class
 num_heads = 0  # attention heads of foreign weights (0: embed_dim // 64, right for DeiT / timm / torchvision)
-device = "cpu"  # cpu | cuda | auto
+device = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | mps; the maps are computed in fp32
 # -------------------------------------------------------------------------------------------------------------------
 
 
@@ -129,10 +130,7 @@ def load_model(path: str, heads: int) -> tuple[VisionTransformer, dict]:
 
 def run(args: argparse.Namespace) -> None:
     photo = load_photo(args.image_path)  # the photo first: cheap to check
-    dev = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                       "cpu" if args.device == "auto" else args.device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"--device {args.device}: no CUDA GPU here; use --device cpu.")
+    dev = hardware.resolve_device(args.device)
     model, ckpt = load_model(args.model_path, args.num_heads)
     model.eval().to(dev)
     num_classes = model.config["num_classes"]
@@ -169,7 +167,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="class of the gradient map: index, WordNet id or name; empty = the top class")
     parser.add_argument("--num-heads", type=int, default=num_heads,
                         help="heads of foreign weights (0: embed_dim // 64)")
-    parser.add_argument("--device", default=device, help="cpu | cuda | auto")
+    parser.add_argument("--device", default=device, help=hardware.DEVICE_HELP + "; maps in fp32")
     args = parser.parse_args(argv)
     if args.img_size <= 0:
         parser.error(f"--img-size {args.img_size} must be positive.")

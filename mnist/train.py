@@ -23,13 +23,14 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from models.vit import VisionTransformer
+from utils import hardware
 from utils import training as T
 
 # ----------------------------------------------------------------------------------------------------------- config
 # Every entry is a command-line flag (`embed_dim` -> --embed-dim); (default, help).
 MODEL = {  # VisionTransformer arguments; num_channels=1, num_patches=(28/patch_size)^2, num_classes=10 follow
-    "embed_dim": (96, "token width D"),
-    "hidden_dim": (192, "MLP hidden width"),
+    "embed_dim": (64, "token width D"),
+    "hidden_dim": (128, "MLP hidden width"),
     "num_heads": (4, "attention heads (must divide embed_dim)"),
     "num_layers": (4, "transformer blocks"),
     "patch_size": (7, "patch side in pixels; divides 28: 2, 4, 7 or 14 (4 -> 49 tokens, 7 -> 16 tokens)"),
@@ -37,7 +38,10 @@ MODEL = {  # VisionTransformer arguments; num_channels=1, num_patches=(28/patch_
     "drop_path_rate": (0.0, "stochastic depth of the last block (linear from 0)"),
 }
 RECIPE = {
-    "epochs": (42, "epochs to train"),
+    "epochs": (64, "epochs to train (with --minutes: at most)"),
+    "minutes": (10.0, "time budget: after the first epoch the epoch count becomes the smaller of --epochs and what "
+                      "ends the run (start to exit) within this many minutes on this machine; saved in the "
+                      "checkpoint (0 = off: exactly --epochs)"),
     "batch_size": (256, "images per optimizer step"),
     "lr": (3e-3, "peak AdamW learning rate"),
     "weight_decay": (0.05, "AdamW weight decay (matrices only)"),
@@ -55,18 +59,17 @@ RECIPE = {
     "val_split": (0, "hold out this many training images for validation; the test set is then scored only at "
                      "the end (use it to choose settings)"),
     "limit_train": (0, "train on only the first N training images (0 = all; for quick checks)"),
-    "amp": ("bf16", "autocast dtype: bf16 (~1.4x faster on GPUs and on CPUs with AVX512-BF16 or AMX) or none (fp32; "
-                    "may be faster on other CPUs)"),
+    "amp": ("auto", hardware.AMP_HELP),
     "compile": (True, "torch.compile the model (~30 s, counted in the wall time; ~1.4x faster steps)"),
     "seed": (0, "seed of the initial weights, the shuffling and the augmentation"),
 }
 RUN = {
     "data_root": ("data", "MNIST folder; holds MNIST/raw/*-ubyte(.gz) or receives the download"),
     "out": ("runs/mnist", "output folder: checkpoint.pth, metrics.json, curves.png"),
-    "device": ("cuda" if torch.cuda.is_available() else "cpu", "torch device: cpu, cuda, cuda:1, mps"),
+    "device": ("auto", hardware.DEVICE_HELP),
     "tta_shift": (2, "the final evaluation also averages the softmax over each image and its copies shifted this many "
                      "pixels right, left, down and up: five placements of the patch grid (0 = off)"),
-    "threads": (2, "CPU threads for torch (torch.set_num_threads)"),
+    "threads": (0, "CPU threads for torch (0 = torch's default, one per core)"),
     "resume": (False, "continue <out>/checkpoint.pth with the settings it was trained with"),
     "stop_after": (0, "stop after this many epochs in this run (0 = never); continue later with --resume"),
     "download": (True, "download MNIST into --data-root when it is not there (--no-download: never)"),
@@ -77,7 +80,7 @@ PRESETS = {  # --preset NAME sets these; explicit flags still win
     # GPU-sized (49 tokens, 4.2 M parameters); not run by us yet (no GPU was lent)
     "long": dict(patch_size=4, embed_dim=256, hidden_dim=512, num_heads=8, num_layers=8, dropout=0.1,
                  drop_path_rate=0.1, epochs=100, batch_size=128, lr=1e-3, warmup_epochs=5.0, rotate=15.0, scale=0.15,
-                 shift=3.0, ema_decay=0.9998, out="runs/mnist_long"),
+                 shift=3.0, ema_decay=0.9998, minutes=0.0, out="runs/mnist_long"),
 }
 MEAN, STD = 0.1307, 0.3081  # pixel statistics of the MNIST training set (in [0, 1])
 IMAGE_SIZE, NUM_CLASSES = 28, 10
@@ -247,7 +250,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[dict[str, Any], set[str]]
             if isinstance(default, bool):
                 group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
             else:
-                kw = {"choices": ["none", "bf16"]} if name == "amp" else {}
+                kw = {"choices": hardware.AMP_CHOICES} if name == "amp" else {}
                 group.add_argument(flag, type=type(default), default=default, help=help_text, **kw)
     parser.add_argument("--nan-at-step", type=int, default=-1, help=argparse.SUPPRESS)  # tests: fake a NaN loss
     args = vars(parser.parse_args(argv))
@@ -259,9 +262,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[dict[str, Any], set[str]]
 
 def check_config(cfg: dict[str, Any]) -> None:
     """ValueError naming the first out-of-range setting."""
-    for name in ("epochs", "batch_size", "threads"):
+    for name in ("epochs", "batch_size"):
         if cfg[name] <= 0:
             raise ValueError(f"--{name.replace('_', '-')} {cfg[name]} must be positive.")
+    if cfg["threads"] < 0:
+        raise ValueError(f"--threads {cfg['threads']} must be >= 0 (0 = torch's default).")
     if not cfg["lr"] > 0:
         raise ValueError(f"--lr {cfg['lr']} must be positive.")
     if not 0 <= cfg["ema_decay"] < 1:
@@ -293,11 +298,14 @@ def train(cfg: dict[str, Any], given: set[str]) -> dict[str, Any]:
                              f"trained with; drop it to resume, or pick a new --out to start over.")
         cfg.update({k: saved[k] for k in (*MODEL, *RECIPE) if k in saved})
     check_config(cfg)
-    device = torch.device(cfg["device"])
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {cfg['device']}: no CUDA GPU here; use --device cpu.")
-    torch.set_num_threads(cfg["threads"])
-    amp_dtype = torch.bfloat16 if cfg["amp"] == "bf16" else None
+    train_config = {k: cfg[k] for k in (*MODEL, *RECIPE)} | {"dataset": "mnist", "normalize": [MEAN, STD]}
+    if ckpt is not None and "epochs_fit" in ckpt["train_config"]:  # what --minutes decided
+        cfg["epochs"] = train_config["epochs_fit"] = ckpt["train_config"]["epochs_fit"]
+    if cfg["threads"]:
+        torch.set_num_threads(cfg["threads"])
+    hw = hardware.resolve(cfg["device"], cfg["amp"])
+    device, amp_dtype = hw.device, hw.amp_dtype
+    print(f"{hw.summary}, {'compiled' if cfg['compile'] else 'eager'}", flush=True)  # the first line of every run
 
     data = load_mnist(cfg["data_root"], cfg["download"])
     if cfg["deskew"]:
@@ -322,18 +330,20 @@ def train(cfg: dict[str, Any], given: set[str]) -> dict[str, Any]:
         block.attn.fused_attn = device.type != "cpu"
     optimizer = torch.optim.AdamW(T.param_groups(model, cfg["weight_decay"]), lr=cfg["lr"], betas=(0.9, cfg["beta2"]),
                                   **({"fused": True} if device.type == "cuda" else {"foreach": True}))
-    scheduler = T.warmup_cosine(optimizer, cfg["epochs"] * steps_per_epoch,
-                                min(round(cfg["warmup_epochs"] * steps_per_epoch), cfg["epochs"] * steps_per_epoch),
-                                cfg["min_lr_ratio"])
+    warmup_steps = round(cfg["warmup_epochs"] * steps_per_epoch)
+    total = cfg["epochs"] * steps_per_epoch  # with --minutes: until epoch 2 fixes it
+    scheduler = T.warmup_cosine(optimizer, total, min(warmup_steps, total), cfg["min_lr_ratio"])
     ema = T.make_ema(model, cfg["ema_decay"]) if cfg["ema_decay"] else None
+    scaler = hw.grad_scaler()
     start, metrics = 0, []
     if ckpt is not None:
-        start, metrics = T.restore_checkpoint(ckpt, model, optimizer, scheduler, ema=ema)
-        print(f"resuming {ckpt_path} after epoch {start}/{cfg['epochs']}")
-    train_config = {k: cfg[k] for k in (*MODEL, *RECIPE)} | {"dataset": "mnist", "normalize": [MEAN, STD]}
+        start, metrics = T.restore_checkpoint(ckpt, model, optimizer, scheduler, ema=ema, scaler=scaler)
     net = model
     if cfg["compile"]:  # compiled for the shape (and autocast) of every training step
         net = T.compile_or_eager(model, train_x[:cfg["batch_size"]].unsqueeze(1).float() / 255, amp_dtype)
+    ran_as = hw.record() | {"compiled": net is not model}
+    if ckpt is not None:
+        print(f"resuming {ckpt_path} after epoch {start}/{cfg['epochs']}")
 
     step = start * steps_per_epoch
     ce = nn.CrossEntropyLoss(label_smoothing=cfg["label_smoothing"])
@@ -347,12 +357,24 @@ def train(cfg: dict[str, Any], given: set[str]) -> dict[str, Any]:
     wall_before = metrics[-1]["wall_s"] if metrics else 0.0
     ran = 0
     for epoch in range(start, cfg["epochs"]):
+        if cfg["minutes"] and epoch == 1:  # decided once, from epoch 1 as recorded: a resume decides the same
+            first = metrics[0]
+            final_s = first["eval_s"] * (5 if cfg["tta_shift"] else 0)  # the last epoch's extra 5-view test pass
+            fit = T.epochs_within(60 * cfg["minutes"], first["wall_s"], first["epoch_s"], final_s, cfg["epochs"])
+            cfg["epochs"] = train_config["epochs_fit"] = max(2, fit)  # 2: epoch 1 was not scored as the last one
+            total = cfg["epochs"] * steps_per_epoch
+            scheduler = T.stretch_schedule(scheduler, total, min(warmup_steps, total), cfg["min_lr_ratio"])
+            tqdm.write(f"--minutes {cfg['minutes']:g}: {cfg['epochs']} epochs fit on this machine")
+        if epoch >= cfg["epochs"]:
+            break
+        epoch_start = time.perf_counter()
         T.seed_everything(T.epoch_seed(cfg["seed"], epoch))  # dropout etc.: independent of what ran before
         gen = T.epoch_generator(cfg["seed"], epoch, device)
         try:
             stats = T.train_one_epoch(net, train_batches(train_x, train_y, cfg, gen), optimizer, scheduler, loss_fn,
                                       device=device, epoch=epoch + 1, step=epoch * steps_per_epoch,
-                                      total=steps_per_epoch, ema=ema, amp_dtype=amp_dtype, progress=cfg["progress"],
+                                      total=steps_per_epoch, ema=ema, amp_dtype=amp_dtype, scaler=scaler,
+                                      progress=cfg["progress"],
                                       desc=f"epoch {epoch + 1}/{cfg['epochs']}")
         except T.NonFiniteLossError as e:
             kept = (f"the last good checkpoint (epoch {epoch}) is kept at {ckpt_path}" if epoch > 0
@@ -361,7 +383,7 @@ def train(cfg: dict[str, Any], given: set[str]) -> dict[str, Any]:
             raise
         last = epoch + 1 == cfg["epochs"]
         row: dict[str, Any] = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **stats}
-        for prefix, m in (("", net), ("ema_", ema.module if ema is not None else None)):
+        for prefix, m in (("", model), ("ema_", ema.module if ema is not None else None)):  # eager: no 2nd compile
             if m is None:
                 continue
             sets = {"val": val} if val is not None else {}
@@ -371,21 +393,27 @@ def train(cfg: dict[str, Any], given: set[str]) -> dict[str, Any]:
             if last and cfg["tta_shift"]:
                 views.append(("tta_", ShiftTTA(T.unwrap(m), cfg["tta_shift"])))
             for (tta, viewer), (name, (x, y)) in itertools.product(views, sets.items()):
+                eval_start = time.perf_counter()
                 r = T.evaluate(viewer, eval_batches(x, y), device=device, amp_dtype=amp_dtype)
                 row[f"{prefix}{tta}{name}_top1"], row[f"{prefix}{tta}{name}_loss"] = r["top1"], r["loss"]
+                if not (prefix or tta):
+                    row["eval_s"] = time.perf_counter() - eval_start
         row["wall_s"] = wall_before + time.perf_counter() - t0
+        row["epoch_s"] = time.perf_counter() - epoch_start
         metrics.append(row)
         state = T.checkpoint_state(model, optimizer, scheduler, epoch=epoch + 1, metrics=metrics,
-                                   train_config=train_config, ema=ema)
+                                   train_config=train_config, ema=ema, scaler=scaler)
         T.save_checkpoint(state, ckpt_path)
-        T.save_metrics(metrics, out / "metrics.json", train_config=train_config)
-        T.plot_curves(metrics, out / "curves.png", title=f"MNIST ViT {cfg['embed_dim']}d x {cfg['num_layers']}, "
-                                                        f"patch {cfg['patch_size']}")
+        T.save_metrics(metrics, out / "metrics.json", train_config=train_config, ran_as=ran_as)
+        ran += 1
+        stop = cfg["stop_after"] and ran >= cfg["stop_after"] and not last
+        if last or stop or (epoch + 1) % 5 == 0:  # ~0.5 s a plot
+            T.plot_curves(metrics, out / "curves.png", title=f"MNIST ViT {cfg['embed_dim']}d x {cfg['num_layers']}, "
+                                                            f"patch {cfg['patch_size']}")
         scores = "  ".join(f"{k} {v:.2f}%" for k, v in row.items() if k.endswith("_top1"))
         tqdm.write(f"epoch {epoch + 1}/{cfg['epochs']}  train loss {stats['train_loss']:.4f}  {scores}  "
                    f"{stats['img_per_s']:.0f} img/s  {row['wall_s']:.0f} s")
-        ran += 1
-        if cfg["stop_after"] and ran >= cfg["stop_after"] and not last:
+        if stop:
             print(f"stopped after epoch {epoch + 1} (--stop-after {cfg['stop_after']}); continue with --resume")
             return row
     final = metrics[-1]

@@ -19,6 +19,7 @@ from PIL import Image, UnidentifiedImageError
 from mnist.train import IMAGE_SIZE, MEAN, NUM_CLASSES, STD, deskew, load_mnist
 from models.pretrained import CheckpointError, load_pretrained, read_checkpoint
 from models.vit import VisionTransformer
+from utils import hardware
 
 # ----------------------------------------------------------------------------------------------------------- config
 image_path = None  # a PNG/JPG of a digit; None: test-set digit number `index` (from `data_root`)
@@ -27,6 +28,7 @@ model_path = "runs/mnist/checkpoint.pth"  # what `python -m mnist.train` writes 
 output_path = "imgs/mnist_attention.png"
 data_root = "data"  # MNIST root, as for mnist.train --data-root
 target = None  # class explained by the gradient rollout; None: the predicted one
+device = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | mps; the maps are computed in fp32
 # Maps drawn (fixed by attention_figure): attention rollout (mean over heads), gradient rollout for `target`,
 # and the class token's raw attention per layer x head.
 # -------------------------------------------------------------------------------------------------------------------
@@ -111,11 +113,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data-root", default=data_root, help="MNIST root for the test-set digits")
     p.add_argument("--target", type=int, default=target, help="class (0-9) the gradient rollout explains "
                                                                 "(default: the predicted one)")
+    p.add_argument("--device", default=device, help=hardware.DEVICE_HELP + "; maps in fp32")
     args = p.parse_args(argv)
     try:
         if args.target is not None and not 0 <= args.target < NUM_CLASSES:
             raise ValueError(f"--target {args.target} is not a digit; pass 0-9.")
+        dev = hardware.resolve_device(args.device)
         model, prep = load_model(args.model)
+        model.to(dev)
         if args.image:
             digit, label = load_image(args.image), None
         else:
@@ -127,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
 
         if prep["deskew"]:  # the model was trained on upright digits: show and feed it the same
             digit = deskew(torch.from_numpy(digit)[None])[0].numpy()
-        x = ((torch.from_numpy(digit).float() / 255 - prep["mean"]) / prep["std"])[None, None]  # (1, 1, 28, 28)
+        x = ((torch.from_numpy(digit).float() / 255 - prep["mean"]) / prep["std"])[None, None].to(dev)  # (1,1,28,28)
         fig = attention_figure(model, x, digit, class_names=[str(i) for i in range(NUM_CLASSES)],
                                target=args.target)
         with torch.no_grad():

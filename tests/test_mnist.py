@@ -19,12 +19,12 @@ from PIL import Image
 from mnist import train as mnist_train
 from mnist import vis_attn
 from models.vit import VisionTransformer
-from utils import training
+from utils import hardware, training
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "MNIST"
 TINY = ["--embed-dim", "16", "--hidden-dim", "32", "--num-heads", "2", "--num-layers", "2", "--patch-size", "7",
-        "--batch-size", "64", "--threads", "1", "--no-compile", "--no-progress", "--no-download"]
+        "--batch-size", "64", "--threads", "1", "--no-compile", "--no-progress", "--no-download", "--minutes", "0"]
 
 
 def fake_digits(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -76,6 +76,7 @@ def straight(data_root, tmp_path_factory) -> Path:
             "--deskew", "--elastic", "8")
     assert p.returncode == 0, p.stderr
     assert "final: test accuracy" in p.stdout and "wall time" in p.stdout
+    (out / "stdout.txt").write_text(p.stdout)
     return out
 
 
@@ -96,6 +97,36 @@ def test_train_writes_checkpoint_metrics_and_plot(straight):
     os.umask(umask)
     for name in ("checkpoint.pth", "metrics.json", "curves.png"):  # atomic writes keep open()'s permissions
         assert (straight / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+
+
+def test_first_line_and_metrics_say_what_ran(straight):
+    hw = hardware.resolve("auto", "auto")  # the fixture's defaults: --device auto --amp auto
+    first = (straight / "stdout.txt").read_text().splitlines()[0]
+    ran_as = json.loads((straight / "metrics.json").read_text())["ran_as"]
+    assert ran_as == {"device": str(hw.device), "amp": hw.amp, "hardware": first.removesuffix(", eager"),
+                      "compiled": False}
+    assert first.endswith(", eager") and (hw.device.type != "cpu" or "1 thread," in first)
+    if hw.device.type == "cpu" and not hardware.cpu_native_bf16():
+        assert ran_as["amp"] == "none" and first.endswith("no native bf16 -> fp32, eager")
+
+
+def test_minutes_sets_the_epochs_once_and_resume_keeps_them(data_root, tmp_path):
+    args = [*TINY, "--data-root", data_root, "--epochs", "1000", "--minutes", "0.1"]
+    mnist_train.main([str(a) for a in args] + ["--out", str(tmp_path / "straight")])
+    metrics = json.loads((tmp_path / "straight" / "metrics.json").read_text())
+    assert len(metrics["epochs"]) == metrics["train_config"]["epochs_fit"] < 1000
+    args += ["--out", tmp_path]
+    mnist_train.main([str(a) for a in args] + ["--stop-after", "2"])
+    ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    first = ckpt["metrics"][0]
+    decided = ckpt["train_config"]["epochs_fit"]
+    expected = max(2, training.epochs_within(6, first["wall_s"], first["epoch_s"], 5 * first["eval_s"], 1000))
+    assert decided == expected and 2 <= decided < 1000  # 6 s cannot hold 1000 epochs of even this tiny model
+    assert ckpt["scheduler"]["last_epoch"] == 2 * (640 // 64)
+    mnist_train.main([str(a) for a in args] + ["--resume"])  # the same command line resumes
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert len(metrics["epochs"]) == decided == metrics["train_config"]["epochs_fit"]
+    assert metrics["epochs"][-1]["lr"] == pytest.approx(3e-3 * 0.01)  # the stretched cosine ends where it should
 
 
 def test_resume_equals_straight_run(straight, data_root, tmp_path):

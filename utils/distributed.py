@@ -15,6 +15,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from utils.hardware import resolve_device
+
 
 @dataclass(frozen=True)
 class DistContext:
@@ -36,18 +38,6 @@ class DistContext:
     def print(self, *args: Any, **kwargs: Any) -> None:
         if self.is_main:
             print(*args, **kwargs, flush=True)
-
-
-def resolve_device(name: str) -> torch.device:
-    """"auto" -> cuda when available, else cpu; "cuda" without a GPU raises ValueError."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: no CUDA GPU is visible here; use --device cpu (or auto).")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name!r} is not a device; use auto, cpu or cuda.") from None
 
 
 def init_distributed(device: str = "auto") -> DistContext:

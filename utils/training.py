@@ -7,6 +7,7 @@ caller silence the progress bar on ranks other than 0 (`progress=False`). AMP is
     seed_everything, epoch_seed, epoch_generator  -- seeding; per-epoch randomness that does not depend on history
     rng_states, set_rng_states                    -- capture / restore every RNG (plain values: weights_only-safe)
     param_groups, warmup_cosine                   -- AdamW groups without decay on norms/biases/tokens; LR schedule
+    stretch_schedule, epochs_within               -- a time budget: the epoch count that fits, the schedule to match
     make_ema, unwrap                              -- EMA of the weights (swa_utils.AveragedModel); the bare model
     compile_or_eager                              -- torch.compile, or a one-line warning where it cannot work
     train_one_epoch, evaluate, accuracy_counts    -- the epoch loop with NaN guard; top-1/top-5 evaluation
@@ -128,6 +129,27 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ste
         return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def stretch_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, total_steps: int, warmup_steps: int,
+                     min_lr_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
+    """The `warmup_cosine` schedule of `scheduler`'s optimizer with a new length, continued from the step that
+    `scheduler` has reached (the optimizer's learning rates are set for it)."""
+    new = warmup_cosine(scheduler.optimizer, total_steps, warmup_steps, min_lr_ratio)
+    new.load_state_dict(scheduler.state_dict())  # last_epoch, base_lrs
+    for group, base in zip(new.optimizer.param_groups, new.base_lrs, strict=True):
+        group["lr"] = base * new.lr_lambdas[0](new.last_epoch)
+    new._last_lr = [group["lr"] for group in new.optimizer.param_groups]
+    return new
+
+
+def epochs_within(budget_s: float, elapsed_s: float, epoch_s: float, final_s: float, max_epochs: int,
+                  margin: float = 0.05) -> int:
+    """How many epochs in all (>= 1, <= max_epochs) end a run within `budget_s` seconds, after one epoch that took
+    `epoch_s` (its evaluation and checkpoint included) with `elapsed_s` spent since the start, when the end adds
+    `final_s` (e.g. the final evaluation); `margin` is kept free for the epoch times' jitter."""
+    left = budget_s * (1 - margin) - elapsed_s - final_s
+    return max(1, min(max_epochs, 1 + int(left // max(epoch_s, 1e-9))))
 
 
 def make_ema(model: nn.Module, decay: float) -> AveragedModel:
