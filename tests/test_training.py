@@ -9,10 +9,12 @@ from utils import training
 
 
 def test_epochs_within_budget():
-    # 600 s budget, 5 % kept free: 570 s; 60 s gone, 10 s for the end: 500 s left = 25 more epochs of 20 s
-    assert training.epochs_within(600, 60, 20, 10, 100) == 26
+    # 600 s budget, 10 % kept free: 540 s; 60 s gone, 10 s for the end: 470 s left = 23 more epochs of 20 s
+    assert training.epochs_within(600, 60, 20, 10, 100) == 24
+    assert training.epochs_within(600, 60, 20, 10, 100, done=2) == 25
+    assert training.epochs_within(600, 60, 20, 10, 100, margin=0.2) == 21
     assert training.epochs_within(600, 60, 20, 10, 12) == 12  # never more than asked for
-    assert training.epochs_within(600, 700, 20, 10, 100) == 1  # over budget already: the epoch that ran
+    assert training.epochs_within(600, 700, 20, 10, 100, done=2) == 2  # over budget already: the epochs that ran
 
 
 @pytest.mark.parametrize("done", [3, 10, 17])

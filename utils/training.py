@@ -143,13 +143,14 @@ def stretch_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, total_steps: 
     return new
 
 
-def epochs_within(budget_s: float, elapsed_s: float, epoch_s: float, final_s: float, max_epochs: int,
-                  margin: float = 0.05) -> int:
-    """How many epochs in all (>= 1, <= max_epochs) end a run within `budget_s` seconds, after one epoch that took
-    `epoch_s` (its evaluation and checkpoint included) with `elapsed_s` spent since the start, when the end adds
-    `final_s` (e.g. the final evaluation); `margin` is kept free for the epoch times' jitter."""
+def epochs_within(budget_s: float, elapsed_s: float, epoch_s: float, final_s: float, max_epochs: int, done: int = 1,
+                  margin: float = 0.1) -> int:
+    """How many epochs in all (>= done, <= max_epochs) end a run within `budget_s` seconds when `done` epochs took
+    `elapsed_s` since the start, each further one takes `epoch_s` (its evaluation and checkpoint included) and the
+    end adds `final_s` (e.g. the final evaluation). `margin` of the budget is kept free for epochs that run slower
+    than the one measured (on our shared 2-core VM epochs of one run varied by +-25 %)."""
     left = budget_s * (1 - margin) - elapsed_s - final_s
-    return max(1, min(max_epochs, 1 + int(left // max(epoch_s, 1e-9))))
+    return max(done, min(max_epochs, done + int(left // max(epoch_s, 1e-9))))
 
 
 def make_ema(model: nn.Module, decay: float) -> AveragedModel:
