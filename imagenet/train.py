@@ -47,6 +47,7 @@ from utils.distributed import (
     close_distributed,
     init_distributed,
 )
+from utils.img2attn import plot_attention_curves, track_attention
 from utils.training import (
     NonFiniteLossError,
     checkpoint_state,
@@ -112,6 +113,9 @@ RUN = {
     "steps_per_epoch": (0, "0: the whole training split; N > 0: stop each epoch after N steps (smoke tests)"),
     "stop_after": (0, "stop after this many epochs in this run (0 = never); continue later with --resume"),
     "progress": (True, "tqdm progress bars on rank 0 (--no-progress: only the per-epoch lines)"),
+    "track_attention": (True, "every epoch, on rank 0, one forward of 64 fixed validation images (evenly spaced over "
+                               "the split): per-layer attention distance and entropy into metrics.json and "
+                               "attention_curves.png (--no-track-attention: off)"),
 }
 PRESETS = {"vit_ti": dict(embed_dim=192, num_heads=3), "vit_s": dict(embed_dim=384, num_heads=6),
            "vit_b": dict(embed_dim=768, num_heads=12)}
@@ -345,6 +349,11 @@ def run(cfg: dict[str, Any], given: set[str]) -> None:
     ctx.print(f"{len(train_set)} train / {len(val_set)} val images, {num_classes} classes; batch {cfg['batch_size']} "
               f"({per_rank} per rank), lr {lr:.2e}, {steps} steps per epoch")
 
+    tracked = None  # fixed held-out images for the attention tracking: evenly spaced, so of many classes
+    if cfg["track_attention"] and ctx.is_main:
+        picks = torch.linspace(0, len(val_set) - 1, min(64, len(val_set))).round().long().unique().tolist()
+        tracked = torch.stack([val_set[i][0] for i in picks]).to(device)
+
     # ---- epochs
     train_config = {k: cfg[k] for k in (*MODEL, *RECIPE, "data_root", "pretrained")} | {"dataset": "imagenet"}
     last_epoch = cfg["epochs"] if cfg["stop_after"] <= 0 else min(cfg["epochs"], start_epoch + cfg["stop_after"])
@@ -375,6 +384,8 @@ def run(cfg: dict[str, Any], given: set[str]) -> None:
             elog = DeviceBatches(eval_loader(val_set, per_rank, cfg, ctx), device, channels_last)
             res = evaluate(ema.module, elog, device=device, amp_dtype=amp_dtype, progress=progress, desc="val EMA")
             row.update(ema_val_loss=res["loss"], ema_val_top1=res["top1"], ema_val_top5=res["top5"])
+        if tracked is not None:  # the bare model, eval mode, no RNG: training is unchanged
+            row.update(track_attention(model, tracked)[0])
         metrics.append(row)
         ema_text = f", EMA top-1 {row['ema_val_top1']:.2f}%" if ema is not None else ""
         ctx.print(f"epoch {epoch + 1}/{cfg['epochs']}: train loss {row['train_loss']:.4f}, val loss "
@@ -388,6 +399,7 @@ def run(cfg: dict[str, Any], given: set[str]) -> None:
             save_metrics(metrics, out / "metrics.json", config=train_config, world_size=ctx.world_size,
                          ran_as=hw.record() | {"compiled": cfg["compile"]})
             plot_curves(metrics, out / "curves.png", title=f"{cfg['model']} on {cfg['data_root']}")
+            plot_attention_curves(metrics, out / "attention_curves.png", title=f"{cfg['model']} on {cfg['data_root']}")
         barrier()
     if last_epoch < cfg["epochs"]:
         ctx.print(f"stopped after epoch {last_epoch} (--stop-after {cfg['stop_after']}); continue with --resume")

@@ -8,6 +8,11 @@ class token's attention in every layer x head.
 Any photo size and aspect, RGB or grayscale: the shorter side is resized to --img-size, the longer one to scale
 (at most 2x --img-size, center-cropped), then both are center-cropped to multiples of the patch size; the model
 resamples its position embedding for the new patch grid.
+
+`--inspect` draws how the model looks instead (`utils.img2attn.inspection_figure`): the principal components of its
+patch-embedding filters, the similarity of its position embeddings, and the mean attention distance and entropy of
+every head against depth over --num-images photos of a folder (--inspect-images; each resized to --img-size / 0.875
+and center-cropped to --img-size, as in evaluation); the table of those is printed.
 """
 
 from __future__ import annotations
@@ -21,14 +26,16 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+from torch import Tensor
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 from imagenet.dataloaders import classes as IN
+from imagenet.dataloaders.dataset import eval_transform, is_image_file
 from models.pretrained import CheckpointError, load_pretrained, read_checkpoint
 from models.vit import VisionTransformer
 from utils import hardware
-from utils.img2attn import attention_figure, save_figure
+from utils.img2attn import attention_figure, attention_stats, attention_table, inspection_figure, save_figure
 
 IN1K = importlib.import_module("imagenet.dataloaders.imagenet-1k")
 DEIT_TINY_URL = "https://dl.fbaipublicfiles.com/deit/deit_tiny_patch16_224-a1311bcf.pth"  # DeiT's release (72.2%)
@@ -41,6 +48,10 @@ img_size = 224  # shorter side of the model input, in pixels
 target = ""  # class for the gradient map: index, WordNet id or name ("tiger cat"); "" = the top class
 num_heads = 0  # attention heads of foreign weights (0: embed_dim // 64, right for DeiT / timm / torchvision)
 device = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | mps; the maps are computed in fp32
+inspect = False  # True: how the model looks instead (ViT paper Fig. 7 + attention entropy) over `inspect_images`
+inspect_images = "../shared/data/imagenet-samples"  # --inspect: a folder of photos, or one photo
+num_images = 32  # --inspect: this many photos of the folder, evenly spaced over its sorted file names
+inspect_output_path = "imgs/imagenet_inspect.png"
 # -------------------------------------------------------------------------------------------------------------------
 
 
@@ -110,7 +121,7 @@ def resolve_target(value: str, names: Sequence[str] | None, num_classes: int) ->
                      + (f" or a name such as {names[0]!r}." if names else "."))
 
 
-def load_model(path: str, heads: int) -> tuple[VisionTransformer, dict]:
+def load_model(path: str, heads: int, need_head: bool = True) -> tuple[VisionTransformer, dict]:
     if not Path(path).is_file():
         raise InputError(f"checkpoint '{path}' does not exist; pass --model runs/imagenet/checkpoint.pth (what "
                          f"imagenet.train writes) or pretrained weights such as {DEIT_TINY_URL} (download it first).")
@@ -119,7 +130,7 @@ def load_model(path: str, heads: int) -> tuple[VisionTransformer, dict]:
         model = load_pretrained(ckpt, num_heads=heads or None)
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
-    if model.config["num_classes"] == 0:
+    if need_head and model.config["num_classes"] == 0:
         raise CheckpointError(f"{path} has no classification head (a feature extractor such as DINO); the top-5 and "
                               f"the gradient map need one.")
     if model.config["num_channels"] != 3:
@@ -128,7 +139,41 @@ def load_model(path: str, heads: int) -> tuple[VisionTransformer, dict]:
     return model, ckpt
 
 
+def inspection_inputs(path: str | Path, count: int, size: int) -> Tensor:
+    """The photo at `path`, or `count` photos evenly spaced over the sorted images of the folder `path`, through the
+    evaluation transform (shorter side to size / 0.875, center crop size x size) -> (n, 3, size, size)."""
+    path = Path(path)
+    files = [path]
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and is_image_file(p.name))
+        if not files:
+            raise InputError(f"folder '{path}' holds no images; pass a folder of photos or one photo.")
+        files = [files[i] for i in sorted({round(v) for v in np.linspace(0, len(files) - 1, min(count, len(files)))})]
+    tf = eval_transform(size)
+    return torch.stack([tf(load_photo(f)) for f in files])
+
+
+def inspect_model(args: argparse.Namespace) -> None:
+    """--inspect: the ViT paper's Fig. 7 and attention entropy over photos; prints the distance / entropy table."""
+    if args.num_images < 1:
+        raise InputError(f"--num-images {args.num_images} must be at least 1.")
+    dev = hardware.resolve_device(args.device)
+    model, _ = load_model(args.model_path, args.num_heads, need_head=False)
+    if args.img_size % model.patch_size:
+        raise InputError(f"--img-size {args.img_size} is not a multiple of the patch size {model.patch_size}.")
+    x = inspection_inputs(args.inspect_images, args.num_images, args.img_size).to(dev)
+    model.eval().to(dev)
+    stats = attention_stats(model, x)
+    print(f"{args.model_path}: {len(x)} photo(s) of {args.inspect_images} at {args.img_size}x{args.img_size}")
+    print(attention_table(stats))
+    save_figure(inspection_figure(model, x, stats=stats, name=Path(args.model_path).name), args.output_path, dpi=100)
+    print(f"saved {args.output_path}")
+
+
 def run(args: argparse.Namespace) -> None:
+    if args.inspect:
+        inspect_model(args)
+        return
     photo = load_photo(args.image_path)  # the photo first: cheap to check
     dev = hardware.resolve_device(args.device)
     model, ckpt = load_model(args.model_path, args.num_heads)
@@ -161,14 +206,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--image-path", "--image", default=image_path, help="photo to explain")
     parser.add_argument("--model-path", "--model", default=model_path,
                         help="this repo's checkpoint or timm / DeiT / DINO / torchvision ViT weights")
-    parser.add_argument("--output-path", "--out", default=output_path, help="where the figure goes")
+    parser.add_argument("--output-path", "--out", default=None,
+                        help=f"where the figure goes (default {output_path}, with --inspect {inspect_output_path})")
     parser.add_argument("--img-size", type=int, default=img_size, help="shorter side of the model input")
     parser.add_argument("--target", default=target,
                         help="class of the gradient map: index, WordNet id or name; empty = the top class")
     parser.add_argument("--num-heads", type=int, default=num_heads,
                         help="heads of foreign weights (0: embed_dim // 64)")
     parser.add_argument("--device", default=device, help=hardware.DEVICE_HELP + "; maps in fp32")
+    parser.add_argument("--inspect", action=argparse.BooleanOptionalAction, default=inspect,
+                        help="instead: the ViT paper's Fig. 7 (patch-filter components, position-embedding "
+                             "similarity, mean attention distance per head) and attention entropy over "
+                             "--inspect-images; prints the distance / entropy table (weights without a head work too)")
+    parser.add_argument("--inspect-images", default=inspect_images, help="--inspect: a folder of photos, or one photo")
+    parser.add_argument("--num-images", type=int, default=num_images,
+                        help="--inspect: photos taken from the folder, evenly spaced over its sorted names")
     args = parser.parse_args(argv)
+    args.output_path = args.output_path or (inspect_output_path if args.inspect else output_path)
     if args.img_size <= 0:
         parser.error(f"--img-size {args.img_size} must be positive.")
     return args

@@ -74,6 +74,9 @@ RUN = {
     "stop_after": (0, "stop after this many epochs in this run (0 = never); continue later with --resume"),
     "download": (True, "download MNIST into --data-root when it is not there (--no-download: never)"),
     "progress": (True, "tqdm progress bars (--no-progress: only the per-epoch lines)"),
+    "track_attention": (True, "every epoch, one forward of 256 fixed test digits: per-layer attention distance and "
+                               "entropy into metrics.json and attention_curves.png, the rollout of the first 8 into "
+                               "attention_over_training.gif and .png at the end (--no-track-attention: off)"),
 }
 PRESETS = {  # --preset NAME sets these; explicit flags still win
     "default": {},  # <= 10 min on a 2-core laptop CPU (bench.mnist_search --only default; README)
@@ -282,6 +285,8 @@ def check_config(cfg: dict[str, Any]) -> None:
 # ------------------------------------------------------------------------------------------------------------ main
 def train(cfg: dict[str, Any], given: set[str]) -> dict[str, Any]:
     """Run (or resume) training as configured; returns the final metrics dict."""
+    from utils.img2attn import plot_attention_curves, save_attention_over_training, track_attention  # matplotlib
+
     t0 = time.perf_counter()
     out = Path(cfg["out"])
     ckpt_path = out / "checkpoint.pth"
@@ -320,6 +325,7 @@ def train(cfg: dict[str, Any], given: set[str]) -> dict[str, Any]:
         train_x, train_y = train_x[train_idx], train_y[train_idx]
     train_x, train_y = train_x.to(device), train_y.to(device)
     test = (model_input(data["test_x"]).to(device), data["test_y"].to(device))
+    tracked = test[0][:256] if cfg["track_attention"] else None  # fixed held-out digits; the first 8 go in the GIF
     steps_per_epoch = len(train_x) // cfg["batch_size"]
     if steps_per_epoch == 0:
         raise ValueError(f"--batch-size {cfg['batch_size']} exceeds the {len(train_x)} training images.")
@@ -336,8 +342,10 @@ def train(cfg: dict[str, Any], given: set[str]) -> dict[str, Any]:
     ema = T.make_ema(model, cfg["ema_decay"]) if cfg["ema_decay"] else None
     scaler = hw.grad_scaler()
     start, metrics = 0, []
+    frames: dict[str, Any] = {"epochs": [], "maps": torch.zeros(0)}  # rollout of the GIF digits after each epoch
     if ckpt is not None:
         start, metrics = T.restore_checkpoint(ckpt, model, optimizer, scheduler, ema=ema, scaler=scaler)
+        frames = ckpt.get("attention_frames", frames)
     net = model
     if cfg["compile"]:  # compiled for the shape (and autocast) of every training step
         net = T.compile_or_eager(model, train_x[:cfg["batch_size"]].unsqueeze(1).float() / 255, amp_dtype)
@@ -398,24 +406,33 @@ def train(cfg: dict[str, Any], given: set[str]) -> dict[str, Any]:
                 row[f"{prefix}{tta}{name}_top1"], row[f"{prefix}{tta}{name}_loss"] = r["top1"], r["loss"]
                 if not (prefix or tta):
                     row["eval_s"] = time.perf_counter() - eval_start
+        if tracked is not None:  # the bare model, eval mode, no RNG: training is unchanged
+            attn_row, maps = track_attention(model, tracked, rollout=min(8, len(tracked)), batch_size=len(tracked))
+            row.update(attn_row)
+            frames = {"epochs": [*frames["epochs"], epoch + 1],
+                      "maps": torch.cat([frames["maps"], maps[None]]) if frames["epochs"] else maps[None]}
         row["wall_s"] = wall_before + time.perf_counter() - t0
         row["epoch_s"] = time.perf_counter() - epoch_start
         metrics.append(row)
         state = T.checkpoint_state(model, optimizer, scheduler, epoch=epoch + 1, metrics=metrics,
-                                   train_config=train_config, ema=ema, scaler=scaler)
+                                   train_config=train_config, ema=ema, scaler=scaler, attention_frames=frames)
         T.save_checkpoint(state, ckpt_path)
         T.save_metrics(metrics, out / "metrics.json", train_config=train_config, ran_as=ran_as)
         ran += 1
         stop = cfg["stop_after"] and ran >= cfg["stop_after"] and not last
         if last or stop or (epoch + 1) % 5 == 0:  # ~0.5 s a plot
-            T.plot_curves(metrics, out / "curves.png", title=f"MNIST ViT {cfg['embed_dim']}d x {cfg['num_layers']}, "
-                                                            f"patch {cfg['patch_size']}")
+            title = f"MNIST ViT {cfg['embed_dim']}d x {cfg['num_layers']}, patch {cfg['patch_size']}"
+            T.plot_curves(metrics, out / "curves.png", title=title)
+            plot_attention_curves(metrics, out / "attention_curves.png", title=title)  # when rows were tracked
         scores = "  ".join(f"{k} {v:.2f}%" for k, v in row.items() if k.endswith("_top1"))
         tqdm.write(f"epoch {epoch + 1}/{cfg['epochs']}  train loss {stats['train_loss']:.4f}  {scores}  "
                    f"{stats['img_per_s']:.0f} img/s  {row['wall_s']:.0f} s")
         if stop:
             print(f"stopped after epoch {epoch + 1} (--stop-after {cfg['stop_after']}); continue with --resume")
             return row
+    if tracked is not None and frames["epochs"]:  # where the model looked, epoch by epoch
+        save_attention_over_training(data["test_x"][:len(frames["maps"][0])], frames["maps"], frames["epochs"],
+                                     out / "attention_over_training.gif", out / "attention_over_training.png")
     final = metrics[-1]
     which = "ema_" if ema is not None else ""
     notes = ["EMA weights"] if ema is not None else []

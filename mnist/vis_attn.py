@@ -4,6 +4,10 @@ Shows a digit, the prediction and its probability, attention rollout and gradien
 token's attention in every layer x head (`utils.img2attn.attention_figure`). The digit is a test-set image
 (--index) or your own picture (--image): any size, colour or gray, dark-on-light or light-on-dark; it is brought
 to the MNIST form first (gray, light digit on black, scaled into a 20x20 box, centred by centre of mass in 28x28).
+
+`--inspect` draws how the model looks instead (`utils.img2attn.inspection_figure`): the principal components of its
+patch-embedding filters, the similarity of its position embeddings, and the mean attention distance and entropy of
+every head against depth over the first --num-images test digits; the table of those is printed.
 """
 
 from __future__ import annotations
@@ -31,6 +35,9 @@ target = None  # class explained by the gradient rollout; None: the predicted on
 device = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | mps; the maps are computed in fp32
 # Maps drawn (fixed by attention_figure): attention rollout (mean over heads), gradient rollout for `target`,
 # and the class token's raw attention per layer x head.
+inspect = False  # True: how the model looks instead (ViT paper Fig. 7 + attention entropy; utils.img2attn)
+num_images = 256  # --inspect: averaged over the first this many test digits (or over `image_path` alone)
+inspect_output_path = "imgs/mnist_inspect.png"
 # -------------------------------------------------------------------------------------------------------------------
 
 
@@ -109,39 +116,59 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--image", default=image_path, help="PNG/JPG of a digit (default: a test-set digit)")
     p.add_argument("--index", type=int, default=index, help="test-set digit to show when no --image is given")
     p.add_argument("--model", default=model_path, help="checkpoint written by python -m mnist.train")
-    p.add_argument("--output", default=output_path, help="where to write the figure (PNG)")
+    p.add_argument("--output", default=None, help=f"where to write the figure (PNG; default {output_path}, with "
+                                                  f"--inspect {inspect_output_path})")
     p.add_argument("--data-root", default=data_root, help="MNIST root for the test-set digits")
     p.add_argument("--target", type=int, default=target, help="class (0-9) the gradient rollout explains "
                                                                 "(default: the predicted one)")
+    p.add_argument("--inspect", action=argparse.BooleanOptionalAction, default=inspect,
+                   help="instead: the ViT paper's Fig. 7 (patch-filter components, position-embedding similarity, "
+                        "mean attention distance per head) and attention entropy, over --num-images test digits "
+                        "(or the --image); prints the distance / entropy table")
+    p.add_argument("--num-images", type=int, default=num_images, help="--inspect: the first N test digits")
     p.add_argument("--device", default=device, help=hardware.DEVICE_HELP + "; maps in fp32")
     args = p.parse_args(argv)
+    output = args.output or (inspect_output_path if args.inspect else output_path)
     try:
         if args.target is not None and not 0 <= args.target < NUM_CLASSES:
             raise ValueError(f"--target {args.target} is not a digit; pass 0-9.")
+        if args.num_images < 1:
+            raise ValueError(f"--num-images {args.num_images} must be at least 1.")
         dev = hardware.resolve_device(args.device)
         model, prep = load_model(args.model)
         model.to(dev)
         if args.image:
-            digit, label = load_image(args.image), None
+            digits, label = load_image(args.image)[None], None
         else:
             test = load_mnist(args.data_root, download=True, splits=("test",))
-            if not 0 <= args.index < len(test["test_x"]):
-                raise ValueError(f"--index {args.index} is outside the test set (0..{len(test['test_x']) - 1}).")
-            digit, label = test["test_x"][args.index].numpy(), int(test["test_y"][args.index])
-        from utils.img2attn import attention_figure, save_figure  # matplotlib: only once the inputs are good
+            n = len(test["test_x"])
+            if args.inspect:
+                digits, label = test["test_x"][:args.num_images].numpy(), None
+            elif not 0 <= args.index < n:
+                raise ValueError(f"--index {args.index} is outside the test set (0..{n - 1}).")
+            else:
+                digits, label = test["test_x"][args.index:args.index + 1].numpy(), int(test["test_y"][args.index])
+        from utils.img2attn import attention_figure, attention_stats, attention_table, inspection_figure, save_figure
 
         if prep["deskew"]:  # the model was trained on upright digits: show and feed it the same
-            digit = deskew(torch.from_numpy(digit)[None])[0].numpy()
-        x = ((torch.from_numpy(digit).float() / 255 - prep["mean"]) / prep["std"])[None, None].to(dev)  # (1,1,28,28)
-        fig = attention_figure(model, x, digit, class_names=[str(i) for i in range(NUM_CLASSES)],
-                               target=args.target)
-        with torch.no_grad():
-            probs = model(x).softmax(-1)[0]
-        save_figure(fig, args.output)
+            digits = deskew(torch.from_numpy(digits)).numpy()
+        x = ((torch.from_numpy(digits).float() / 255 - prep["mean"]) / prep["std"])[:, None].to(dev)  # (n,1,28,28)
+        if args.inspect:
+            stats = attention_stats(model, x)
+            save_figure(inspection_figure(model, x, stats=stats, name="MNIST ViT"), output, dpi=100)
+        else:
+            fig = attention_figure(model, x, digits[0], class_names=[str(i) for i in range(NUM_CLASSES)],
+                                   target=args.target)
+            with torch.no_grad():
+                probs = model(x).softmax(-1)[0]
+            save_figure(fig, output)
     except (ValueError, FileNotFoundError) as e:  # CheckpointError and DataError are ValueErrors
         sys.exit(f"error: {e}")
+    if args.inspect:
+        print(f"{args.model}, {len(x)} digit(s):\n{attention_table(stats)}\nwrote {output}")
+        return
     truth = f" (label {label})" if label is not None else ""
-    print(f"predicted {int(probs.argmax())} ({float(probs.max()):.1%}){truth}; wrote {args.output}")
+    print(f"predicted {int(probs.argmax())} ({float(probs.max()):.1%}){truth}; wrote {output}")
 
 
 if __name__ == "__main__":

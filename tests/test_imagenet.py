@@ -146,7 +146,8 @@ def test_check_script_finds_missing_class_and_unreadable_file(tiny, tmp_path):
 
 # ---------------------------------------------------------------------------------------------------------- train
 def test_one_epoch_cpu_writes_checkpoint_metrics_and_curves(trained):
-    assert sorted(p.name for p in trained.iterdir()) == ["checkpoint.pth", "curves.png", "metrics.json", "stdout.txt"]
+    assert sorted(p.name for p in trained.iterdir()) == ["attention_curves.png", "checkpoint.pth", "curves.png",
+                                                         "metrics.json", "stdout.txt"]
     metrics = json.loads((trained / "metrics.json").read_text())
     row = metrics["epochs"][0]
     assert row["epoch"] == 1 and row["train_images"] == 24 and row["skipped_images"] == 1
@@ -163,7 +164,8 @@ def test_torchrun_two_ranks_see_disjoint_data_and_rank0_alone_writes(tiny, tmp_p
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "on 2 x cpu" in proc.stdout and "(4 per rank)" in proc.stdout
     assert proc.stdout.count("epoch 1/1: train loss") == 1 and proc.stdout.count("saved ") == 1  # rank 0 prints
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pth", "curves.png", "metrics.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["attention_curves.png", "checkpoint.pth", "curves.png",
+                                                     "metrics.json"]
     metrics = json.loads((out / "metrics.json").read_text())
     row = metrics["epochs"][0]
     assert metrics["world_size"] == 2

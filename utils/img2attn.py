@@ -1,5 +1,8 @@
 """Where a ViT looks: class-token attention, attention rollout and gradient rollout, batched and any-size;
-overlays and a summary figure; deletion / insertion scores of how faithful a map is.
+overlays and a summary figure; deletion / insertion scores of how faithful a map is. How it learned to look: the
+ViT paper's inspection (Dosovitskiy et al. 2021, Fig. 7: patch-filter principal components, position-embedding
+similarity, mean attention distance per head and layer) plus attention entropy, one figure of them, and the
+same statistics tracked through training (metrics, curves, a GIF of the rollout epoch by epoch).
 
 `attn` below is what `model(x, return_attn=True)` returns: a list of num_layers tensors (B, heads, T, T) of
 softmax probabilities, T = 1 + N, token 0 the class token, then the N patches in row-major order on a
@@ -11,7 +14,10 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import matplotlib
 import matplotlib.pyplot as plt
@@ -22,18 +28,26 @@ from matplotlib.figure import Figure
 from torch import Tensor, nn
 
 from utils.img_to_patch import patch_to_img
+from utils.training import _atomic_write
 
 HEAD_FUSIONS = {"mean": lambda a: a.mean(1), "max": lambda a: a.amax(1), "min": lambda a: a.amin(1)}
 
 
+def _grid(n: int, grid: tuple[int, int] | None) -> tuple[int, int]:
+    """The (grid_h, grid_w) of n patches: `grid` itself, or a square one when None."""
+    if grid is None:
+        side = math.isqrt(n)
+        if side * side != n:
+            raise ValueError(f"{n} patches do not make a square grid; pass grid=model.patch_grid(H, W).")
+        return side, side
+    if grid[0] * grid[1] != n:
+        raise ValueError(f"{n} patches do not fill a {grid[0]}x{grid[1]} grid ({grid[0] * grid[1]} patches).")
+    return int(grid[0]), int(grid[1])
+
+
 def _patch_map(scores: Tensor, grid: tuple[int, int] | None) -> Tensor:
     """scores: (B, N) per patch -> (B, grid_h, grid_w); grid None: square."""
-    if grid is None:
-        side = math.isqrt(scores.shape[1])
-        if side * side != scores.shape[1]:
-            raise ValueError(f"{scores.shape[1]} patches do not make a square grid; pass grid=model.patch_grid(H, W).")
-        grid = (side, side)
-    return patch_to_img(scores, tuple(grid))
+    return patch_to_img(scores, _grid(scores.shape[1], grid))
 
 
 def _cls_row(mats: Sequence[Tensor]) -> Tensor:
@@ -243,10 +257,14 @@ def attention_figure(model: nn.Module, x: Tensor, image: Tensor | np.ndarray, cl
 
 
 def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 150) -> None:
-    """Save as PNG (or the suffix's format) at `dpi`, creating parent folders, then close the figure."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=dpi, bbox_inches="tight", facecolor="white")
-    plt.close(fig)
+    """Save as PNG (or the suffix's format) at `dpi`, atomically (a temp file, then a rename; parent folders are
+    created), then close the figure."""
+    path = Path(path)
+    try:
+        _atomic_write(path, lambda f: fig.savefig(f, format=path.suffix[1:].lower() or "png", dpi=dpi,
+                                                  bbox_inches="tight", facecolor="white"))
+    finally:
+        plt.close(fig)
 
 
 # ------------------------------------------------------------------------------------------- faithfulness
@@ -290,3 +308,307 @@ def deletion_score(model: nn.Module, x: Tensor, heatmap: Tensor, target: int | T
     finally:
         model.train(was_training)
     return torch.trapezoid(torch.cat(probs).view(steps + 1, B).T, dx=1 / steps, dim=1)
+
+
+# ------------------------------------------------------------------------- inspection (ViT paper, Fig. 7)
+
+AttnMaps = Sequence[Tensor] | Tensor  # per-layer (B, heads, T, T) maps, or all of them stacked (L, B, heads, T, T)
+
+
+def _layers(attn: AttnMaps) -> list[Tensor]:
+    """attn: list of (B, heads, T, T) per layer, or (L, B, heads, T, T) -> list of (B, heads, T, T), fp32 or wider."""
+    layers = list(attn.unbind(0)) if isinstance(attn, Tensor) and attn.dim() == 5 else list(attn)
+    if not layers or any(a.dim() != 4 or a.shape[-1] != a.shape[-2] for a in layers):
+        raise ValueError("attention statistics need the full maps of model(x, return_attn=True): a list of "
+                         "(B, heads, T, T) per layer or one (L, B, heads, T, T) tensor, not 'cls' rows.")
+    return [a.to(torch.promote_types(a.dtype, torch.float32)) for a in layers]
+
+
+def patch_distances(grid: tuple[int, int], patch_size: float = 1.0, device: torch.device | str | None = None,
+                    dtype: torch.dtype = torch.float32) -> Tensor:
+    """(N, N), N = grid_h·grid_w: the Euclidean distance between the centres of patches i and j (row-major order)
+    in pixels, i.e. in patch steps times patch_size."""
+    rows, cols = torch.meshgrid(torch.arange(grid[0], dtype=torch.float64), torch.arange(grid[1], dtype=torch.float64),
+                                indexing="ij")
+    centres = torch.stack([rows.flatten(), cols.flatten()], 1)
+    d = torch.cdist(centres, centres, compute_mode="donot_use_mm_for_euclid_dist")  # exact zeros on the diagonal
+    return (d * patch_size).to(device=device, dtype=dtype)
+
+
+def mean_attention_distance(attn: AttnMaps, grid: tuple[int, int] | None = None, patch_size: float = 1.0, *,
+                            prefix_tokens: int = 1) -> Tensor:
+    """Mean attention distance (ViT paper, Fig. 7 right), in pixels -> (layers, heads).
+
+    attn: per-layer (B, heads, T, T) maps (model(x, return_attn=True)) or (L, B, heads, T, T); T = prefix_tokens
+    + N, the prefix tokens (class token; registers) first, then the N patches of a (grid_h, grid_w) grid (default:
+    square). Prefix tokens are left out as queries and as keys: for every query patch, the distance from its centre
+    to each key patch's centre (`patch_distances`, patch steps x patch_size) is weighted by its attention over the
+    N patch keys, renormalised to sum to 1 (the ViT paper's / timm's patch-to-patch definition). The result is
+    averaged over the N query patches and the B images. A row with all its weight on prefix tokens counts 0.
+    """
+    out = []
+    for a in _layers(attn):
+        if not 0 <= prefix_tokens < a.shape[-1]:
+            raise ValueError(f"prefix_tokens={prefix_tokens} must be in [0, {a.shape[-1] - 1}] for {a.shape[-1]} "
+                             f"tokens.")
+        a = a[..., prefix_tokens:, prefix_tokens:]  # (B, heads, N, N): patch queries x patch keys
+        d = patch_distances(_grid(a.shape[-1], grid), patch_size, a.device, a.dtype)
+        per_query = torch.einsum("bhqk,qk->bhq", a, d) / a.sum(-1).clamp_min(torch.finfo(a.dtype).tiny)
+        out.append(per_query.mean((0, 2)))
+    return torch.stack(out)
+
+
+def attention_entropy(attn: AttnMaps) -> Tensor:
+    """Mean entropy of the attention rows, in nats -> (layers, heads).
+
+    attn as for `mean_attention_distance`. Every query row (all T tokens, prefix tokens included) over all T keys,
+    as the softmax gives it: -sum p log p (0 log 0 = 0), averaged over the T queries and the B images; log T for
+    uniform rows, 0 for one-hot rows. Its collapse towards 0 precedes unstable training (Zhai et al. 2023).
+    """
+    return torch.stack([-torch.special.xlogy(a, a).sum(-1).mean((0, 2)) for a in _layers(attn)])
+
+
+@torch.no_grad()
+def position_similarity(model: nn.Module, *, prefix_tokens: int = 1) -> Tensor:
+    """Cosine similarity of the learned position embeddings (ViT paper, Fig. 7 centre) -> (gh, gw, gh, gw), CPU.
+
+    [i, j] is the map (gh, gw) of the similarity of patch (row i, column j)'s embedding with every patch's;
+    model.pos_embed (1, prefix_tokens + N, D) without its prefix (class-token) entries, on model.grid_size.
+    """
+    gh, gw = model.grid_size
+    pos = model.pos_embed.detach()[0, prefix_tokens:].float().cpu()  # (N, D)
+    if len(pos) != gh * gw:
+        raise ValueError(f"pos_embed has {len(pos)} patch positions after {prefix_tokens} prefix token(s), not the "
+                         f"{gh}x{gw} of model.grid_size.")
+    pos = F.normalize(pos, dim=-1)
+    return (pos @ pos.T).reshape(gh, gw, gh, gw)
+
+
+@torch.no_grad()
+def patch_filter_components(model: nn.Module, k: int = 28) -> tuple[Tensor, Tensor]:
+    """Principal components of the patch-embedding filters (ViT paper, Fig. 7 left), CPU
+    -> (components (k, C, p, p), explained-variance ratios (k,)).
+
+    The D filters of model.patch_embed.proj (weight (D, C, p, p)) are D samples of C·p·p values: centred, then
+    torch.linalg.svd; component i is the i-th right singular vector (unit norm) with its largest-magnitude entry
+    made positive (a deterministic sign), its ratio s_i² / sum(s²). k is capped at min(D, C·p·p).
+    """
+    if k < 1:
+        raise ValueError(f"k={k} must be at least 1.")
+    w = model.patch_embed.proj.weight.detach().float().cpu()
+    flat = w.flatten(1)
+    _, s, vh = torch.linalg.svd(flat - flat.mean(0), full_matrices=False)
+    comps = vh[:k]
+    sign = comps.gather(1, comps.abs().argmax(1, keepdim=True)).sign()
+    comps = (comps * torch.where(sign == 0, 1.0, sign)).reshape(len(comps), *w.shape[1:])
+    var = s.square()
+    return comps, var[:len(comps)] / var.sum().clamp_min(torch.finfo(var.dtype).tiny)
+
+
+@torch.no_grad()
+def attention_stats(model: nn.Module, x: Tensor, batch_size: int = 32, *, rollout: int = 0,
+                    prefix_tokens: int = 1) -> dict[str, Any]:
+    """Attention statistics of `model` over images x (B, C, H, W) (the model's input), in eval mode, in chunks of
+    batch_size (the mode is restored) -> {"distance": (L, heads) px, "entropy": (L, heads) nats, both means over
+    the B images (`mean_attention_distance`, `attention_entropy`), "tokens": T, "grid": (gh, gw),
+    "rollout": (rollout, gh, gw) the attention rollout of the first `rollout` images, or None}, on x's device.
+    """
+    if not 0 <= rollout <= len(x):
+        raise ValueError(f"rollout={rollout} must be in [0, {len(x)}], the number of images.")
+    grid = model.patch_grid(*x.shape[-2:])
+    was_training = model.training
+    model.eval()
+    distance = entropy = tokens = 0
+    maps: list[Tensor] = []
+    try:
+        for chunk in x.split(batch_size):
+            _, attn = model(chunk, return_attn=True)
+            w = len(chunk) / len(x)
+            distance = distance + w * mean_attention_distance(attn, grid, model.patch_size, prefix_tokens=prefix_tokens)
+            entropy = entropy + w * attention_entropy(attn)
+            need = rollout - sum(map(len, maps))
+            if need > 0:
+                maps.append(attention_rollout([a[:need] for a in attn], grid=grid))
+            tokens = attn[0].shape[-1]
+    finally:
+        model.train(was_training)
+    return {"distance": distance, "entropy": entropy, "tokens": tokens, "grid": grid,
+            "rollout": torch.cat(maps) if rollout else None}
+
+
+def attention_table(stats: dict[str, Any]) -> str:
+    """A Markdown table of `attention_stats`: per layer, the distance and entropy of every head and their means."""
+    lines = ["| layer | mean attention distance per head (px) | mean | attention entropy per head (nats) | mean |",
+             "|---:|---|---:|---|---:|"]
+    for i, (d, e) in enumerate(zip(stats["distance"].tolist(), stats["entropy"].tolist(), strict=True)):
+        lines.append(f"| {i + 1} | {' '.join(f'{v:.1f}' for v in d)} | {sum(d) / len(d):.1f} | "
+                     f"{' '.join(f'{v:.2f}' for v in e)} | {sum(e) / len(e):.2f} |")
+    return "\n".join(lines)
+
+
+def _mosaic(tiles: np.ndarray, cols: int, gap: int = 1, fill: float = np.nan) -> np.ndarray:
+    """tiles (n, h, w) or (n, h, w, 3) -> one float32 image of ceil(n / cols) rows x cols tiles, `gap` pixels of
+    `fill` between them."""
+    n, h, w = tiles.shape[:3]
+    rows = -(-n // cols)
+    out = np.full((rows * (h + gap) - gap, cols * (w + gap) - gap, *tiles.shape[3:]), fill, dtype=np.float32)
+    for i, tile in enumerate(tiles):
+        r, c = divmod(i, cols)
+        out[r * (h + gap):r * (h + gap) + h, c * (w + gap):c * (w + gap) + w] = tile
+    return out
+
+
+def _per_layer(ax, values: Tensor, reference: float, ref_label: str, ylabel: str, title: str) -> None:
+    """values (L, heads): one dot per head against depth, the mean over heads as a line, a dashed reference."""
+    layers, heads = values.shape
+    x = np.arange(1, layers + 1)
+    v = values.cpu().numpy()
+    cmap = matplotlib.colormaps["tab10" if heads <= 10 else "viridis"]
+    for h in range(heads):
+        ax.scatter(x, v[:, h], s=22, color=cmap(h if heads <= 10 else h / (heads - 1)), zorder=3,
+                   label=f"head {h + 1}" if heads <= 10 else None)
+    ax.plot(x, v.mean(1), color="black", lw=1.2, label="mean over heads")
+    ax.axhline(reference, color="gray", ls="--", lw=1, label=ref_label)
+    ax.set(xlabel="network depth (layer)", ylabel=ylabel, title=title, xticks=x,
+           ylim=(0, 1.08 * max(float(v.max()), reference)))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2, loc="best")
+
+
+def inspection_figure(model: nn.Module, x: Tensor, *, stats: dict[str, Any] | None = None, name: str = "ViT",
+                      k: int = 28) -> Figure:
+    """The ViT paper's Fig. 7 for `model`, plus attention entropy -> matplotlib Figure (save it with `save_figure`).
+
+    x: (B, C, H, W) model inputs (normalised) whose attention is averaged; stats: `attention_stats(model, x)` if
+    already computed. Panels: the first k principal components of the patch-embedding filters (each scaled to its
+    own range; RGB for 3 channels, gray otherwise), the position-embedding cosine similarity of every patch with
+    all (the grid of grids), the mean attention distance of every head against depth (dashed: uniform attention
+    over the grid) and the attention entropy (dashed: log T, uniform rows).
+    """
+    stats = attention_stats(model, x) if stats is None else stats
+    comps, ratio = patch_filter_components(model, k)
+    sim = position_similarity(model).numpy()
+    (gh, gw), p = stats["grid"], model.patch_size
+    layers, heads = stats["distance"].shape
+
+    fig = Figure(figsize=(12, 10.5), facecolor="white", layout="constrained")
+    fig.suptitle(f"{name}: D={model.patch_embed.proj.out_channels}, {layers} layers x {heads} heads, patch {p}, "
+                 f"{gh}x{gw} patches; attention over {len(x)} image{'s' * (len(x) != 1)}", fontsize=13,
+                 fontweight="bold")
+    ax = fig.subplots(2, 2)
+
+    c = comps.numpy()
+    c = (c - c.min((1, 2, 3), keepdims=True)) / np.maximum(np.ptp(c, (1, 2, 3), keepdims=True), 1e-12)
+    tiles = c.transpose(0, 2, 3, 1) if c.shape[1] == 3 else np.repeat(c.mean(1)[..., None], 3, -1)  # (k, p, p, 3)
+    ax[0, 0].imshow(_mosaic(tiles, cols=min(7, len(tiles)), fill=1.0), interpolation="nearest")
+    ax[0, 0].set_title(f"patch-embedding filters: first {len(c)} principal components\n"
+                       f"({float(ratio.sum()):.0%} of the variance; row by row, largest first)", fontsize=11)
+    ax[0, 0].set_axis_off()
+
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="white")
+    sh, sw = sim.shape[:2]  # the position table's own grid (the input's may differ)
+    mosaic = _mosaic(sim.reshape(sh * sw, sh, sw), cols=sw)
+    im = ax[0, 1].imshow(mosaic, cmap=cmap, vmin=-1, vmax=1, interpolation="nearest")
+    step = max(1, round(max(sh, sw) / 8))  # tick every step-th tile, at its centre
+    cols, rows = range(0, sw, step), range(0, sh, step)
+    ax[0, 1].set_xticks([j * (sw + 1) + (sw - 1) / 2 for j in cols], [str(j + 1) for j in cols])
+    ax[0, 1].set_yticks([i * (sh + 1) + (sh - 1) / 2 for i in rows], [str(i + 1) for i in rows])
+    ax[0, 1].set(xlabel="input patch column", ylabel="input patch row")
+    ax[0, 1].set_title("position embedding similarity", fontsize=11)
+    fig.colorbar(im, ax=ax[0, 1], shrink=0.85, label="cosine similarity")
+
+    uniform = float(patch_distances((gh, gw), p).mean())
+    _per_layer(ax[1, 0], stats["distance"], uniform, f"uniform attention ({uniform:.1f} px)",
+               "mean attention distance (pixels)", "mean attention distance per head")
+    tokens = stats["tokens"]
+    _per_layer(ax[1, 1], stats["entropy"], math.log(tokens), f"uniform rows (log {tokens} = {math.log(tokens):.2f})",
+               "attention entropy (nats)", "attention entropy per head")
+    return fig
+
+
+# ----------------------------------------------------------------------------------------- through training
+
+
+def track_attention(model: nn.Module, x: Tensor, *, rollout: int = 0,
+                    batch_size: int = 32) -> tuple[dict[str, Any], Tensor | None]:
+    """One epoch's attention tracking on a fixed held-out batch x (B, C, H, W) (`attention_stats`, eval mode, fp32,
+    no RNG drawn, the mode restored) -> (metrics entries, rollout maps (rollout, gh, gw) on the CPU or None).
+
+    The entries are plain floats and lists (JSON- and weights_only-safe): attn_distance / attn_entropy per layer
+    (mean over heads), attn_distance_heads / attn_entropy_heads (layers x heads), inspect_s (its wall time).
+    """
+    start = time.perf_counter()
+    stats = attention_stats(model, x, batch_size, rollout=rollout)
+    row = {}
+    for key in ("distance", "entropy"):
+        values = stats[key].cpu()  # the one device sync
+        row[f"attn_{key}"] = [round(v, 4) for v in values.mean(1).tolist()]
+        row[f"attn_{key}_heads"] = [[round(v, 4) for v in layer] for layer in values.tolist()]
+    maps = stats["rollout"].float().cpu() if rollout else None
+    row["inspect_s"] = time.perf_counter() - start
+    return row, maps
+
+
+def plot_attention_curves(metrics: Sequence[dict[str, Any]], path: str | os.PathLike, title: str = "") -> None:
+    """Mean attention distance (left) and entropy (right) of every layer against epoch, from the metrics rows that
+    `track_attention` filled; saved atomically (PNG). No tracked rows: nothing is written."""
+    rows = [m for m in metrics if "attn_distance" in m]
+    if not rows:
+        return
+    epochs = [m["epoch"] for m in rows]
+    layers = len(rows[-1]["attn_distance"])
+    colours = matplotlib.colormaps["viridis"](np.linspace(0, 0.9, layers))
+    fig = Figure(figsize=(9, 3.4), facecolor="white", layout="constrained")
+    axes = fig.subplots(1, 2)
+    for ax, key, label in ((axes[0], "attn_distance", "mean attention distance (pixels)"),
+                           (axes[1], "attn_entropy", "attention entropy (nats)")):
+        for i in range(layers):
+            ax.plot(epochs, [m[key][i] if len(m[key]) > i else np.nan for m in rows], marker=".", color=colours[i],
+                    label=f"layer {i + 1}")
+        ax.set(xlabel="epoch", ylabel=label, title=label.split(" (")[0] + " per layer (mean over heads)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, ncol=1 + layers // 7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    save_figure(fig, path, dpi=100)
+
+
+def save_attention_over_training(images: Tensor | np.ndarray, maps: Tensor, epochs: Sequence[int],
+                                 gif_path: str | os.PathLike, png_path: str | os.PathLike | None = None, *,
+                                 scale: int = 2, strip_rows: int = 8, frame_ms: int = 300, colors: int = 64) -> None:
+    """Where the model looked, epoch by epoch: an animated GIF and a PNG strip of attention rollout overlays.
+
+    images: (n, H, W) gray or (n, H, W, 3) RGB, uint8, what the model saw; maps: (E, n, gh, gw) their rollout after
+    each of the E `epochs`. A frame is the n images (enlarged `scale` times) side by side, each under its map drawn
+    as patch blocks (nearest: one colour per patch, which also keeps the GIF small), below the line "epoch e".
+    The GIF shows every frame (the last one longer), the PNG stacks up to `strip_rows` of them (first, last and
+    evenly spaced between); both in `colors` colours, without dithering, written atomically.
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    images = np.asarray(images.cpu() if isinstance(images, Tensor) else images)
+    if len(maps) != len(epochs) or maps.shape[1] != len(images):
+        raise ValueError(f"maps {tuple(maps.shape)} must be (E={len(epochs)}, n={len(images)}, gh, gw).")
+    big = images.repeat(scale, 1).repeat(scale, 2)
+    blocks = F.interpolate(torch.as_tensor(maps).float(), size=big.shape[1:3], mode="nearest")  # (E, n, H', W')
+    font = ImageFont.load_default(size=12)
+    frames = []
+    for epoch, m in zip(epochs, blocks, strict=True):
+        tiles = np.stack([overlay(img, h) for img, h in zip(big, m, strict=True)])
+        strip = _mosaic(tiles, cols=len(tiles), gap=2, fill=255).astype(np.uint8)
+        frame = Image.new("RGB", (strip.shape[1], strip.shape[0] + 16), "white")
+        frame.paste(Image.fromarray(strip), (0, 16))
+        ImageDraw.Draw(frame).text((2, 1), f"epoch {epoch}", fill="black", font=font)
+        frames.append(frame)
+
+    def few_colours(im: Image.Image) -> Image.Image:
+        return im.quantize(colors, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+
+    gif = [few_colours(f) for f in frames]
+    durations = [frame_ms] * (len(gif) - 1) + [max(1500, frame_ms)]
+    _atomic_write(Path(gif_path), lambda f: gif[0].save(f, format="GIF", save_all=True, append_images=gif[1:],
+                                                        duration=durations, loop=0, optimize=True))
+    if png_path is not None:
+        picks = sorted({round(i) for i in np.linspace(0, len(frames) - 1, min(len(frames), strip_rows))})
+        stacked = few_colours(Image.fromarray(np.concatenate([np.asarray(frames[i]) for i in picks])))
+        _atomic_write(Path(png_path), lambda f: stacked.save(f, format="PNG", optimize=True))
