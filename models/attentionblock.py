@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import StochasticDepth
@@ -70,8 +71,19 @@ class Mlp(nn.Module):
         return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
 
 
+class LayerScale(nn.Module):
+    """x · gamma, a learned per-channel scale (CaiT / DeiT III / DINOv2; timm's `LayerScale`, key `gamma`)."""
+
+    def __init__(self, dim: int, init_values: float):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), float(init_values)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.gamma
+
+
 class AttentionBlock(nn.Module):
-    """x + attn(norm1(x)), then x + mlp(norm2(x)); keys match timm's `Block`.
+    """x + ls1(attn(norm1(x))), then x + ls2(mlp(norm2(x))); keys match timm's `Block`.
 
     Args:
         embed_dim: token width D.
@@ -80,15 +92,19 @@ class AttentionBlock(nn.Module):
         dropout: dropout after the attention projection and in the MLP.
         attn_dropout: dropout on the attention probabilities.
         drop_path: stochastic-depth rate of both residual branches.
+        init_values: LayerScale's initial gamma (ls1.gamma, ls2.gamma); None: no LayerScale (no parameters).
     """
 
     def __init__(self, embed_dim: int, hidden_dim: int, num_heads: int, dropout: float = 0.0,
-                 *, attn_dropout: float = 0.0, drop_path: float = 0.0):
+                 *, attn_dropout: float = 0.0, drop_path: float = 0.0,
+                 init_values: float | None = None):
         super().__init__()
         self.norm1 = nn.LayerNorm(embed_dim, eps=1e-6)
         self.attn = Attention(embed_dim, num_heads, attn_dropout, dropout)
         self.norm2 = nn.LayerNorm(embed_dim, eps=1e-6)
         self.mlp = Mlp(embed_dim, hidden_dim, dropout)
+        self.ls1, self.ls2 = ((LayerScale(embed_dim, init_values), LayerScale(embed_dim, init_values))
+                              if init_values is not None else (nn.Identity(), nn.Identity()))
         self.drop_path = StochasticDepth(drop_path, "row") if drop_path > 0 else nn.Identity()
 
     def forward(self, x: Tensor, return_attn: AttnRequest = False,
@@ -99,6 +115,6 @@ class AttentionBlock(nn.Module):
         last block, at a fraction of its cost (keys and values still come from every token).
         """
         y, attn = self.attn(self.norm1(x), return_attn, cls_only)
-        x = (x[:, :1] if cls_only else x) + self.drop_path(y)
-        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        x = (x[:, :1] if cls_only else x) + self.drop_path(self.ls1(y))
+        x = x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
         return x, attn

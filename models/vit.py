@@ -1,7 +1,9 @@
 """Vision Transformer (Dosovitskiy et al. 2021) whose forward can return every layer's attention.
 
 Parameter names and numerics are those of timm's `VisionTransformer` (class-token pooling, LayerNorm
-eps 1e-6, exact GELU, fused qkv), so timm / DeiT checkpoints load with `strict=True`.
+eps 1e-6, exact GELU, fused qkv), so timm / DeiT checkpoints load with `strict=True`; with timm's options
+init_values (LayerScale), reg_tokens and no_embed_class, so do DeiT III and DINOv2 (with or without registers).
+Token order: class token, R register tokens, then the N patches (row-major).
 """
 
 from __future__ import annotations
@@ -38,12 +40,17 @@ class VisionTransformer(nn.Module):
             default: a square grid of num_patches.
         attn_dropout: dropout on the attention probabilities.
         drop_path_rate: stochastic depth, rising linearly from 0 to this value over the blocks.
+        init_values: LayerScale (ls1.gamma, ls2.gamma in every block) with this initial value; None: none.
+        reg_tokens: R register tokens (Darcet et al. 2024), `reg_token` (1, R, D), after the class token.
+        no_embed_class: the position embedding covers the patches only, (1, N, D), and is added before the
+            class / register tokens are prepended (DeiT III, timm's DINOv2 with registers); default (1, 1+R+N, D).
     """
 
     def __init__(self, embed_dim: int, hidden_dim: int, num_heads: int, num_layers: int, patch_size: int,
                  num_channels: int, num_patches: int, num_classes: int, dropout: float = 0.0, *,
                  grid_size: tuple[int, int] | None = None, attn_dropout: float = 0.0,
-                 drop_path_rate: float = 0.0):
+                 drop_path_rate: float = 0.0, init_values: float | None = None, reg_tokens: int = 0,
+                 no_embed_class: bool = False):
         super().__init__()
         sizes = dict(embed_dim=embed_dim, hidden_dim=hidden_dim, num_heads=num_heads, num_layers=num_layers,
                      patch_size=patch_size, num_channels=num_channels, num_patches=num_patches)
@@ -54,6 +61,8 @@ class VisionTransformer(nn.Module):
         _check(embed_dim % num_heads == 0,
                f"embed_dim={embed_dim} is not divisible by num_heads={num_heads}; pick num_heads among the "
                f"divisors of embed_dim (e.g. embed_dim // 64).")
+        _check(isinstance(reg_tokens, int) and reg_tokens >= 0,
+               f"reg_tokens={reg_tokens!r} must be a non-negative integer.")
         for name, p in dict(dropout=dropout, attn_dropout=attn_dropout, drop_path_rate=drop_path_rate).items():
             _check(0.0 <= p < 1.0, f"{name}={p!r} must be in [0, 1).")
         if grid_size is None:
@@ -68,17 +77,24 @@ class VisionTransformer(nn.Module):
                f"num_patches must equal grid_h * grid_w.")
 
         self.patch_size, self.grid_size, self.num_heads = patch_size, grid_size, num_heads
-        # Constructor arguments as plain values: what a checkpoint needs to rebuild this model.
+        self.num_prefix_tokens, self.no_embed_class = 1 + reg_tokens, no_embed_class  # class + register tokens
+        # Constructor arguments as plain values: what a checkpoint needs to rebuild this model (the newer
+        # options only when set, so the configs of earlier checkpoints stay equal).
+        options = dict(init_values=init_values, reg_tokens=reg_tokens, no_embed_class=no_embed_class)
         self.config = dict(sizes, num_classes=num_classes, dropout=dropout, grid_size=list(grid_size),
-                           attn_dropout=attn_dropout, drop_path_rate=drop_path_rate)
+                           attn_dropout=attn_dropout, drop_path_rate=drop_path_rate,
+                           **{k: v for k, v in options.items() if v not in (None, 0, False)})
         self.patch_embed = nn.Module()  # timm's key names: patch_embed.proj.{weight,bias}
         self.patch_embed.proj = nn.Conv2d(num_channels, embed_dim, patch_size, stride=patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + num_patches, embed_dim))
+        self.reg_token = nn.Parameter(torch.zeros(1, reg_tokens, embed_dim)) if reg_tokens else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + (0 if no_embed_class else 1 + reg_tokens),
+                                                  embed_dim))
         self.pos_drop = nn.Dropout(dropout)
-        rates = torch.linspace(0, drop_path_rate, num_layers).tolist()
+        rates = torch.linspace(0, drop_path_rate, num_layers, device="cpu").tolist()  # also under a meta device
         self.blocks = nn.ModuleList(
-            AttentionBlock(embed_dim, hidden_dim, num_heads, dropout, attn_dropout=attn_dropout, drop_path=r)
+            AttentionBlock(embed_dim, hidden_dim, num_heads, dropout, attn_dropout=attn_dropout, drop_path=r,
+                           init_values=init_values)
             for r in rates)
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.head_drop = nn.Dropout(dropout)
@@ -90,6 +106,8 @@ class VisionTransformer(nn.Module):
         """timm / DeiT init: trunc-normal(0.02) position embedding and Linear weights, zero biases."""
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6)
+        if self.reg_token is not None:
+            nn.init.normal_(self.reg_token, std=1e-6)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
@@ -104,10 +122,12 @@ class VisionTransformer(nn.Module):
         return height // p, width // p
 
     def position_embedding(self, grid: tuple[int, int]) -> Tensor:
-        """(1, 1 + gh·gw, D): the learned table, bicubically resampled when `grid` differs (timm's rule)."""
+        """(1, 1 + R + gh·gw, D), or (1, gh·gw, D) when no_embed_class: the learned table, its patch part
+        bicubically resampled (antialiased, timm's rule) when `grid` differs from the training grid."""
         if grid == self.grid_size:
             return self.pos_embed
-        cls_pos, patch_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
+        k = 0 if self.no_embed_class else self.num_prefix_tokens
+        cls_pos, patch_pos = self.pos_embed[:, :k], self.pos_embed[:, k:]
         patch_pos = patch_pos.reshape(1, *self.grid_size, -1).permute(0, 3, 1, 2)
         patch_pos = F.interpolate(patch_pos.float(), size=grid, mode="bicubic", antialias=True)
         patch_pos = patch_pos.to(self.pos_embed.dtype).flatten(2).transpose(1, 2)
@@ -115,7 +135,7 @@ class VisionTransformer(nn.Module):
 
     def forward_features(self, x: Tensor, return_attn: AttnRequest = False,
                          cls_only: bool = False) -> tuple[Tensor, list[Tensor]]:
-        """x: (B, C, H, W) -> normed tokens (B, 1 + N, D) and the per-layer attention asked for.
+        """x: (B, C, H, W) -> normed tokens (B, 1 + R + N, D) and the per-layer attention asked for.
 
         cls_only: the last block updates only the class token, the only one the head reads, so the tokens
         are (B, 1, D); the logits and every attention map are the same, the last block is ~T times cheaper.
@@ -123,7 +143,9 @@ class VisionTransformer(nn.Module):
         grid = self.patch_grid(x.shape[-2], x.shape[-1])
         w = self.patch_embed.proj.weight  # the Conv2d's weights, applied as one matmul (faster backward on a CPU)
         x = F.linear(img_to_patch(x, self.patch_size), w.flatten(1), self.patch_embed.proj.bias)  # (B, N, D)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.position_embedding(grid)
+        prefix = [t.expand(x.shape[0], -1, -1) for t in (self.cls_token, self.reg_token) if t is not None]
+        pos = self.position_embedding(grid)
+        x = torch.cat(prefix + [x + pos], dim=1) if self.no_embed_class else torch.cat(prefix + [x], dim=1) + pos
         x = self.pos_drop(x)
         attns = []
         for i, block in enumerate(self.blocks):
@@ -135,9 +157,10 @@ class VisionTransformer(nn.Module):
     def forward(self, x: Tensor, return_attn: AttnRequest = False) -> Tensor | tuple[Tensor, list[Tensor]]:
         """x: (B, C, H, W) -> logits (B, num_classes) (or features (B, D) when num_classes=0).
 
-        return_attn=True also returns a list of num_layers tensors (B, heads, 1+N, 1+N): the softmax
-        attention of every layer (explicit path). return_attn="cls" returns (B, heads, 1+N): the class
-        token's row only, computed beside the fused kernel. Token 0 is the class token.
+        return_attn=True also returns a list of num_layers tensors (B, heads, T, T), T = P + N with
+        P = num_prefix_tokens = 1 + R: the softmax attention of every layer (explicit path).
+        return_attn="cls" returns (B, heads, T): the class token's row only, computed beside the fused
+        kernel. Token 0 is the class token, tokens 1..R the registers (not places in the image).
         """
         if return_attn not in (False, True, "cls"):
             raise ValueError(f"return_attn={return_attn!r} must be False, True or 'cls'.")

@@ -285,5 +285,6 @@ def test_deit_tiny_real_weights_match_timm():
         torch.testing.assert_close(loaded(x), ours, atol=0, rtol=0)
         torch.testing.assert_close(model(x, return_attn="cls")[0], ours, atol=0, rtol=0)
         torch.testing.assert_close(model(x, return_attn=True)[0], ours, atol=1e-4, rtol=0)
-    torch.testing.assert_close(ours, theirs, **TOL)
+    # 12 real layers, logits up to ~15: float32 summation order (timm's fused kernel vs ours) reaches ~1.5e-5.
+    torch.testing.assert_close(ours, theirs, atol=5e-5, rtol=0)
     assert torch.equal(ours.argmax(1), theirs.argmax(1))
