@@ -174,6 +174,24 @@ def test_position_similarity_grid():
             torch.testing.assert_close(sim[q // 3, q % 3, k // 3, k % 3], want, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("no_embed_class", [False, True])
+def test_models_with_registers_leave_them_out(no_embed_class):
+    torch.manual_seed(0)
+    model = VisionTransformer(16, 32, 2, 2, 4, 3, 6, 5, grid_size=(2, 3), reg_tokens=2,
+                              no_embed_class=no_embed_class).eval()
+    patches = model.pos_embed.detach()[0, -6:]
+    torch.testing.assert_close(position_similarity(model).reshape(6, 6),
+                               F.normalize(patches, dim=-1) @ F.normalize(patches, dim=-1).T)
+    x = torch.randn(3, 3, 8, 12)
+    with torch.no_grad():
+        _, attn = model(x, return_attn=True)
+    stats = attention_stats(model, x)
+    assert stats["tokens"] == 1 + 2 + 6
+    torch.testing.assert_close(stats["distance"], mean_attention_distance(attn, (2, 3), 4, prefix_tokens=3))
+    with pytest.raises(ValueError, match="register"):
+        attention_stats(model, x, rollout=1)
+
+
 def test_patch_filter_components_are_the_pca_of_the_filters():
     model = tiny_vit()  # 16 filters of 3 x 4 x 4 = 48 values
     comps, ratio = patch_filter_components(model, k=5)

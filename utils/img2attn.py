@@ -369,17 +369,20 @@ def attention_entropy(attn: AttnMaps) -> Tensor:
 
 
 @torch.no_grad()
-def position_similarity(model: nn.Module, *, prefix_tokens: int = 1) -> Tensor:
+def position_similarity(model: nn.Module, *, prefix_tokens: int | None = None) -> Tensor:
     """Cosine similarity of the learned position embeddings (ViT paper, Fig. 7 centre) -> (gh, gw, gh, gw), CPU.
 
-    [i, j] is the map (gh, gw) of the similarity of patch (row i, column j)'s embedding with every patch's;
-    model.pos_embed (1, prefix_tokens + N, D) without its prefix (class-token) entries, on model.grid_size.
+    [i, j] is the map (gh, gw) of the similarity of patch (row i, column j)'s embedding with every patch's, on
+    model.grid_size. model.pos_embed is (1, prefix_tokens + N, D); its prefix entries (class token, registers) are
+    dropped: prefix_tokens None takes all entries before the last N (0 for no_embed_class models).
     """
     gh, gw = model.grid_size
-    pos = model.pos_embed.detach()[0, prefix_tokens:].float().cpu()  # (N, D)
-    if len(pos) != gh * gw:
-        raise ValueError(f"pos_embed has {len(pos)} patch positions after {prefix_tokens} prefix token(s), not the "
-                         f"{gh}x{gw} of model.grid_size.")
+    table = model.pos_embed.detach()[0].float().cpu()
+    prefix = len(table) - gh * gw if prefix_tokens is None else prefix_tokens
+    pos = table[prefix:]  # (N, D)
+    if prefix < 0 or len(pos) != gh * gw:
+        raise ValueError(f"pos_embed has {len(table)} entries: not {prefix} prefix token(s) + the {gh}x{gw} patches "
+                         f"of model.grid_size.")
     pos = F.normalize(pos, dim=-1)
     return (pos @ pos.T).reshape(gh, gw, gh, gw)
 
@@ -407,12 +410,17 @@ def patch_filter_components(model: nn.Module, k: int = 28) -> tuple[Tensor, Tens
 
 @torch.no_grad()
 def attention_stats(model: nn.Module, x: Tensor, batch_size: int = 32, *, rollout: int = 0,
-                    prefix_tokens: int = 1) -> dict[str, Any]:
+                    prefix_tokens: int | None = None) -> dict[str, Any]:
     """Attention statistics of `model` over images x (B, C, H, W) (the model's input), in eval mode, in chunks of
     batch_size (the mode is restored) -> {"distance": (L, heads) px, "entropy": (L, heads) nats, both means over
     the B images (`mean_attention_distance`, `attention_entropy`), "tokens": T, "grid": (gh, gw),
     "rollout": (rollout, gh, gw) the attention rollout of the first `rollout` images, or None}, on x's device.
+    prefix_tokens: left out of the distance; None: model.num_prefix_tokens (class token + registers), else 1.
     """
+    if prefix_tokens is None:
+        prefix_tokens = getattr(model, "num_prefix_tokens", 1)
+    if rollout and prefix_tokens != 1:
+        raise ValueError("the rollout of a model with register tokens is not supported here; pass rollout=0.")
     if not 0 <= rollout <= len(x):
         raise ValueError(f"rollout={rollout} must be in [0, {len(x)}], the number of images.")
     grid = model.patch_grid(*x.shape[-2:])
