@@ -116,13 +116,13 @@ def test_minutes_sets_the_epochs_once_and_resume_keeps_them(data_root, tmp_path)
     metrics = json.loads((tmp_path / "straight" / "metrics.json").read_text())
     assert len(metrics["epochs"]) == metrics["train_config"]["epochs_fit"] < 1000
     args += ["--out", tmp_path]
-    mnist_train.main([str(a) for a in args] + ["--stop-after", "2"])
+    mnist_train.main([str(a) for a in args] + ["--stop-after", "3"])
     ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
-    first = ckpt["metrics"][0]
+    second = ckpt["metrics"][1]
     decided = ckpt["train_config"]["epochs_fit"]
-    expected = max(2, training.epochs_within(6, first["wall_s"], first["epoch_s"], 5 * first["eval_s"], 1000))
-    assert decided == expected and 2 <= decided < 1000  # 6 s cannot hold 1000 epochs of even this tiny model
-    assert ckpt["scheduler"]["last_epoch"] == 2 * (640 // 64)
+    expected = max(3, training.epochs_within(6, second["wall_s"], second["epoch_s"], 5 * second["eval_s"], 1000, 2))
+    assert decided == expected and 3 <= decided < 1000  # 6 s cannot hold 1000 epochs of even this tiny model
+    assert ckpt["scheduler"]["last_epoch"] == 3 * (640 // 64)
     mnist_train.main([str(a) for a in args] + ["--resume"])  # the same command line resumes
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert len(metrics["epochs"]) == decided == metrics["train_config"]["epochs_fit"]
