@@ -101,7 +101,8 @@ RUN = {
                                    "ILSVRC2012 archives in ROOT; --evaluate-only also takes a folder of "
                                    "<wnid>_<name>.JPEG"),
     "out": ("runs/imagenet", "output folder: checkpoint.pth (every epoch), metrics.json, curves.png (rank 0)"),
-    "pretrained": ("", "initial weights: this repo's checkpoint or timm / DeiT / DINO / torchvision ViT weights"),
+    "pretrained": ("", "initial weights: a registry name (python -m models.pretrained --list; downloaded once), "
+                       "this repo's checkpoint or timm / DeiT / DINO / torchvision ViT weights"),
     "resume": (False, "continue <out>/checkpoint.pth exactly, with the settings it was trained with"),
     "evaluate_only": (False, "only report top-1 / top-5 of the --pretrained weights on the validation images"),
     "device": ("auto", hardware.DEVICE_HELP + "; under torchrun each rank takes cuda:<LOCAL_RANK>"),

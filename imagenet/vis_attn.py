@@ -1,9 +1,12 @@
 """Where does an ImageNet ViT look in a photo? `python -m imagenet.vis_attn` (edit the paths below or pass flags).
 
-The model may be this repo's checkpoint (runs/imagenet/checkpoint.pth, its EMA weights when it has them) or
-pretrained timm / DeiT / DINO / torchvision ViT weights. Prints the top-5 classes with probabilities and writes one
-figure: the photo, the top-5, attention rollout, gradient rollout for the top class (or --target) and the
-class token's attention in every layer x head.
+The model may be a registry name (`python -m models.pretrained --list`: DeiT, DeiT III, DINO, DINOv2 with or
+without registers, torchvision; downloaded once into torch's cache), this repo's checkpoint
+(runs/imagenet/checkpoint.pth, its EMA weights when it has them) or a timm / DeiT / DINO / torchvision weights file.
+Prints the top-5 classes with probabilities and writes one figure: the photo, the top-5, attention rollout,
+gradient rollout for the top class (or --target), the last layer's token norms (high-norm artifacts) and the class
+token's attention in every layer x head. Models without a head (DINO, DINOv2) get the maps without the top-5 and
+the gradient map; register tokens are left out of every map.
 
 Any photo size and aspect, RGB or grayscale: the shorter side is resized to --img-size, the longer one to scale
 (at most 2x --img-size, center-cropped), then both are center-cropped to multiples of the patch size; the model
@@ -32,17 +35,17 @@ from torchvision.transforms import functional as TF
 
 from imagenet.dataloaders import classes as IN
 from imagenet.dataloaders.dataset import eval_transform, is_image_file
-from models.pretrained import CheckpointError, load_pretrained, read_checkpoint
+from models.pretrained import CheckpointError, load_pretrained, read_checkpoint, registry_name
 from models.vit import VisionTransformer
 from utils import hardware
 from utils.img2attn import attention_figure, attention_stats, attention_table, inspection_figure, save_figure
 
 IN1K = importlib.import_module("imagenet.dataloaders.imagenet-1k")
-DEIT_TINY_URL = "https://dl.fbaipublicfiles.com/deit/deit_tiny_patch16_224-a1311bcf.pth"  # DeiT's release (72.2%)
+ROOT = Path(__file__).resolve().parents[1]
 
 # ----------------------------------------------------------------------------------------------------------- config
-image_path = "../shared/data/photos/dog_and_cat.png"  # your photo: any size or aspect, RGB or gray (JPEG, PNG, ...)
-model_path = "checkpoints/deit_tiny_patch16_224-a1311bcf.pth"  # DeiT's release, runs/imagenet/checkpoint.pth, ...
+image_path = str(ROOT / "imgs" / "chelsea.jpg")  # your photo: any size or aspect, RGB or gray (JPEG, PNG, ...)
+model_path = "deit_tiny_patch16_224"  # a registry name (python -m models.pretrained --list) or a checkpoint file
 output_path = "imgs/imagenet_attention.png"  # the figure (PNG; the suffix picks the format)
 img_size = 224  # shorter side of the model input, in pixels
 target = ""  # class for the gradient map: index, WordNet id or name ("tiger cat"); "" = the top class
@@ -122,12 +125,15 @@ def resolve_target(value: str, names: Sequence[str] | None, num_classes: int) ->
 
 
 def load_model(path: str, heads: int, need_head: bool = True) -> tuple[VisionTransformer, dict]:
-    if not Path(path).is_file():
-        raise InputError(f"checkpoint '{path}' does not exist; pass --model runs/imagenet/checkpoint.pth (what "
-                         f"imagenet.train writes) or pretrained weights such as {DEIT_TINY_URL} (download it first).")
-    ckpt = read_checkpoint(path)
+    """A registry name (downloaded once) or a checkpoint file -> (model, the checkpoint dict; {} for a name)."""
+    name = None if Path(path).is_file() else registry_name(path)
+    if name is None and not Path(path).is_file():
+        raise InputError(f"checkpoint '{path}' does not exist and is not a registry name; pass --model "
+                         f"runs/imagenet/checkpoint.pth (what imagenet.train writes) or a name such as "
+                         f"deit_tiny_patch16_224 (python -m models.pretrained --list).")
+    ckpt = {} if name else read_checkpoint(path)
     try:
-        model = load_pretrained(ckpt, num_heads=heads or None)
+        model = load_pretrained(name or ckpt, num_heads=heads or None)
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
     if need_head and model.config["num_classes"] == 0:
@@ -176,20 +182,27 @@ def run(args: argparse.Namespace) -> None:
         return
     photo = load_photo(args.image_path)  # the photo first: cheap to check
     dev = hardware.resolve_device(args.device)
-    model, ckpt = load_model(args.model_path, args.num_heads)
+    model, ckpt = load_model(args.model_path, args.num_heads, need_head=False)
     model.eval().to(dev)
     num_classes = model.config["num_classes"]
+    if num_classes == 0 and args.target:
+        raise InputError(f"--target needs a classification head; {args.model_path} has none (a feature extractor "
+                         f"such as DINO / DINOv2).")
     names = class_names_for(ckpt, num_classes)
     tgt = resolve_target(str(args.target), names, num_classes)
 
     shown = model_input(photo, args.img_size, model.patch_size)
     x = TF.normalize(TF.to_tensor(shown), IN1K.MEAN, IN1K.STD)[None].to(dev)  # (1, 3, H, W)
-    with torch.no_grad():
-        probs = model(x).softmax(-1)[0]
-    top = probs.topk(min(5, num_classes))
     grid = model.patch_grid(*x.shape[-2:])
     print(f"{args.image_path}: {photo.size[0]}x{photo.size[1]} -> model input {shown.size[0]}x{shown.size[1]} "
           f"({grid[0]}x{grid[1]} patches)")
+    if num_classes == 0:
+        save_figure(attention_figure(model, x, np.asarray(shown)), args.output_path)
+        print(f"saved {args.output_path} ({args.model_path} has no classification head: maps only, no top-5)")
+        return
+    with torch.no_grad():
+        probs = model(x).softmax(-1)[0]
+    top = probs.topk(min(5, num_classes))
     for rank, (p, c) in enumerate(zip(top.values.tolist(), top.indices.tolist(), strict=True), 1):
         label = names[c] if names else f"class {c}"
         wnid = f"{IN.WNIDS[c]}, " if names == list(IN.NAMES) else ""
@@ -205,7 +218,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--image-path", "--image", default=image_path, help="photo to explain")
     parser.add_argument("--model-path", "--model", default=model_path,
-                        help="this repo's checkpoint or timm / DeiT / DINO / torchvision ViT weights")
+                        help="a registry name (python -m models.pretrained --list; downloaded once), this repo's "
+                             "checkpoint or timm / DeiT / DINO / torchvision ViT weights")
     parser.add_argument("--output-path", "--out", default=None,
                         help=f"where the figure goes (default {output_path}, with --inspect {inspect_output_path})")
     parser.add_argument("--img-size", type=int, default=img_size, help="shorter side of the model input")

@@ -226,3 +226,72 @@ def test_real_deit_tiny_by_name_equals_the_path(tmp_path, monkeypatch):
         by_path = load_pretrained(str(weights)).eval()(x)
     torch.testing.assert_close(by_name, by_path, atol=0, rtol=0)
     assert torch.equal(by_name.topk(5).indices, by_path.topk(5).indices)
+
+
+# Maps with registers, token norms, and imagenet.vis_attn by name.
+REG = dict(TINY, init_values=0.5, reg_tokens=4, no_embed_class=True)
+
+
+def test_maps_cover_the_patches_only():
+    from utils.img2attn import attention_figure, attention_rollout, cls_attention, gradient_rollout, token_norms
+
+    model = randomized(VisionTransformer(**REG))
+    x = torch.randn(2, 3, 32, 40)
+    grid = model.patch_grid(32, 40)
+    with torch.no_grad():
+        _, attn = model(x, return_attn=True)
+        _, rows = model(x, return_attn="cls")
+    assert attn[0].shape[-1] == 5 + 8 * 10 and model.num_prefix_tokens == 5
+    for maps in (attn, rows):
+        torch.testing.assert_close(cls_attention(maps, 0, 1, grid, prefix_tokens=5)[0],
+                                   attn[0][0, 1, 0, 5:].reshape(8, 10), **TOL)
+    rollout = attention_rollout(attn, grid=grid, prefix_tokens=5)
+    assert rollout.shape == (2, 8, 10) and (rollout.sum((1, 2)) < 1).all()
+    assert gradient_rollout(model, x).shape == (2, 8, 10)
+    norms = token_norms(model, x)
+    with torch.no_grad():  # by hand: every token through every block, the patch tokens' norms after the last one
+        t = model
+        h = torch.cat([t.cls_token.expand(2, -1, -1), t.reg_token.expand(2, -1, -1),
+                       t.patch_embed.proj(x).flatten(2).transpose(1, 2) + t.position_embedding(grid)], 1)
+        for block in t.blocks:
+            h = block(h)[0]
+    assert norms.shape == (2, 2, 8, 10)
+    torch.testing.assert_close(norms[:, -1], h[:, 5:].norm(dim=-1).reshape(2, 8, 10), **TOL)
+    headless = randomized(VisionTransformer(**{**REG, "num_classes": 0}))
+    fig = attention_figure(headless, x[:1], torch.rand(32, 40, 3))
+    titles = [a.get_title() for a in fig.subfigs[0].axes]
+    assert titles == ["input", "attention rollout", "token norm, layer 2"]
+    fig = attention_figure(model, x[:1], torch.rand(32, 40, 3))
+    assert len(fig.subfigs[0].axes) == 5
+
+
+def test_vis_attn_headless_registers(tmp_path, capsys):
+    from imagenet import vis_attn
+
+    assert Path(vis_attn.image_path).is_file()  # the shipped photo
+    torch.save(randomized(VisionTransformer(**{**REG, "num_classes": 0})).state_dict(), tmp_path / "reg.pth")
+    vis_attn.main(["--model", str(tmp_path / "reg.pth"), "--img-size", "32", "--out", str(tmp_path / "f.png")])
+    out = capsys.readouterr().out
+    assert "no classification head" in out and "1. " not in out and (tmp_path / "f.png").is_file()
+    with pytest.raises(SystemExit, match="error: --target needs a classification head"):
+        vis_attn.main(["--model", str(tmp_path / "reg.pth"), "--img-size", "32", "--target", "3"])
+    with pytest.raises(SystemExit, match="error: checkpoint 'nope' does not exist and is not a registry name"):
+        vis_attn.main(["--model", "nope"])
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data is absent")
+def test_vis_attn_by_name_equals_the_path(tmp_path, monkeypatch, capsys):
+    from imagenet import vis_attn
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    weights = SHARED / "weights" / "deit_tiny_patch16_224_lnq.pth"
+    cached = Path(pretrained.cache_path("deit_tiny_patch16_224"))
+    cached.parent.mkdir(parents=True)
+    shutil.copy(weights, cached)
+    photo = str(SHARED / "photos" / "dog_and_cat.png")
+    tops = []
+    for model in ("deit_tiny_patch16_224", str(weights)):
+        vis_attn.main(["--image", photo, "--model", model, "--out", str(tmp_path / "f.png")])
+        out = capsys.readouterr().out.splitlines()
+        tops.append([line for line in out if line[:2] in {f"{i}." for i in range(1, 6)}])
+    assert len(tops[0]) == 5 and tops[0] == tops[1]

@@ -5,9 +5,11 @@ similarity, mean attention distance per head and layer) plus attention entropy, 
 same statistics tracked through training (metrics, curves, a GIF of the rollout epoch by epoch).
 
 `attn` below is what `model(x, return_attn=True)` returns: a list of num_layers tensors (B, heads, T, T) of
-softmax probabilities, T = 1 + N, token 0 the class token, then the N patches in row-major order on a
-(grid_h, grid_w) grid (`model.patch_grid(H, W)`). Every map comes back as (B, grid_h, grid_w); `grid`
-omitted means a square grid. Rows stay rows: a map's [i, j] is the patch at rows i·p.., columns j·p...
+softmax probabilities, T = P + N: P prefix tokens (`model.num_prefix_tokens`: the class token 0, then any
+register tokens, which are tokens, not places in the image), then the N patches in row-major order on a
+(grid_h, grid_w) grid (`model.patch_grid(H, W)`); the maps cover the N patches only. Every map comes back
+as (B, grid_h, grid_w); `grid` omitted means a square grid. Rows stay rows: a map's [i, j] is the patch at
+rows i·p.., columns j·p...
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ def _check_layers(attn: Sequence[Tensor], start_layer: int) -> None:
 
 
 def cls_attention(attn: Sequence[Tensor], layer: int = -1, head: int | None = None,
-                  grid: tuple[int, int] | None = None) -> Tensor:
+                  grid: tuple[int, int] | None = None, *, prefix_tokens: int = 1) -> Tensor:
     """The class token's attention to every patch in one layer -> (B, grid_h, grid_w).
 
     attn: full maps (B, heads, T, T) per layer, or the class-token rows (B, heads, T) of return_attn="cls".
@@ -73,20 +75,21 @@ def cls_attention(attn: Sequence[Tensor], layer: int = -1, head: int | None = No
     a = attn[layer]
     a = a[:, :, 0] if a.dim() == 4 else a  # (B, heads, T)
     a = a.mean(1) if head is None else a[:, head]
-    return _patch_map(a[:, 1:], grid)
+    return _patch_map(a[:, prefix_tokens:], grid)
 
 
 def attention_rollout(attn: Sequence[Tensor], head_fusion: str = "mean", discard_ratio: float = 0.0,
-                      start_layer: int = 0, grid: tuple[int, int] | None = None) -> Tensor:
+                      start_layer: int = 0, grid: tuple[int, int] | None = None, *,
+                      prefix_tokens: int = 1) -> Tensor:
     """Attention rollout (Abnar & Zuidema 2020) -> (B, grid_h, grid_w), the class-token row over the patches.
 
     attn: full maps, list of (B, heads, T, T). Per layer l >= start_layer:
       1. fuse the heads: A = mean / max / min over heads -> (B, T, T);
-      2. discard: in every row, of the N entries in the patch columns 1..N, the floor(discard_ratio·N)
-         smallest are set to 0. Column 0 (attention to the class token, which holds the class token's own
-         diagonal entry) is never touched;
+      2. discard: in every row, of the N entries in the patch columns P..P+N-1, the floor(discard_ratio·N)
+         smallest are set to 0. The prefix columns (class token, registers: P = prefix_tokens) are never
+         touched;
       3. Â = (A + I) / row sums: every row sums to 1 (also for max / min fusion and after discarding).
-    Rollout = Â_L-1 @ ... @ Â_start_layer; its class-token row, columns 1..N, is the map (not rescaled).
+    Rollout = Â_L-1 @ ... @ Â_start_layer; its class-token row over the patch columns is the map (not rescaled).
     """
     if head_fusion not in HEAD_FUSIONS:
         raise ValueError(f"head_fusion={head_fusion!r} must be one of {sorted(HEAD_FUSIONS)}.")
@@ -98,13 +101,13 @@ def attention_rollout(attn: Sequence[Tensor], head_fusion: str = "mean", discard
         if a.dim() != 4:
             raise ValueError("attention_rollout needs the full maps of model(x, return_attn=True), not 'cls' rows.")
         a = HEAD_FUSIONS[head_fusion](a)  # (B, T, T)
-        cls_col, patches = a[..., :1], a[..., 1:]
+        cls_col, patches = a[..., :prefix_tokens], a[..., prefix_tokens:]
         k = math.floor(discard_ratio * patches.shape[-1] + 1e-9)  # the epsilon absorbs float error in ratio·N
         if k:
             patches = patches.scatter(-1, patches.topk(k, dim=-1, largest=False).indices, 0.0)
         a = torch.cat([cls_col, patches], dim=-1) + torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
         mats.append(a / a.sum(-1, keepdim=True))
-    return _patch_map(_cls_row(mats)[:, 1:], grid)
+    return _patch_map(_cls_row(mats)[:, prefix_tokens:], grid)
 
 
 def _targets(target: int | Tensor, batch: int, device: torch.device) -> Tensor:
@@ -119,7 +122,7 @@ def gradient_rollout(model: nn.Module, x: Tensor, target: int | Tensor | None = 
 
     x: (B, C, H, W) -> (B, grid_h, grid_w) on model.patch_grid(H, W). target: class per image, int or (B,)
     (default: the predicted class). R = I; per layer l >= start_layer: Ā = mean over heads of
-    clamp(∂y_t/∂A ⊙ A, min=0), R <- R + Ā R; the map is R's class-token row over the patches.
+    clamp(∂y_t/∂A ⊙ A, min=0), R <- R + Ā R; the map is R's class-token row over the patches (registers left out).
     One backward pass for the batch (images are independent in eval mode, so the gradient of the summed target
     logits is each image's own); runs in eval mode, then restores the mode; parameters' .grad are untouched.
     """
@@ -136,7 +139,29 @@ def gradient_rollout(model: nn.Module, x: Tensor, target: int | Tensor | None = 
         model.train(was_training)
     eye = torch.eye(attn[0].shape[-1], dtype=attn[0].dtype, device=x.device)
     mats = [eye + (g * a.detach()).clamp(min=0).mean(1) for g, a in zip(grads, attn[start_layer:], strict=True)]
-    return _patch_map(_cls_row(mats)[:, 1:], model.patch_grid(*x.shape[-2:]))
+    return _patch_map(_cls_row(mats)[:, getattr(model, "num_prefix_tokens", 1):], model.patch_grid(*x.shape[-2:]))
+
+
+@torch.no_grad()
+def token_norms(model: nn.Module, x: Tensor) -> Tensor:
+    """The L2 norm of every patch token's output, per layer -> (B, L, grid_h, grid_w), in eval mode (restored).
+
+    x: (B, C, H, W). Layer l's map is ||block_l(...)|| of each patch token (prefix tokens left out), before the
+    final norm. High-norm outlier patches in the later layers are the artifacts of Darcet et al. 2024 ("Vision
+    Transformers Need Registers"), which register tokens absorb.
+    """
+    outs: list[Tensor] = []
+    hooks = [b.register_forward_hook(lambda m, inp, out: outs.append(out[0])) for b in model.blocks]
+    was_training = model.training
+    model.eval()
+    try:
+        model.forward_features(x)  # every token through every block (forward() shortcuts the last one)
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    grid, p = model.patch_grid(*x.shape[-2:]), getattr(model, "num_prefix_tokens", 1)
+    return torch.stack([_patch_map(t[:, p:].float().norm(dim=-1), grid) for t in outs], 1)
 
 
 # ----------------------------------------------------------------------------------------------- rendering
@@ -188,9 +213,11 @@ def attention_figure(model: nn.Module, x: Tensor, image: Tensor | np.ndarray, cl
     """One picture of where the model looks -> matplotlib Figure (save it with `save_figure`).
 
     x: (1, C, H, W) the model input (normalised); image: what to show, (H, W) / (H, W, 3) uint8 or float in [0, 1]
-    (or channels first). Top row: the image, the top-k classes, attention rollout and gradient rollout (for
-    `target`, default the top class). Below: the class token's attention in every layer (columns) × head
-    (rows), each panel scaled to its own range.
+    (or channels first). Top row: the image, the top-k classes, attention rollout, gradient rollout (for
+    `target`, default the top class) and the last layer's token norms (`token_norms`); a model without a head
+    (model.config["num_classes"] == 0: DINO, DINOv2) gets no top-k and no gradient panel. Below: the class
+    token's attention in every layer (columns) × head (rows), each panel scaled to its own range. Register
+    tokens (model.num_prefix_tokens > 1) are left out of every map.
     """
     was_training = model.training
     model.eval()
@@ -199,7 +226,8 @@ def attention_figure(model: nn.Module, x: Tensor, image: Tensor | np.ndarray, cl
             logits, attn = model(x, return_attn=True)
     finally:
         model.train(was_training)
-    grid = model.patch_grid(*x.shape[-2:])
+    grid, prefix = model.patch_grid(*x.shape[-2:]), getattr(model, "num_prefix_tokens", 1)
+    has_head = getattr(model, "config", {}).get("num_classes", 1) > 0
     probs = logits.softmax(-1)[0]
     top = probs.topk(min(topk, probs.numel()))
     target = int(top.indices[0]) if target is None else int(target)
@@ -207,8 +235,10 @@ def attention_figure(model: nn.Module, x: Tensor, image: Tensor | np.ndarray, cl
     def name(c: int) -> str:
         return class_names[c] if class_names is not None else f"class {c}"
 
-    maps = {"attention rollout": attention_rollout(attn, grid=grid)[0],
-            f"gradient rollout: {name(target)}": gradient_rollout(model, x, target)[0]}
+    maps = {"attention rollout": attention_rollout(attn, grid=grid, prefix_tokens=prefix)[0]}
+    if has_head:
+        maps[f"gradient rollout: {name(target)}"] = gradient_rollout(model, x, target)[0]
+    maps[f"token norm, layer {len(attn)}"] = token_norms(model, x)[0, -1]
 
     img = _to_rgb(image)
     k = max(1, -(-224 // max(img.shape[:2])))  # upscale small images (MNIST) so overlays are smooth
@@ -219,24 +249,26 @@ def attention_figure(model: nn.Module, x: Tensor, image: Tensor | np.ndarray, cl
     top_h, low_h = width / 4 + 0.3, n_heads * cell + 0.6
     fig = Figure(figsize=(width, top_h + low_h), facecolor="white", layout="constrained")
     upper, lower = fig.subfigures(2, 1, height_ratios=[top_h, low_h])
-    upper.suptitle(f"predicted: {name(int(top.indices[0]))}  ({float(top.values[0]):.1%})", fontsize=15,
-                   fontweight="bold")
-    ax = upper.subplots(1, 4)
+    upper.suptitle(f"predicted: {name(int(top.indices[0]))}  ({float(top.values[0]):.1%})" if has_head else
+                   "no classification head: attention maps only", fontsize=15, fontweight="bold")
+    ax = upper.subplots(1, 1 + has_head + len(maps))
     ax[0].imshow(img, interpolation="nearest")
     ax[0].set_title("input", fontsize=12)
-    for i, (p, c) in enumerate(zip(top.values.tolist(), top.indices.tolist(), strict=True)):
+    for i, (p, c) in enumerate(zip(top.values.tolist(), top.indices.tolist(), strict=True) if has_head else ()):
         ax[1].barh(i, p, height=0.3, color="#d62728" if c == target else "#8c96a3")
         ax[1].barh(i, 1, height=0.3, color="#8c96a3", alpha=0.15)
         ax[1].text(0, i - 0.28, name(c)[:28], fontsize=11, va="bottom")
         ax[1].text(1, i - 0.28, f"{p:.1%}", fontsize=11, va="bottom", ha="right")
-    ax[1].set_xlim(0, 1)
-    ax[1].set_ylim(len(top.values) - 0.5, -0.9)
-    ax[1].set_title(f"top-{len(top.values)} classes", fontsize=12)
-    for a, (title, m) in zip(ax[2:], maps.items(), strict=True):
+    if has_head:
+        ax[1].set_xlim(0, 1)
+        ax[1].set_ylim(len(top.values) - 0.5, -0.9)
+        ax[1].set_title(f"top-{len(top.values)} classes", fontsize=12)
+        ax[1].set_axis_off()
+    panels = ax[1 + has_head:]
+    for a, (title, m) in zip(panels, maps.items(), strict=True):
         a.imshow(overlay(img, m), interpolation="bilinear")
         a.set_title(title, fontsize=12)
-    ax[1].set_axis_off()
-    for a in ax[[0, 2, 3]]:  # a thin frame keeps white images apart from the page
+    for a in [ax[0], *panels]:  # a thin frame keeps white images apart from the page
         a.set_xticks([])
         a.set_yticks([])
         a.spines[:].set_color("#bbbbbb")
@@ -248,7 +280,8 @@ def attention_figure(model: nn.Module, x: Tensor, image: Tensor | np.ndarray, cl
             a = axes[h, layer]
             a.set_xticks([])
             a.set_yticks([])
-            a.imshow(cls_attention(attn, layer, h, grid)[0].cpu().numpy(), cmap="inferno", interpolation="nearest")
+            a.imshow(cls_attention(attn, layer, h, grid, prefix_tokens=prefix)[0].cpu().numpy(), cmap="inferno",
+                     interpolation="nearest")
             if h == 0:
                 a.set_title(f"layer {layer + 1}", fontsize=10)
             if layer == 0:
