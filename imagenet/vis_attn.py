@@ -44,6 +44,8 @@ IN1K = importlib.import_module("imagenet.dataloaders.imagenet-1k")
 ROOT = Path(__file__).resolve().parents[1]
 
 # ----------------------------------------------------------------------------------------------------------- config
+# Default photo: "Chelsea the cat" by Stefan van der Walt, CC0 ("No copyright restrictions"), scikit-image 0.26.0's
+# skimage/data/chelsea.png (its docstring in skimage/data/_fetchers.py states the license), re-encoded as JPEG.
 image_path = str(ROOT / "imgs" / "chelsea.jpg")  # your photo: any size or aspect, RGB or gray (JPEG, PNG, ...)
 model_path = "deit_tiny_patch16_224"  # a registry name (python -m models.pretrained --list) or a checkpoint file
 output_path = "imgs/imagenet_attention.png"  # the figure (PNG; the suffix picks the format)
