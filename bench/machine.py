@@ -128,7 +128,7 @@ def main() -> None:
         if args.compile:
             row.append(train_img_per_s(dev, amp, True, args.batch_size, args.seconds))
         label = ("fp32" if amp == "none" else amp) + (" (auto)" if amp == hw.amp else "")
-        print(f"| {label} | " + " | ".join(f"{v:.0f}" for v in row) + " |", flush=True)
+        print(f"| {label} | " + " | ".join(f"{v:.0f}" if v >= 10 else f"{v:.2f}" for v in row) + " |", flush=True)
 
 
 if __name__ == "__main__":
