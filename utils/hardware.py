@@ -41,7 +41,7 @@ class Hardware:
         return DTYPES[self.amp]
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp != "none")
+        return autocast(self.device, self.amp_dtype)
 
     def grad_scaler(self) -> torch.amp.GradScaler | None:
         """A GradScaler for fp16 (its gradients underflow without one), else None."""
@@ -50,6 +50,11 @@ class Hardware:
     def record(self) -> dict[str, str]:
         """What metrics.json keeps of the choice."""
         return {"device": str(self.device), "amp": self.amp, "hardware": self.summary}
+
+
+def autocast(device: torch.device, amp_dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """torch.autocast on `device` in `amp_dtype`; a no-op context for None (fp32)."""
+    return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
 
 
 def cpu_isa() -> str:
@@ -100,9 +105,9 @@ def _native(device: torch.device) -> tuple[str, str]:
         return "fp16", f"{name}, no native bf16"
     if device.type == "mps":
         return "fp16", "Apple GPU, native fp16"
-    bf16 = "native bf16" if cpu_native_bf16() else "no native bf16"
-    threads = torch.get_num_threads()
-    return ("bf16" if cpu_native_bf16() else "none"), f"{threads} thread{'s' * (threads > 1)}, {cpu_isa()}, {bf16}"
+    native, threads = cpu_native_bf16(), torch.get_num_threads()
+    why = f"{threads} thread{'s' * (threads > 1)}, {cpu_isa()}, {'native' if native else 'no native'} bf16"
+    return ("bf16" if native else "none"), why
 
 
 def resolve(device: str | torch.device = "auto", amp: str = "auto", *, warn=None) -> Hardware:

@@ -37,6 +37,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from models.pretrained import CheckpointError, read_checkpoint
+from utils.hardware import autocast
 
 
 class NonFiniteLossError(RuntimeError):
@@ -160,17 +161,13 @@ def make_ema(model: nn.Module, decay: float) -> AveragedModel:
 
 
 # ------------------------------------------------------------------------------------------------- train / evaluate
-def _autocast(device: torch.device, amp_dtype: torch.dtype | None):
-    return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
-
-
 def compile_or_eager(model: nn.Module, example: Tensor, amp_dtype: torch.dtype | None = None) -> nn.Module:
     """torch.compile(model), compiled here by one forward/backward of `example` (a batch of the training shape, under
     the training autocast, so training reuses these graphs); where that fails (no C++ compiler on a CPU, no Triton
     on a GPU) a one-line warning on stderr and `model` itself. Leaves the gradients empty."""
     compiled = torch.compile(model)
     try:
-        with _autocast(example.device, amp_dtype):
+        with autocast(example.device, amp_dtype):
             out = compiled(example)
         out.float().sum().backward()
     except Exception as e:  # the backend's own error type differs between torch versions and devices
@@ -217,7 +214,7 @@ def train_one_epoch(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], 
 
     for x, y in bar:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with _autocast(device, amp_dtype):
+        with autocast(device, amp_dtype):
             loss = loss_fn(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
@@ -274,7 +271,7 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], *, devi
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1 hits, top-5 hits, count
     for x, y in tqdm(batches, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with _autocast(device, amp_dtype):
+        with autocast(device, amp_dtype):
             logits = model(x)
         logits = logits.float()
         top1, top5 = accuracy_counts(logits, y)
