@@ -1,20 +1,24 @@
-"""Image-classification datasets and the DeiT train / eval pipelines (torchvision `transforms.v2`).
+"""Image-classification datasets, the DeiT train / eval pipelines (torchvision `transforms.v2`) and the sampler.
 
 Layouts (any class set; the class count comes from the folders):
 - `ROOT/train/<class>/<image>` + `ROOT/val/<class>/<image>` (ImageFolder; ImageNet: class = WordNet id);
-- the official ILSVRC2012 archives in ROOT (extracted once into the layout above, torchvision's `ImageNet`);
+- the official ILSVRC2012 archives in ROOT are not extracted here (that takes hours, far past a cluster's
+  collective timeouts): `python -m imagenet.dataloaders.imagenet-1k ROOT --prepare` does it once;
 - for evaluation only, a flat folder of `<wnid>_<name>.JPEG` files (e.g. one photo per ImageNet class):
   labels from the WordNet id, classes = the 1000 ImageNet-1k classes.
 
-Samples are (image (3, H, W) float, target, index, skipped): `skipped` is "" or the path of an unreadable
+Samples are (image (3, H, W) uint8, target, index, skipped): `skipped` is "" or the path of an unreadable
 image that was replaced by the next readable one (so batches keep their size and DDP ranks stay in step).
-`SeededSampler` makes the augmentation of a sample a function of (seed, epoch, index) alone: the same on any
-number of ranks or workers, and after `--resume`.
+Workers only decode, crop and augment (uint8: a quarter of float32's shared memory); `device_transform`
+normalises the batch and applies random erasing on the device.
+`TrainSampler` shards an epoch over ranks (with DeiT's repeated augmentation) and makes the augmentation of a
+sample a function of (seed, epoch, index, copy) alone: the same on any number of workers, and after `--resume`.
 """
 
 from __future__ import annotations
 
 import importlib
+import math
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,6 +31,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import InterpolationMode, v2
 
 from imagenet.dataloaders.classes import WNIDS, index_from_filename
+from imagenet.dataloaders.randaugment import DeiTRandAugment
 from utils.training import epoch_seed
 
 IN1K = importlib.import_module("imagenet.dataloaders.imagenet-1k")
@@ -51,7 +56,10 @@ def _found(directory: Path, limit: int = 6) -> str:
 
 
 def extract_archives(root: str | Path, split: str) -> None:
-    """Build ROOT/<split>/<wnid>/ from the official archives in ROOT (no-op when the folder exists)."""
+    """Build ROOT/<split>/<wnid>/ from the official archives in ROOT (no-op when the folder exists).
+
+    Only for `python -m imagenet.dataloaders.imagenet-1k ROOT --prepare`: training never extracts (hours of md5
+    checks on one rank while the others time out)."""
     root = Path(root)
     if (root / split).is_dir():
         return
@@ -75,15 +83,13 @@ def extract_archives(root: str | Path, split: str) -> None:
         raise DatasetError(f"could not extract the {split} archive in {root}: {e}") from None
 
 
-def split_dir(root: str | Path, split: str, *, extract: bool = False) -> Path:
-    """ROOT/<split> as a folder of class folders; extracts the archives first when asked and needed."""
+def split_dir(root: str | Path, split: str) -> Path:
+    """ROOT/<split> as a folder of class folders (never extracts archives: the error says how to)."""
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"dataset root {root} does not exist; expected {LAYOUT}.")
     directory = root / split
     has_archives = (root / IN1K.ARCHIVES[split]).is_file()
-    if not directory.is_dir() and extract and has_archives:
-        extract_archives(root, split)
     if not directory.is_dir():
         hint = (" (the ILSVRC2012 archives are there: run `python -m imagenet.dataloaders.imagenet-1k ROOT "
                 "--prepare` once)" if has_archives else "")
@@ -126,9 +132,9 @@ class ImageDataset(Dataset):
     Args:
         samples: (path, class index) pairs.
         classes: class names / WordNet ids by index.
-        transform: PIL RGB image -> tensor (3, H, W).
+        transform: PIL RGB image -> tensor (3, H, W) (uint8 with `train_transform` / `eval_transform`).
 
-    An item key is an index, or (seed, index) from `SeededSampler`: the transform then draws its random numbers
+    An item key is an index, or (seed, index) from `TrainSampler`: the transform then draws its random numbers
     from torch's RNG seeded with `seed` (the caller's RNG state is left as it was).
     """
 
@@ -163,27 +169,48 @@ class ImageDataset(Dataset):
                            f"check the dataset with `python -m imagenet.dataloaders.imagenet-1k ROOT`.")
 
 
-class SeededSampler(Sampler):
-    """Wraps a sampler of indices (e.g. DistributedSampler) and yields (seed, index) keys for `ImageDataset`.
+class TrainSampler(Sampler):
+    """Training keys (sample_seed, index) for `ImageDataset`: one rank's share of an epoch, with DeiT's repeated
+    augmentation.
 
-    The seed depends on (seed, epoch, index) only; call `set_epoch(epoch)` before each epoch (it is passed on).
+    Epoch e: a permutation of range(num_samples) seeded by epoch_seed(seed, e); each index is repeated `repeats`
+    times in a row (DeiT's RASampler) and rank k takes positions k, k + W, k + 2W, ... (W = num_replicas), so the
+    copies of an image land on different ranks (when repeats <= W). Each rank yields num_samples // W keys per
+    epoch whatever `repeats` (DeiT's epoch length, without its rounding to 256): with repeats=1 the shards are
+    disjoint and a few indices (num_samples % W, different ones every epoch) wait for another epoch.
+    sample_seed depends on (seed, epoch, index, copy) alone, so every copy gets its own augmentation.
+    Call `set_epoch(epoch, start)` before each epoch; `start` keys (batches done x per-rank batch) are skipped.
     """
 
-    def __init__(self, sampler: Sampler, seed: int):
-        self.sampler, self.seed, self.epoch = sampler, seed, 0
+    def __init__(self, num_samples: int, *, num_replicas: int = 1, rank: int = 0, seed: int = 0, repeats: int = 1):
+        if num_replicas < 1 or not 0 <= rank < num_replicas:
+            raise ValueError(f"TrainSampler rank {rank} must be in [0, num_replicas={num_replicas}).")
+        if repeats < 1:
+            raise ValueError(f"TrainSampler repeats {repeats} must be at least 1.")
+        if num_samples < num_replicas:
+            raise ValueError(f"TrainSampler needs at least one sample per rank: {num_samples} samples for "
+                             f"{num_replicas} ranks.")
+        self.num_samples, self.num_replicas, self.rank = num_samples, num_replicas, rank
+        self.seed, self.repeats = seed, repeats
+        self.per_rank = num_samples // num_replicas
+        self.epoch, self.start = 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        if hasattr(self.sampler, "set_epoch"):
-            self.sampler.set_epoch(epoch)
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        if not 0 <= start <= self.per_rank:
+            raise ValueError(f"TrainSampler start {start} must be in [0, {self.per_rank}] (keys per rank and epoch).")
+        self.epoch, self.start = epoch, start
 
     def __len__(self) -> int:
-        return len(self.sampler)
+        return self.per_rank - self.start
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         base = epoch_seed(self.seed, self.epoch)
-        for index in self.sampler:
-            yield hash((base, int(index))) & (2**63 - 1), int(index)
+        perm = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(base)).tolist()
+        # positions rank, rank + W, ...: per_rank * W <= num_samples * repeats, so no padding is ever reached
+        first = self.rank + self.start * self.num_replicas
+        for position in range(first, self.per_rank * self.num_replicas, self.num_replicas):
+            index, copy = perm[position // self.repeats], position % self.repeats
+            yield hash((base, index, copy)) & (2**63 - 1), index
 
 
 def folder_samples(directory: str | Path) -> tuple[list[tuple[str, int]], list[str]]:
@@ -223,11 +250,11 @@ def build_datasets(root: str | Path, train_transform: Callable | None, eval_tran
     if eval_only and root.is_dir() and not (root / "val").is_dir() and not (root / IN1K.ARCHIVES["val"]).is_file():
         samples, classes = folder_samples(root)
         return None, ImageDataset(samples, classes, eval_transform)
-    val_dir = split_dir(root, "val", extract=True)
+    val_dir = split_dir(root, "val")
     val_samples, val_classes = folder_samples(val_dir)
     if eval_only:
         return None, ImageDataset(val_samples, val_classes, eval_transform)
-    train_samples, train_classes = folder_samples(split_dir(root, "train", extract=True))
+    train_samples, train_classes = folder_samples(split_dir(root, "train"))
     if train_classes != val_classes:
         missing = sorted(set(train_classes) - set(val_classes))
         extra = sorted(set(val_classes) - set(train_classes))
@@ -245,33 +272,82 @@ def _interpolation(name: str) -> InterpolationMode:
 
 
 def train_transform(img_size: int = IN1K.IMAGE_SIZE, *, scale: tuple[float, float] = (0.08, 1.0),
-                    hflip: float = 0.5, randaug_ops: int = 2, randaug_magnitude: int = 9, reprob: float = 0.25,
-                    interpolation: str = IN1K.INTERPOLATION, mean=IN1K.MEAN, std=IN1K.STD) -> v2.Compose:
-    """DeiT training augmentation: PIL image -> (3, img_size, img_size) normalised float.
+                    hflip: float = 0.5, randaug_ops: int = 2, randaug_magnitude: float = 9,
+                    interpolation: str = IN1K.INTERPOLATION, mean=IN1K.MEAN) -> v2.Compose:
+    """DeiT training augmentation: PIL image -> uint8 tensor (3, img_size, img_size).
 
-    RandomResizedCrop (bicubic) -> flip -> RandAugment (torchvision's; DeiT uses timm's rand-m9-mstd0.5-inc1)
-    -> normalise -> RandomErasing with per-pixel normal noise (timm's mode "pixel"). randaug_magnitude=0
-    or reprob=0 turn those off.
+    RandomResizedCrop (bicubic) -> flip -> DeiT's RandAugment (timm's rand-m9-mstd0.5-inc1: magnitude out of 10,
+    noise std 0.5, each op with probability 0.5, geometric ops with `interpolation` and the `mean` colour as fill).
+    randaug_magnitude=0 or randaug_ops=0 turn RandAugment off. Normalisation and random erasing happen on the
+    device (`device_transform`).
     """
     mode = _interpolation(interpolation)
     steps = [v2.RandomResizedCrop(img_size, scale=scale, interpolation=mode, antialias=True)]
     if hflip > 0:
         steps.append(v2.RandomHorizontalFlip(hflip))
     if randaug_magnitude > 0 and randaug_ops > 0:
-        steps.append(v2.RandAugment(num_ops=randaug_ops, magnitude=randaug_magnitude, interpolation=mode))
-    steps += [v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
-    if reprob > 0:
-        steps.append(v2.RandomErasing(p=reprob, value="random"))
+        fill = tuple(min(255, round(255 * m)) for m in mean)
+        steps.append(DeiTRandAugment(randaug_ops, randaug_magnitude, fill=fill, interpolation=mode.value))
+    steps.append(v2.PILToTensor())
     return v2.Compose(steps)
 
 
 def eval_transform(img_size: int = IN1K.IMAGE_SIZE, *, resize_size: int | None = None,
-                   interpolation: str = IN1K.INTERPOLATION, mean=IN1K.MEAN, std=IN1K.STD) -> v2.Compose:
-    """Resize the shorter side to resize_size (default img_size / 0.875: 256 for 224), center-crop img_size."""
+                   interpolation: str = IN1K.INTERPOLATION) -> v2.Compose:
+    """PIL image -> uint8 tensor (3, img_size, img_size): resize the shorter side to resize_size (default
+    img_size / 0.875: 256 for 224), center-crop img_size. Normalise with `device_transform`."""
     resize_size = resize_size or round(img_size / 0.875)
     return v2.Compose([v2.Resize(resize_size, interpolation=_interpolation(interpolation), antialias=True),
-                       v2.CenterCrop(img_size), v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True),
-                       v2.Normalize(mean, std)])
+                       v2.CenterCrop(img_size), v2.PILToTensor()])
+
+
+def random_erasing(x: Tensor, prob: float, area: tuple[float, float] = (0.02, 1 / 3),
+                   aspect: tuple[float, float] = (0.3, 1 / 0.3), attempts: int = 10) -> Tensor:
+    """timm's RandomErasing(mode="pixel", max_count=1) over a batch x (B, C, H, W), vectorised; returns a new tensor.
+
+    Each sample, with probability `prob`: the first of `attempts` boxes (area fraction ~ U(area), aspect ratio
+    log-uniform in `aspect`, rounded sides) that fits strictly inside the image gets N(0, 1) noise per pixel.
+    Draws from torch's RNG of x's device.
+    """
+    b, _, h, w = x.shape
+    dev = x.device
+    log_aspect = torch.empty(b, attempts, device=dev).uniform_(math.log(aspect[0]), math.log(aspect[1])).exp()
+    target = torch.empty(b, attempts, device=dev).uniform_(*area) * (h * w)
+    bh, bw = (target * log_aspect).sqrt().round(), (target / log_aspect).sqrt().round()
+    fits = (bh < h) & (bw < w)
+    first = fits.int().argmax(1, keepdim=True)  # the first attempt that fits (0 when none does)
+    bh, bw = bh.gather(1, first), bw.gather(1, first)  # (B, 1)
+    erase = (torch.rand(b, 1, device=dev) < prob) & fits.any(1, keepdim=True)
+    top = (torch.rand(b, 1, device=dev) * (h - bh + 1)).floor()  # randint(0, h - bh)
+    left = (torch.rand(b, 1, device=dev) * (w - bw + 1)).floor()
+    rows = torch.arange(h, device=dev).view(1, h)
+    cols = torch.arange(w, device=dev).view(1, w)
+    in_rows = (rows >= top) & (rows < top + bh)  # (B, H)
+    in_cols = (cols >= left) & (cols < left + bw)  # (B, W)
+    mask = (in_rows[:, :, None] & in_cols[:, None, :] & erase[:, :, None])[:, None]  # (B, 1, H, W)
+    return torch.where(mask, torch.randn_like(x), x)
+
+
+def device_transform(mean=IN1K.MEAN, std=IN1K.STD, reprob: float = 0.0) -> Callable[[Tensor], Tensor]:
+    """Batch transform on the device: x uint8 (B, 3, H, W) -> float32 (B, 3, H, W), normalised with mean / std
+    (given for [0, 1] pixels), then random erasing (timm's mode "pixel") of each sample with probability reprob.
+    Keeps x's memory format (channels_last stays channels_last)."""
+    if not 0 <= reprob <= 1:
+        raise ValueError(f"random erasing probability {reprob} must be in [0, 1].")
+
+    def transform(x: Tensor) -> Tensor:
+        if x.dtype != torch.uint8 or x.dim() != 4:
+            raise ValueError(f"device_transform expects a uint8 batch (B, C, H, W), got {x.dtype} {tuple(x.shape)}.")
+        m = torch.tensor(mean, device=x.device).view(1, -1, 1, 1) * 255
+        s = torch.tensor(std, device=x.device).view(1, -1, 1, 1) * 255
+        y = x.float().sub_(m).div_(s)
+        if reprob > 0:
+            y = random_erasing(y, reprob)
+        if x.is_contiguous(memory_format=torch.channels_last):
+            y = y.contiguous(memory_format=torch.channels_last)
+        return y
+
+    return transform
 
 
 def mixup_cutmix(num_classes: int, mixup: float = 0.8, cutmix: float = 1.0) -> Callable | None:
