@@ -8,7 +8,7 @@ caller silence the progress bar on ranks other than 0 (`progress=False`). AMP is
     rng_states, set_rng_states                    -- capture / restore every RNG (plain values: weights_only-safe)
     param_groups, warmup_cosine                   -- AdamW groups without decay on norms/biases/tokens; LR schedule
     stretch_schedule, epochs_within               -- a time budget: the epoch count that fits, the schedule to match
-    make_ema, unwrap                              -- EMA of the weights (swa_utils.AveragedModel); the bare model
+    ModelEma, make_ema, unwrap                    -- EMA of the weights on the device (optional warm-up); the bare model
     compile_or_eager                              -- torch.compile, or a one-line warning where it cannot work
     train_one_epoch, evaluate, accuracy_counts    -- the epoch loop with NaN guard; top-1/top-5 evaluation
     checkpoint_state, restore_checkpoint          -- the repo's checkpoint dict, and resuming from it
@@ -18,6 +18,8 @@ caller silence the progress bar on ranks other than 0 (`progress=False`). AMP is
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import math
 import os
@@ -33,7 +35,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from models.pretrained import CheckpointError, read_checkpoint
@@ -95,12 +96,12 @@ def set_rng_states(states: dict[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------------------------------- optimizer and schedule
-def unwrap(model: nn.Module) -> nn.Module:
-    """The bare model under DDP (`.module`), `torch.compile` (`._orig_mod`) and AveragedModel (`.module`) wrappers."""
+def unwrap(model: nn.Module | ModelEma) -> nn.Module:
+    """The bare model under DDP (`.module`), `torch.compile` (`._orig_mod`) and ModelEma (`.module`) wrappers."""
     while True:
         if hasattr(model, "_orig_mod"):
             model = model._orig_mod
-        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel, AveragedModel)):
+        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel, ModelEma)):
             model = model.module
         else:
             return model
@@ -117,11 +118,19 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int,
-                  min_lr_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
+                  min_lr_ratio: float = 0.0, start_step: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
     """Per-step LR schedule: linear warm-up from ~0 to the base LR over `warmup_steps`, then cosine to
-    `min_lr_ratio` x base LR at `total_steps`. Call `scheduler.step()` after every optimizer step."""
+    `min_lr_ratio` x base LR at `total_steps`. Call `scheduler.step()` after every optimizer step.
+
+    The base LR of a group is its "initial_lr" (what a previous schedule of this optimizer, or a loaded optimizer
+    state, left there), else its "lr", which is then stored as "initial_lr". `start_step` positions the schedule
+    after that many completed optimizer steps (the groups' LRs are set for step `start_step`), as if a fresh one
+    had been stepped `start_step` times: for resuming with a changed length or warm-up. To change the base LR on
+    resume, set each group's "initial_lr" first."""
     if total_steps <= 0 or not 0 <= warmup_steps <= total_steps:
         raise ValueError(f"need 0 <= warmup_steps ({warmup_steps}) <= total_steps ({total_steps}) and total_steps > 0.")
+    if start_step < 0:
+        raise ValueError(f"start_step={start_step} must be a non-negative step count.")
 
     def factor(step: int) -> float:
         if step < warmup_steps:
@@ -129,19 +138,16 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ste
         t = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
         return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    for group in optimizer.param_groups:
+        group.setdefault("initial_lr", group["lr"])
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor, last_epoch=start_step - 1)
 
 
 def stretch_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, total_steps: int, warmup_steps: int,
                      min_lr_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
     """The `warmup_cosine` schedule of `scheduler`'s optimizer with a new length, continued from the step that
     `scheduler` has reached (the optimizer's learning rates are set for it)."""
-    new = warmup_cosine(scheduler.optimizer, total_steps, warmup_steps, min_lr_ratio)
-    new.load_state_dict(scheduler.state_dict())  # last_epoch, base_lrs
-    for group, base in zip(new.optimizer.param_groups, new.base_lrs, strict=True):
-        group["lr"] = base * new.lr_lambdas[0](new.last_epoch)
-    new._last_lr = [group["lr"] for group in new.optimizer.param_groups]
-    return new
+    return warmup_cosine(scheduler.optimizer, total_steps, warmup_steps, min_lr_ratio, start_step=scheduler.last_epoch)
 
 
 def epochs_within(budget_s: float, elapsed_s: float, epoch_s: float, final_s: float, max_epochs: int, done: int = 1,
@@ -154,10 +160,49 @@ def epochs_within(budget_s: float, elapsed_s: float, epoch_s: float, final_s: fl
     return max(done, min(max_epochs, done + int(left // max(epoch_s, 1e-9))))
 
 
-def make_ema(model: nn.Module, decay: float) -> AveragedModel:
-    """Exponential moving average of the bare model's weights (and buffers); `ema.update_parameters(model)` each step.
-    `ema.module` is a plain model of the same class (its state dict loads into a fresh one)."""
-    return AveragedModel(unwrap(model), multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+class ModelEma:
+    """Exponential moving average of a model's weights, kept on the model's device.
+
+    `module` is a deep copy of the bare model (`unwrap(model)`) in eval mode without gradients; its state dict loads
+    into a fresh model of the class. `update_parameters(model)` moves every float parameter and buffer towards the
+    model's by one `torch._foreach_lerp_` (ema += (1 - d) (model - ema), d = `decay_at(updates)`) and copies the
+    other buffers: no host sync. `updates` counts the updates done.
+    """
+
+    def __init__(self, model: nn.Module, decay: float, warmup: bool = False):
+        if not 0 <= decay < 1:
+            raise ValueError(f"EMA decay {decay} must be in [0, 1).")
+        self.module = copy.deepcopy(unwrap(model)).eval().requires_grad_(False)
+        self.decay, self.warmup, self.updates = decay, warmup, 0
+
+    def decay_at(self, updates: int) -> float:
+        """The decay of the update that follows `updates` updates: `decay`, or with warm-up timm ModelEmaV3's
+        1 - (1 + updates)^(-3/4) capped at `decay` (0 for the first update, which copies the model; 0.9 after 20,
+        0.999 after ~10^4, 0.9999 after ~2 x 10^5)."""
+        return min(self.decay, 1 - (1 + updates) ** -0.75) if self.warmup else self.decay
+
+    @torch.no_grad()
+    def update_parameters(self, model: nn.Module) -> None:
+        """One EMA step towards `model` (wrapped or bare, of the same class as `module`)."""
+        bare = unwrap(model)
+        pairs = zip([*self.module.parameters(), *self.module.buffers()], [*bare.parameters(), *bare.buffers()],
+                    strict=True)
+        ema_f, model_f = [], []
+        for e, m in pairs:
+            if e.is_floating_point():
+                ema_f.append(e)
+                model_f.append(m)
+            else:
+                e.copy_(m)
+        if ema_f:
+            torch._foreach_lerp_(ema_f, model_f, 1.0 - self.decay_at(self.updates))
+        self.updates += 1
+
+
+def make_ema(model: nn.Module, decay: float, warmup: bool = False) -> ModelEma:
+    """A `ModelEma` of the bare model with `decay` (and timm's warm-up of the decay when `warmup`);
+    `ema.update_parameters(model)` after each optimizer step, `ema.module` is the averaged model."""
+    return ModelEma(model, decay, warmup)
 
 
 # ------------------------------------------------------------------------------------------------- train / evaluate
@@ -183,45 +228,61 @@ def compile_or_eager(model: nn.Module, example: Tensor, amp_dtype: torch.dtype |
 def train_one_epoch(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler | None, loss_fn: Callable[[Tensor, Tensor], Tensor],
                     *, device: torch.device | str, epoch: int, step: int = 0, total: int | None = None,
-                    ema: AveragedModel | None = None, amp_dtype: torch.dtype | None = None,
+                    ema: ModelEma | None = None, amp_dtype: torch.dtype | None = None,
                     scaler: torch.amp.GradScaler | None = None, grad_clip: float | None = None,
-                    check_every: int = 10, progress: bool = True, desc: str | None = None) -> dict[str, float]:
-    """One pass over `batches`, an iterable of (x (B, C, H, W), target (B,) or soft targets (B, K)).
+                    accum_steps: int = 1, should_stop: Callable[[int], bool] | None = None,
+                    check_every: int = 10, progress: bool = True, desc: str | None = None) -> dict[str, Any]:
+    """One pass over `batches`, an iterable of micro-batches (x (B, C, H, W), target (B,) or soft targets (B, K)).
 
-    Per step: forward under optional autocast, loss_fn(logits, target), backward (through `scaler` if given),
-    optional grad-norm clipping, optimizer step, `scheduler.step()`, `ema.update_parameters`. Tensors are moved
-    to `device` (non_blocking) if they are not there already. `step` is the global step at the start of the epoch
-    (only for messages). The loss is checked for NaN/inf every `check_every` steps (one sync) and at the end;
-    on a bad loss it raises NonFiniteLossError naming the first bad step, so the caller keeps its last good
-    checkpoint. Returns {"train_loss": mean loss, "images": count, "seconds": wall, "img_per_s": throughput}.
+    Every `accum_steps` micro-batches make one optimizer step: each is forwarded under optional autocast and
+    backpropagated as loss_fn(logits, target) / accum_steps (through `scaler` if given; under DDP inside
+    `model.no_sync()` but for the step's last one), then once per step: optional grad-norm clipping, optimizer
+    step, `scheduler.step()`, `ema.update_parameters`. Micro-batches left over after the last full step are dropped
+    without a step (pass a multiple of `accum_steps`). After each step `should_stop(steps done in this call)` may
+    end the epoch there (preemption). Tensors are moved to `device` (non_blocking) if they are not there already.
+    `step` is the global optimizer step at the start of the epoch (only for messages); `total` is the number of
+    micro-batches (for the progress bar). The loss is checked for NaN/inf every `check_every` steps (one sync) and
+    at the end; on a bad loss it raises NonFiniteLossError naming the first bad step, so the caller keeps its last
+    good checkpoint. Returns {"train_loss": mean micro-batch loss, "images": count, "seconds": wall, "img_per_s":
+    throughput, "steps": optimizer steps done, "stopped": whether should_stop ended the epoch}, over the
+    micro-batches of the steps done.
     """
+    if accum_steps < 1:
+        raise ValueError(f"accum_steps={accum_steps} must be at least 1.")
     device = torch.device(device)
     model.train()
-    bare = unwrap(model)
     bar = tqdm(batches, total=total, desc=desc or f"epoch {epoch}", disable=not progress, dynamic_ncols=True,
                leave=True)
-    pending: list[Tensor] = []  # losses since the last check, still on the device
-    loss_sum, images, n_steps, start = 0.0, 0, 0, time.perf_counter()
+    pending: list[Tensor] = []  # micro-batch losses since the last check, still on the device
+    loss_sum, images, n_steps, n_micro, stopped, start = 0.0, 0, 0, 0, False, time.perf_counter()
+    held, held_images = 0, 0  # micro-batches and images of the step being accumulated
 
-    def check(first_step: int) -> float:
+    def check() -> float:
         losses = torch.stack(pending).float().cpu()
         bad = (~torch.isfinite(losses)).nonzero()
         if len(bad):
-            i = int(bad[0])
-            raise NonFiniteLossError(first_step + i, epoch, float(losses[i]))
+            i = n_micro - len(pending) + int(bad[0])
+            raise NonFiniteLossError(step + i // accum_steps, epoch, float(losses[int(bad[0])]))
         pending.clear()
         return float(losses.sum())
 
-    for x, y in bar:
+    for i, (x, y) in enumerate(bar):
+        last = i % accum_steps == accum_steps - 1
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with autocast(device, amp_dtype):
-            loss = loss_fn(model(x), y)
-        optimizer.zero_grad(set_to_none=True)
+        if i % accum_steps == 0:
+            optimizer.zero_grad(set_to_none=True)
+        sync = last or not hasattr(model, "no_sync")
+        with contextlib.nullcontext() if sync else model.no_sync():
+            with autocast(device, amp_dtype):
+                loss = loss_fn(model(x), y)
+            scaled = loss / accum_steps if accum_steps > 1 else loss
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        pending.append(loss.detach())
+        held, held_images = held + 1, held_images + x.shape[0]
+        if not last:
+            continue
         if scaler is not None:
-            scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
-        else:
-            loss.backward()
         if grad_clip:
             nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         if scaler is not None:
@@ -232,21 +293,25 @@ def train_one_epoch(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], 
         if scheduler is not None:
             scheduler.step()
         if ema is not None:
-            ema.update_parameters(bare)
-        pending.append(loss.detach())
-        images += x.shape[0]
-        n_steps += 1
+            ema.update_parameters(model)
+        n_steps, n_micro, images, held, held_images = n_steps + 1, n_micro + held, images + held_images, 0, 0
         if n_steps % check_every == 0:
-            last = float(pending[-1])
-            loss_sum += check(step + n_steps - len(pending))
-            bar.set_postfix(loss=f"{last:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
+            shown = float(pending[-1])
+            loss_sum += check()
+            bar.set_postfix(loss=f"{shown:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
                             img_s=f"{images / (time.perf_counter() - start):.0f}", refresh=False)
+        if should_stop is not None and should_stop(n_steps):
+            stopped = True
+            break
+    if held:  # an unfinished accumulation: dropped, its gradients too
+        del pending[-held:]
+        optimizer.zero_grad(set_to_none=True)
     if pending:
-        loss_sum += check(step + n_steps - len(pending))
+        loss_sum += check()
     bar.close()
     seconds = time.perf_counter() - start
-    return {"train_loss": loss_sum / max(1, n_steps), "images": images, "seconds": seconds,
-            "img_per_s": images / max(seconds, 1e-9)}
+    return {"train_loss": loss_sum / max(1, n_micro), "images": images, "seconds": seconds,
+            "img_per_s": images / max(seconds, 1e-9), "steps": n_steps, "stopped": stopped}
 
 
 def accuracy_counts(logits: Tensor, target: Tensor, topk: tuple[int, ...] = (1, 5)) -> list[Tensor]:
@@ -290,10 +355,10 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], *, devi
 def checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
                      scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, *, epoch: int,
                      metrics: list[dict[str, Any]], train_config: dict[str, Any],
-                     ema: AveragedModel | None = None, scaler: torch.amp.GradScaler | None = None,
+                     ema: ModelEma | None = None, scaler: torch.amp.GradScaler | None = None,
                      **extra: Any) -> dict[str, Any]:
     """The repo's checkpoint dict: model_config, model, optimizer, scheduler, epoch (completed), rng, metrics,
-    train_config, and when given ema_model (a state dict for the bare model class) + ema_n_averaged, scaler.
+    train_config, and when given ema_model (a state dict for the bare model class) + ema_updates (int), scaler.
     `model` may be wrapped (DDP / compiled); the bare model must have a `.config` dict."""
     bare = unwrap(model)
     state = {"model_config": dict(bare.config), "model": bare.state_dict(), "epoch": epoch, "rng": rng_states(),
@@ -304,7 +369,7 @@ def checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer | None =
         state["scheduler"] = scheduler.state_dict()
     if ema is not None:
         state["ema_model"] = ema.module.state_dict()
-        state["ema_n_averaged"] = int(ema.n_averaged)
+        state["ema_updates"] = ema.updates
     if scaler is not None:
         state["scaler"] = scaler.state_dict()
     state.update(extra)
@@ -313,7 +378,7 @@ def checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer | None =
 
 def restore_checkpoint(ckpt: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
                        scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, *,
-                       ema: AveragedModel | None = None, scaler: torch.amp.GradScaler | None = None,
+                       ema: ModelEma | None = None, scaler: torch.amp.GradScaler | None = None,
                        restore_rng: bool = True) -> tuple[int, list[dict[str, Any]]]:
     """Load what `checkpoint_state` saved into freshly built objects; returns (epochs completed, metrics).
 
@@ -336,9 +401,10 @@ def restore_checkpoint(ckpt: dict[str, Any], model: nn.Module, optimizer: torch.
     if ema is not None:
         if "ema_model" in ckpt:
             ema.module.load_state_dict(ckpt["ema_model"])
-            ema.n_averaged.fill_(int(ckpt.get("ema_n_averaged", 1)))
+            ema.updates = int(ckpt.get("ema_updates", ckpt.get("ema_n_averaged", 1)))  # older checkpoints: n_averaged
         else:  # EMA switched on at resume: start it from the current weights
             ema.module.load_state_dict(ckpt["model"])
+            ema.updates = 0
     if restore_rng and "rng" in ckpt:
         set_rng_states(ckpt["rng"])
     return int(ckpt["epoch"]), list(ckpt.get("metrics", []))
