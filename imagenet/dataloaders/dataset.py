@@ -335,11 +335,14 @@ def device_transform(mean=IN1K.MEAN, std=IN1K.STD, reprob: float = 0.0) -> Calla
     if not 0 <= reprob <= 1:
         raise ValueError(f"random erasing probability {reprob} must be in [0, 1].")
 
+    stats: dict[torch.device, tuple[Tensor, Tensor]] = {}  # (mean, std) x 255 (1, C, 1, 1) per device
+
     def transform(x: Tensor) -> Tensor:
         if x.dtype != torch.uint8 or x.dim() != 4:
             raise ValueError(f"device_transform expects a uint8 batch (B, C, H, W), got {x.dtype} {tuple(x.shape)}.")
-        m = torch.tensor(mean, device=x.device).view(1, -1, 1, 1) * 255
-        s = torch.tensor(std, device=x.device).view(1, -1, 1, 1) * 255
+        if x.device not in stats:
+            stats[x.device] = tuple(torch.tensor(v, device=x.device).view(1, -1, 1, 1) * 255 for v in (mean, std))
+        m, s = stats[x.device]
         y = x.float().sub_(m).div_(s)
         if reprob > 0:
             y = random_erasing(y, reprob)

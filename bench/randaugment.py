@@ -1,0 +1,122 @@
+"""How strongly our DeiT RandAugment changes photos, next to timm's (the oracle) and torchvision's, in mean |Δpixel|.
+
+    python -m bench.randaugment                               # the first 100 ImageNet sample photos
+    python -m bench.randaugment --photos DIR --n 50 --seeds 20
+
+What is measured: the first --n photos of --photos, shorter side resized to 224 (bicubic) and centre-cropped to
+224 x 224, the same crops for every transform; strength = mean |output - input| over pixels, channels and photos,
+in uint8 units (0-255). RandomResizedCrop and the flip are left out: they are the same either way and only add noise.
+- per op: each of the 15 ops alone at magnitude 9, probability 1, no magnitude noise; signed ops once with each
+  sign (timm's sign forced by patching its `random.random`). Columns: ours, timm's, the relative difference, and
+  mean |ours - timm| pixel by pixel (0.00: identical images).
+- whole transform, --seeds draws per photo: ours `DeiTRandAugment()` (2 ops, m9, mstd 0.5, p 0.5, ImageNet-mean
+  fill, bicubic), timm's `rand-m9-mstd0.5-inc1` with the hparams timm's create_transform passes for DeiT
+  (translate_const int(224 * 0.45), img_mean (124, 116, 104), interpolation bicubic = DeiT's train interpolation)
+  and torchvision's `v2.RandAugment(magnitude=9)` (the pipeline before: bin 9 of 31, black fill). Their random
+  draws differ, so ours and timm's agree only statistically: mean ± standard error over photos x seeds.
+Needs timm (skips without it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.transforms import InterpolationMode, v2
+
+from imagenet.dataloaders.dataset import is_image_file, load_rgb
+from imagenet.dataloaders.randaugment import OPS, RESAMPLE, DeiTRandAugment
+
+PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-samples"
+FILL = (124, 116, 104)
+SIZE = 224
+
+
+def load_crops(folder: Path, n: int) -> list[Image.Image]:
+    files = sorted(p for p in folder.iterdir() if p.is_file() and is_image_file(p.name))[:n]
+    crop = v2.Compose([v2.Resize(SIZE, interpolation=InterpolationMode.BICUBIC), v2.CenterCrop(SIZE)])
+    return [crop(load_rgb(str(f))) for f in files]
+
+
+def delta(a: Image.Image, b: Image.Image) -> float:
+    return float(np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).mean())
+
+
+def per_op_rows(crops: list[Image.Image], aa, hparams: dict) -> list[tuple[str, float, float, float]]:
+    rows = []
+    for name, (signed, geometric, op) in OPS.items():
+        kw = dict(resample=RESAMPLE["bicubic"], fillcolor=FILL) if geometric else {}
+        theirs_op = aa.AugmentOp(name, prob=1.0, magnitude=9, hparams=hparams)
+        ours, theirs, between = [], [], []
+        for img in crops:
+            for sign in (1, -1) if signed else (1,):
+                with mock.patch.object(aa.random, "random", lambda s=sign: 0.75 if s < 0 else 0.25):
+                    t = theirs_op(img)
+                o = op(img, sign * 0.9, kw)
+                ours.append(delta(o, img))
+                theirs.append(delta(t, img))
+                between.append(delta(o, t))
+        rows.append((name, float(np.mean(ours)), float(np.mean(theirs)), float(np.mean(between))))
+    return rows
+
+
+def strength(crops: list[Image.Image], transform, seeds: int, seed_fn) -> tuple[float, float]:
+    """Mean and standard error of |transform(img) - img| over photos x seeds."""
+    values = []
+    for k in range(seeds):
+        for i, img in enumerate(crops):
+            seed_fn(k * len(crops) + i)
+            values.append(delta(transform(img), img))
+    return float(np.mean(values)), float(np.std(values) / np.sqrt(len(values)))
+
+
+def seed_python(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.randaugment", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--photos", default=str(PHOTOS), help="folder of photos")
+    parser.add_argument("--n", type=int, default=100, help="photos used (the first n, sorted by name)")
+    parser.add_argument("--seeds", type=int, default=30, help="draws per photo of the whole transforms")
+    args = parser.parse_args(argv)
+    try:
+        from timm.data import auto_augment as aa
+    except ImportError:
+        print("skipped: timm is not installed (pip install timm); it is this bench's oracle.")
+        return
+    folder = Path(args.photos)
+    if not folder.is_dir():
+        parser.exit(2, f"error: --photos {folder} is not a folder of photos.\n")
+    crops = load_crops(folder, args.n)
+    if not crops:
+        parser.exit(2, f"error: --photos {folder} holds no images.\n")
+    hparams = dict(translate_const=int(SIZE * 0.45), img_mean=FILL, interpolation=Image.Resampling.BICUBIC)
+
+    print(f"{len(crops)} photos of {folder}, {SIZE}x{SIZE} centre crops; mean |Δpixel| (0-255)")
+    print(f"\neach op alone at magnitude 9 (p 1, no noise; signed ops with both signs)\n"
+          f"{'op':<22}{'ours':>8}{'timm':>8}{'ours/timm-1':>13}{'|ours-timm|':>13}")
+    for name, ours, theirs, between in per_op_rows(crops, aa, hparams):
+        rel = ours / theirs - 1 if theirs else 0.0
+        print(f"{name:<22}{ours:>8.2f}{theirs:>8.2f}{rel:>+12.1%}{between:>13.2f}")
+
+    old = v2.RandAugment(num_ops=2, magnitude=9, interpolation=InterpolationMode.BICUBIC)
+    results = [("ours DeiTRandAugment()", *strength(crops, DeiTRandAugment(), args.seeds, torch.manual_seed)),
+               ("timm rand-m9-mstd0.5-inc1", *strength(crops, aa.rand_augment_transform(
+                   "rand-m9-mstd0.5-inc1", dict(hparams)), args.seeds, seed_python)),
+               ("torchvision RandAugment(m=9)", *strength(crops, old, args.seeds, torch.manual_seed))]
+    timm_mean = results[1][1]
+    print(f"\nwhole transform, {args.seeds} draws per photo ({args.seeds * len(crops)} in all): mean ± s.e.")
+    for name, mean, se in results:
+        print(f"{name:<30}{mean:>7.2f} ± {se:.2f}   {mean / timm_mean - 1:>+6.1%} vs timm")
+
+
+if __name__ == "__main__":
+    main()
