@@ -2,11 +2,11 @@
 
 The model may be a registry name (`python -m models.pretrained --list`: DeiT, DeiT III, DINO, DINOv2 with or
 without registers, torchvision; downloaded once into torch's cache), this repo's checkpoint
-(runs/imagenet/checkpoint.pth, its EMA weights when it has them) or a timm / DeiT / DINO / torchvision weights file.
-Prints the top-5 classes with probabilities and writes one figure: the photo, the top-5, attention rollout,
-gradient rollout for the top class (or --target), the last layer's token norms (high-norm artifacts) and the class
-token's attention in every layer x head. Models without a head (DINO, DINOv2) get the maps without the top-5 and
-the gradient map; register tokens are left out of every map.
+(runs/imagenet/checkpoint.pth: the weights its run reported, the EMA or the trained model) or a timm / DeiT / DINO /
+torchvision weights file. Prints which weights it loaded and the top-5 classes with probabilities, and writes one
+figure: the photo, the top-5, attention rollout, gradient rollout for the top class (or --target), the last layer's
+token norms (high-norm artifacts) and the class token's attention in every layer x head. Models without a head
+(DINO, DINOv2) get the maps without the top-5 and the gradient map; register tokens are left out of every map.
 
 Any photo size and aspect, RGB or grayscale: the shorter side is resized to --img-size, the longer one to scale
 (at most 2x --img-size, center-cropped), then both are center-cropped to multiples of the patch size; the model
@@ -34,7 +34,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 from imagenet.dataloaders import classes as IN
-from imagenet.dataloaders.dataset import eval_transform, is_image_file
+from imagenet.dataloaders.dataset import device_transform, eval_transform, is_image_file
 from models.pretrained import CheckpointError, load_pretrained, read_checkpoint, registry_name
 from models.vit import VisionTransformer
 from utils import hardware
@@ -157,8 +157,8 @@ def inspection_inputs(path: str | Path, count: int, size: int) -> Tensor:
         if not files:
             raise InputError(f"folder '{path}' holds no images; pass a folder of photos or one photo.")
         files = [files[i] for i in sorted({round(v) for v in np.linspace(0, len(files) - 1, min(count, len(files)))})]
-    tf = eval_transform(size)
-    return torch.stack([tf(load_photo(f)) for f in files])
+    tf = eval_transform(size)  # -> uint8; device_transform normalises
+    return device_transform()(torch.stack([tf(load_photo(f)) for f in files]))
 
 
 def inspect_model(args: argparse.Namespace) -> None:
@@ -172,7 +172,8 @@ def inspect_model(args: argparse.Namespace) -> None:
     x = inspection_inputs(args.inspect_images, args.num_images, args.img_size).to(dev)
     model.eval().to(dev)
     stats = attention_stats(model, x)
-    print(f"{args.model_path}: {len(x)} photo(s) of {args.inspect_images} at {args.img_size}x{args.img_size}")
+    print(f"{args.model_path} ({model.weights_note}): {len(x)} photo(s) of {args.inspect_images} at "
+          f"{args.img_size}x{args.img_size}")
     print(attention_table(stats))
     save_figure(inspection_figure(model, x, stats=stats, name=Path(args.model_path).name), args.output_path, dpi=100)
     print(f"saved {args.output_path}")
@@ -186,6 +187,7 @@ def run(args: argparse.Namespace) -> None:
     dev = hardware.resolve_device(args.device)
     model, ckpt = load_model(args.model_path, args.num_heads, need_head=False)
     model.eval().to(dev)
+    print(f"{args.model_path}: {model.weights_note}")
     num_classes = model.config["num_classes"]
     if num_classes == 0 and args.target:
         raise InputError(f"--target needs a classification head; {args.model_path} has none (a feature extractor "

@@ -28,7 +28,7 @@ from utils import hardware
 # ----------------------------------------------------------------------------------------------------------- config
 image_path = None  # a PNG/JPG of a digit; None: test-set digit number `index` (from `data_root`)
 index = 0  # which test-set digit when no image is given
-model_path = "runs/mnist/checkpoint.pth"  # what `python -m mnist.train` writes (its EMA weights when it has them)
+model_path = "runs/mnist/checkpoint.pth"  # what `python -m mnist.train` writes (the weights its run reported)
 output_path = "imgs/mnist_attention.png"
 data_root = "data"  # MNIST root, as for mnist.train --data-root
 target = None  # class explained by the gradient rollout; None: the predicted one
@@ -93,8 +93,8 @@ def load_image(path: str | Path) -> np.ndarray:
 
 
 def load_model(path: str | Path) -> tuple[VisionTransformer, dict]:
-    """A trained MNIST ViT (EMA weights preferred) and its input preparation {"mean", "std", "deskew"} from a
-    checkpoint of mnist.train."""
+    """A trained MNIST ViT (the weights its run reported, EMA or not: `model.weights_note` says which) and its
+    input preparation {"mean", "std", "deskew"} from a checkpoint of mnist.train."""
     ckpt = read_checkpoint(path)
     cfg = ckpt.get("model_config")
     model = load_pretrained(ckpt)
@@ -165,9 +165,10 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, FileNotFoundError) as e:  # CheckpointError and DataError are ValueErrors
         sys.exit(f"error: {e}")
     if args.inspect:
-        print(f"{args.model}, {len(x)} digit(s):\n{attention_table(stats)}\nwrote {output}")
+        print(f"{args.model} ({model.weights_note}), {len(x)} digit(s):\n{attention_table(stats)}\nwrote {output}")
         return
     truth = f" (label {label})" if label is not None else ""
+    print(f"{args.model}: {model.weights_note}")
     print(f"predicted {int(probs.argmax())} ({float(probs.max()):.1%}){truth}; wrote {output}")
 
 

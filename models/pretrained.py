@@ -3,6 +3,7 @@
 Checkpoints: this repo's, timm's, and the official releases of DeiT, DeiT III, DINO, DINOv2 (with or without
 registers) and torchvision, whose key names are converted as timm's checkpoint filters do. The config is read
 from the tensor shapes; only `num_heads` cannot be, and defaults to embed_dim // 64 (the timm / DeiT convention).
+This repo's checkpoints give the weights their run reported ("reported_weights": its EMA or the trained model).
 Registry names (`python -m models.pretrained --list`) are downloaded once into torch's hub cache
 ($TORCH_HOME/hub/checkpoints), hash-checked where the file name carries one, and read with weights_only=True.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import pickle
 import re
 import sys
 from collections.abc import Mapping
@@ -30,14 +32,20 @@ class CheckpointError(ValueError):
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """torch.load(path, weights_only=True) with one clear error for a missing, truncated or foreign file."""
+    """torch.load(path, weights_only=True) with one clear error for a missing, truncated or foreign file, or one
+    that pickles Python objects other than tensors and containers (a whole nn.Module, a custom class)."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint '{path}' does not exist and is not a registry name (python -m "
                               f"models.pretrained --list).")
     try:  # DINO's full checkpoints pickle their argparse.Namespace: harmless, so allow it.
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # the unpickler raises anything on garbage: KeyError, EOFError, RuntimeError...
+    except Exception as e:  # the unpickler raises anything on garbage: KeyError, EOFError, RuntimeError...
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in str(e) and refused:
+            raise CheckpointError(f"'{path}' pickles Python objects (e.g. {refused[1]}) that weights_only loading "
+                                  f"refuses: they could run arbitrary code; load it only if you trust it, then "
+                                  f"re-save its state dict.") from None
         raise CheckpointError(f"'{path}' is not a readable PyTorch checkpoint: it is truncated or another kind "
                               f"of file.") from None
     if not isinstance(obj, dict):
@@ -155,11 +163,40 @@ def _from_official(sd: Mapping[str, Tensor]) -> StateDict:
     return sd
 
 
-def to_timm_state_dict(obj: Mapping[str, Any], prefer_ema: bool = True) -> tuple[StateDict, dict[str, Any] | None]:
-    """Any supported checkpoint dict -> (state dict with timm / this repo's keys, saved model config or None)."""
+def weights_choice(obj: Mapping[str, Any], prefer_ema: bool | None = None) -> tuple[bool, str]:
+    """(whether to load the EMA weights, a note saying which weights those are) for a checkpoint dict.
+
+    This repo's checkpoints (with model_config) say in "reported_weights" ("ema" or "model") which weights the run
+    reported as its result: the EMA (ema_model) is used only when that is "ema", so an EMA that has barely moved is
+    never taken by accident; checkpoints without the key (older runs) give the trained weights. `prefer_ema`
+    True / False overrides that. Other checkpoints give their released weights."""
+    if obj.get("model_config") is None:
+        return False, "released weights"
+    reported, has_ema = obj.get("reported_weights"), isinstance(obj.get("ema_model"), Mapping)
+    if reported not in (None, "ema", "model"):
+        raise CheckpointError(f"the checkpoint's reported_weights {reported!r} is neither 'ema' nor 'model'.")
+    if reported == "ema" and not has_ema:
+        raise CheckpointError("the checkpoint reports its EMA weights (reported_weights 'ema') but holds no "
+                              "ema_model.")
+    if not has_ema:
+        return False, "trained weights"
+    why = {"ema": "the run reported the EMA", "model": "the run reported the model",
+           None: "the checkpoint does not say which weights the run reported"}[reported]
+    use_ema = reported == "ema" if prefer_ema is None else prefer_ema
+    if use_ema and reported == "ema":
+        return True, "EMA weights (the run's reported model)"
+    if not use_ema and reported != "ema":
+        return False, f"trained weights (not the EMA: {why})"
+    return use_ema, f"{'EMA' if use_ema else 'trained'} weights (prefer_ema={use_ema}; {why})"
+
+
+def to_timm_state_dict(obj: Mapping[str, Any], prefer_ema: bool | None = None
+                       ) -> tuple[StateDict, dict[str, Any] | None]:
+    """Any supported checkpoint dict -> (state dict with timm / this repo's keys, saved model config or None).
+    Of this repo's checkpoints, the EMA or the trained weights as `weights_choice` decides."""
     config = obj.get("model_config")
-    if config is not None and prefer_ema and isinstance(obj.get("ema_model"), Mapping):
-        sd = obj["ema_model"]  # torch.optim.swa_utils.AveragedModel state: module.* + n_averaged
+    if weights_choice(obj, prefer_ema)[0]:
+        sd = obj["ema_model"]  # a bare state dict (older checkpoints: AveragedModel's module.* + n_averaged)
         sd = {k: v for k, v in _strip(sd, "module.").items() if k != "n_averaged"}
         return sd, config
     for key in ("model", "state_dict", "teacher", "student", "model_ema"):  # DINO: the teacher is the released one
@@ -207,18 +244,21 @@ def infer_config(sd: Mapping[str, Tensor], num_heads: int | None = None) -> dict
 
 
 def load_pretrained(source: str | os.PathLike | Mapping[str, Any], *, num_heads: int | None = None,
-                    prefer_ema: bool = True, **overrides: Any) -> VisionTransformer:
-    """A VisionTransformer with the weights of `source`, loaded strictly.
+                    prefer_ema: bool | None = None, **overrides: Any) -> VisionTransformer:
+    """A VisionTransformer with the weights of `source`, loaded strictly; `model.weights_note` says which weights
+    those are (e.g. "EMA weights (the run's reported model)", "released weights").
 
     source: a registry name or alias (e.g. "deit3_small_patch16_224", "dinov2_vits14_reg"; downloaded once),
         a checkpoint path or an already loaded dict.
     num_heads: for foreign checkpoints (default embed_dim // 64); this repo's checkpoints know theirs.
-    prefer_ema: use the EMA weights of this repo's checkpoints when present.
+    prefer_ema: of this repo's checkpoints, None: the weights the run reported (its "reported_weights"; without
+        it the trained weights), True / False: the EMA (when present) / the trained weights.
     overrides: other constructor options, e.g. dropout=0.1, drop_path_rate=0.1, grid_size=(12, 20).
     """
     name = registry_name(source) if isinstance(source, str) and not os.path.isfile(source) else None
     obj = (download(name) if name else read_checkpoint(source)) if isinstance(source, str | os.PathLike) else source
     sd, config = to_timm_state_dict(obj, prefer_ema)
+    note = weights_choice(obj, prefer_ema)[1]
     if config is None:
         config = infer_config(sd, num_heads)
         if name:
@@ -232,6 +272,7 @@ def load_pretrained(source: str | os.PathLike | Mapping[str, Any], *, num_heads:
     except RuntimeError as e:
         raise CheckpointError(f"the weights do not fit the inferred ViT config {config}: "
                               f"{str(e).splitlines()[1].strip()[:300]}") from None
+    model.weights_note = note
     return model
 
 

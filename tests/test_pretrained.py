@@ -1,5 +1,7 @@
-"""Named pretrained weights: DeiT III / DINO / DINOv2 (registers) parity with timm, the registry, the download."""
+"""Named pretrained weights: DeiT III / DINO / DINOv2 (registers) parity with timm, the registry, the download;
+which weights a repo checkpoint gives (the EMA only when its run reported it); files that pickle Python objects."""
 
+import argparse
 import hashlib
 import http.server
 import shutil
@@ -277,6 +279,15 @@ def test_vis_attn_headless_registers(tmp_path, capsys):
         vis_attn.main(["--model", str(tmp_path / "reg.pth"), "--img-size", "32", "--target", "3"])
     with pytest.raises(SystemExit, match="error: checkpoint 'nope' does not exist and is not a registry name"):
         vis_attn.main(["--model", "nope"])
+    assert f"{tmp_path / 'reg.pth'}: released weights" in out
+    model = VisionTransformer(**{**REG, "num_classes": 0})
+    torch.save({"model_config": model.config, "model": model.state_dict(), "ema_model": model.state_dict(),
+                "reported_weights": "ema"}, tmp_path / "run.pth")
+    vis_attn.main(["--model", str(tmp_path / "run.pth"), "--img-size", "32", "--out", str(tmp_path / "f.png")])
+    assert "run.pth: EMA weights (the run's reported model)" in capsys.readouterr().out
+    vis_attn.main(["--inspect", "--model", str(tmp_path / "run.pth"), "--inspect-images", vis_attn.image_path,
+                   "--img-size", "32", "--out", str(tmp_path / "i.png")])
+    assert "run.pth (EMA weights (the run's reported model)): 1 photo(s)" in capsys.readouterr().out
 
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data is absent")
@@ -295,3 +306,66 @@ def test_vis_attn_by_name_equals_the_path(tmp_path, monkeypatch, capsys):
         out = capsys.readouterr().out.splitlines()
         tops.append([line for line in out if line[:2] in {f"{i}." for i in range(1, 6)}])
     assert len(tops[0]) == 5 and tops[0] == tops[1]
+
+
+# Which weights a checkpoint gives, and files that torch.load(weights_only=True) refuses.
+@pytest.mark.parametrize("reported, prefer_ema, gives, note", [
+    ("ema", None, "ema", "EMA weights (the run's reported model)"),
+    ("model", None, "model", "trained weights (not the EMA: the run reported the model)"),
+    (None, None, "model", "trained weights (not the EMA: the checkpoint does not say which weights the run reported)"),
+    ("model", True, "ema", "EMA weights (prefer_ema=True; the run reported the model)"),
+    ("ema", False, "model", "trained weights (prefer_ema=False; the run reported the EMA)")])
+def test_checkpoint_gives_the_weights_its_run_reported(tmp_path, reported, prefer_ema, gives, note):
+    trained, ema = randomized(VisionTransformer(**TINY)), VisionTransformer(**TINY)
+    ckpt = {"model_config": trained.config, "model": trained.state_dict(), "ema_model": ema.state_dict()}
+    if reported:
+        ckpt["reported_weights"] = reported
+    torch.save(ckpt, tmp_path / "c.pth")
+    expected = (ema if gives == "ema" else trained).state_dict()
+    for source in (ckpt, tmp_path / "c.pth"):
+        model = load_pretrained(source, prefer_ema=prefer_ema)
+        assert model.weights_note == note
+        assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
+    assert pretrained.weights_choice(ckpt, prefer_ema) == (gives == "ema", note)
+
+
+def test_weights_notes_and_bad_reported_weights():
+    model = randomized(VisionTransformer(**TINY))
+    sd = model.state_dict()
+    assert load_pretrained(sd).weights_note == "released weights"
+    assert load_pretrained({"model_config": model.config, "model": sd}).weights_note == "trained weights"
+    assert load_pretrained({"model_config": model.config, "model": sd}, prefer_ema=True).weights_note == \
+        "trained weights"  # no EMA to prefer
+    old_ema = {"module." + k: v for k, v in sd.items()} | {"n_averaged": torch.tensor(5)}  # AveragedModel's format
+    zeros = {k: torch.zeros_like(v) for k, v in sd.items()}
+    loaded = load_pretrained({"model_config": model.config, "model": zeros, "ema_model": old_ema,
+                              "reported_weights": "ema"})
+    assert torch.equal(loaded.head.weight, model.head.weight)
+    with pytest.raises(CheckpointError, match="reports its EMA weights .* but holds no ema_model"):
+        load_pretrained({"model_config": model.config, "model": sd, "reported_weights": "ema"})
+    with pytest.raises(CheckpointError, match="reported_weights 'best' is neither 'ema' nor 'model'"):
+        load_pretrained({"model_config": model.config, "model": sd, "reported_weights": "best"})
+
+
+class Settings:  # a class of the training script: weights_only loading refuses it
+    lr = 0.1
+
+
+@pytest.mark.parametrize("obj, named", [(torch.nn.Linear(2, 3), "torch.nn.modules.linear.Linear"),
+                                        ({"model": {}, "args": Settings()}, "Settings")])
+def test_pickled_objects_named_as_such(tmp_path, obj, named):
+    torch.save(obj, tmp_path / "c.pth")
+    with pytest.raises(CheckpointError) as err:
+        pretrained.read_checkpoint(tmp_path / "c.pth")
+    message = str(err.value)
+    assert message.startswith(f"'{tmp_path / 'c.pth'}' pickles Python objects (e.g. ") and "\n" not in message
+    assert f"{named}) that weights_only loading refuses: they could run arbitrary code" in message
+    assert message.endswith("load it only if you trust it, then re-save its state dict.")
+    torch.save({"model": {}, "args": argparse.Namespace(lr=0.1)}, tmp_path / "dino.pth")  # DINO's: allowed
+    assert pretrained.read_checkpoint(tmp_path / "dino.pth")["args"].lr == 0.1
+    torch.save(torch.nn.Linear(2, 3).state_dict(), tmp_path / "t.pth")
+    for garbage in ((tmp_path / "t.pth").read_bytes()[:300], b"hello, I am a text file\n"):  # truncated, foreign
+        (tmp_path / "g.pth").write_bytes(garbage)
+        with pytest.raises(CheckpointError, match=r"is not a readable PyTorch checkpoint: it is truncated or another "
+                                                  r"kind of file\.$"):
+            pretrained.read_checkpoint(tmp_path / "g.pth")
