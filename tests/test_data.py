@@ -32,19 +32,29 @@ def photo(w: int = 72, h: int = 56, seed: int = 0) -> Image.Image:
     return Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8))
 
 
-def test_every_op_matches_timm_exactly(monkeypatch):
+@pytest.mark.parametrize("magnitude", [9, 10, 3.7])
+def test_every_op_matches_timm_exactly(monkeypatch, magnitude):
     aa = pytest.importorskip("timm.data.auto_augment", reason="timm is the oracle for the ops")
     hparams = dict(translate_const=100, img_mean=FILL, interpolation=Image.Resampling.BICUBIC)
     img = photo()
+    # PIL 13 refuses posterize to 0 bits (timm's PosterizeIncreasing at magnitude 10); older PIL gave black
+    black = {"PosterizeIncreasing": lambda im, bits, **_: aa.posterize(im, bits) if bits else Image.new("RGB", im.size)}
+    monkeypatch.setattr(aa, "NAME_TO_OP", {**aa.NAME_TO_OP, **black})
     for name, (signed, geometric, op) in OPS.items():
         for sign in (1, -1) if signed else (1,):
-            monkeypatch.setattr(aa.random, "random", lambda s=sign: 0.75 if s < 0 else 0.25)  # timm negates if > 0.5
-            theirs = aa.AugmentOp(name, prob=1.0, magnitude=9, hparams=hparams)(img)
-            monkeypatch.undo()
+            with monkeypatch.context() as m:
+                m.setattr(aa.random, "random", lambda s=sign: 0.75 if s < 0 else 0.25)  # timm negates if > 0.5
+                theirs = aa.AugmentOp(name, prob=1.0, magnitude=magnitude, hparams=hparams)(img)
             kw = dict(resample=RESAMPLE["bicubic"], fillcolor=FILL) if geometric else {}
-            ours = op(img, sign * 0.9, kw)
+            ours = op(img, sign * magnitude / 10, kw)
             assert np.array_equal(np.asarray(ours), np.asarray(theirs)), (name, sign)
     assert set(OPS) == set(aa._RAND_INCREASING_TRANSFORMS)
+
+
+def test_randaugment_survives_magnitude_10():
+    torch.manual_seed(0)
+    ra = DeiTRandAugment(num_ops=1, magnitude=10, magnitude_std=0, prob=1, ops=("PosterizeIncreasing",))
+    assert np.asarray(ra(photo())).max() == 0
 
 
 def test_randaugment_draws_only_from_torch():

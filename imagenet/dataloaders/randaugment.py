@@ -6,7 +6,7 @@ sign for the signed ops. Level -> argument at level v = magnitude / 10 (as timm'
 
     Rotate 30v degrees, ShearX/Y 0.3v, TranslateX/YRel 0.45v x the image side (all signed; `fill` outside),
     Color/Contrast/Brightness/SharpnessIncreasing factor max(0.1, 1 +- 0.9v),
-    PosterizeIncreasing keep 4 - int(4v) bits, SolarizeIncreasing threshold 256 - int(256v),
+    PosterizeIncreasing keep 4 - int(4v) bits (0: black), SolarizeIncreasing threshold 256 - int(256v),
     SolarizeAdd +int(110v) below 128; AutoContrast, Equalize, Invert take no level.
 
 Only torch's RNG is used (not `random` or NumPy), so seeding torch per sample fixes the augmentation.
@@ -29,6 +29,11 @@ def _enhance(enhancer: type):
     return lambda img, v, kw: enhancer(img).enhance(max(0.1, 1.0 + v * 0.9))
 
 
+def _posterize(img: Image.Image, v: float, kw: dict) -> Image.Image:
+    bits = 4 - int(v * 4)  # 0 at magnitude 10: black, as PIL < 13 gave (PIL 13 refuses 0 bits)
+    return ImageOps.posterize(img, bits) if bits else Image.new(img.mode, img.size)
+
+
 def _solarize_add(img: Image.Image, v: float, kw: dict) -> Image.Image:
     add = min(128, int(v * 110))
     return img.point([min(255, i + add) if i < 128 else i for i in range(256)] * len(img.getbands()))
@@ -40,7 +45,7 @@ OPS = {
     "Equalize": (False, False, lambda img, v, kw: ImageOps.equalize(img)),
     "Invert": (False, False, lambda img, v, kw: ImageOps.invert(img)),
     "Rotate": (True, True, lambda img, v, kw: img.rotate(v * 30.0, **kw)),
-    "PosterizeIncreasing": (False, False, lambda img, v, kw: ImageOps.posterize(img, 4 - int(v * 4))),
+    "PosterizeIncreasing": (False, False, _posterize),
     "SolarizeIncreasing": (False, False, lambda img, v, kw: ImageOps.solarize(img, 256 - min(256, int(v * 256)))),
     "SolarizeAdd": (False, False, _solarize_add),
     "ColorIncreasing": (True, False, _enhance(ImageEnhance.Color)),
