@@ -122,6 +122,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nwhole transform, {args.seeds} draws per photo ({args.seeds * len(crops)} in all): mean ± s.e.")
     for name, mean, se in results:
         print(f"{name:<30}{mean:>7.2f} ± {se:.2f}   {mean / timm_mean - 1:>+6.1%} vs timm")
+    (_, ours, ours_se), (_, theirs, theirs_se) = results[:2]
+    print(f"ours - timm: {ours - theirs:+.2f} ± {np.hypot(ours_se, theirs_se):.2f} "
+          f"({abs(ours - theirs) / np.hypot(ours_se, theirs_se):.1f} standard errors)")
 
 
 if __name__ == "__main__":
