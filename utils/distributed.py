@@ -1,14 +1,18 @@
-"""One process per device under `torchrun`, or a single process: the same code either way.
+"""One process per device under `torchrun` or `srun`, or a single process: the same code either way.
 
-    ctx = init_distributed("cuda")   # reads torchrun's RANK / WORLD_SIZE / LOCAL_RANK; NCCL on GPU, gloo on CPU
+    ctx = init_distributed("cuda")   # torchrun's RANK / WORLD_SIZE / LOCAL_RANK, or SLURM's; NCCL on GPU, gloo on CPU
     ctx.print("only rank 0 prints")
     total = all_reduce_sum(torch.tensor(...))
+    stop = StopSignal()              # SIGTERM / SIGUSR1 -> stop() is True on every rank at the same step
     close_distributed()
 """
 
 from __future__ import annotations
 
+import datetime
 import os
+import re
+import signal
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,25 +44,49 @@ class DistContext:
             print(*args, **kwargs, flush=True)
 
 
-def init_distributed(device: str = "auto") -> DistContext:
-    """Join the process group when started by torchrun (WORLD_SIZE > 1), else a single-process context.
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: "gpu[07-09,12],cpu3" -> "gpu07"."""
+    m = re.match(r"([^,\[]+)(?:\[([^\]\-,]+))?", nodelist.strip())
+    if not m:
+        raise ValueError(f"cannot read the SLURM node list {nodelist!r}; set MASTER_ADDR to the first node's name.")
+    return m.group(1) + (m.group(2) or "")
 
-    Under torchrun each process gets cuda:<LOCAL_RANK> on GPU (NCCL) or the CPU (gloo).
-    """
+
+def launch_env(env: dict[str, str] | None = None) -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) of this process: torchrun's variables, else those of `srun` (a SLURM job step
+    of several tasks; MASTER_ADDR / MASTER_PORT are then set from the node list and job id when missing), else a
+    single process. A batch script's own shell (no srun) is a single process."""
+    env = os.environ if env is None else env
+    if "WORLD_SIZE" in env:
+        return int(env.get("RANK", "0")), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", "0"))
+    tasks = int(env.get("SLURM_STEP_NUM_TASKS", "1"))  # set by srun only
+    if tasks <= 1 or "SLURM_PROCID" not in env:
+        return 0, 1, 0
+    rank, local_rank = int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", "0"))
+    env.setdefault("MASTER_ADDR", first_host(env.get("SLURM_STEP_NODELIST") or env["SLURM_JOB_NODELIST"]))
+    env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))  # 2 jobs, 1 node: apart
+    env.update(RANK=str(rank), WORLD_SIZE=str(tasks), LOCAL_RANK=str(local_rank))  # for init_process_group
+    return rank, tasks, local_rank
+
+
+def init_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> DistContext:
+    """Join the process group when started by torchrun or srun with several processes, else a single-process
+    context. Each process gets cuda:<local rank> on GPU (NCCL) or the CPU (gloo); collectives that wait longer
+    than `timeout_minutes` (a rank that died or hangs) fail instead of blocking forever."""
     dev = resolve_device(device)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, world_size, local_rank = launch_env()
     if world_size <= 1:
         return DistContext(device=dev)
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if dev.type == "cuda":
         if local_rank >= torch.cuda.device_count():
-            raise ValueError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} GPU(s) are visible; "
-                             f"use --nproc_per_node={torch.cuda.device_count()} or fewer.")
+            raise ValueError(f"local rank {local_rank} but only {torch.cuda.device_count()} GPU(s) are visible; "
+                             f"start at most {torch.cuda.device_count()} processes per node.")
         dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
         kwargs = {"device_id": dev} if dev.type == "cuda" else {}
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", **kwargs)
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(minutes=timeout_minutes), **kwargs)
     return DistContext(rank, world_size, local_rank, dev)
 
 
@@ -96,3 +124,40 @@ def all_gather_objects(obj: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+class StopSignal:
+    """Catches SIGTERM and SIGUSR1 (a SLURM time limit or preemption, a spot instance going away, torchrun stopping
+    its workers) so that training can write a checkpoint and exit instead of dying mid-epoch.
+
+    Call `stop = StopSignal(device)` once, then `stop(steps_done)` after every optimizer step: it is True on every
+    rank at the same step once any rank caught a signal. Ranks agree through one all-reduce every `every` steps
+    (a sync, so not every step); a single process looks at its own flag every step. `stop.caught` names the
+    signal; `stop.restore()` puts the previous handlers back."""
+
+    def __init__(self, device: torch.device | str = "cpu", every: int = 20):
+        self.device, self.every, self.caught = torch.device(device), every, ""
+        names = [n for n in ("SIGTERM", "SIGUSR1") if hasattr(signal, n)]
+        self.previous = {n: signal.signal(getattr(signal, n), self._catch) for n in names}
+
+    def _catch(self, signum: int, frame: Any) -> None:
+        self.caught = signal.Signals(signum).name
+
+    def __call__(self, steps_done: int = 0, force_check: bool = False) -> bool:
+        if not _active():
+            return bool(self.caught)
+        if steps_done % self.every and not force_check:
+            return False
+        flag = torch.tensor([float(bool(self.caught))], device=self.device)
+        if all_reduce_max(flag).item() and not self.caught:
+            self.caught = "a signal on another rank"
+        return bool(self.caught)
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal's number, as a shell reports a process ended by it (not 0: the run is not finished)."""
+        return 128 + getattr(signal, self.caught, signal.SIGTERM) if self.caught.startswith("SIG") else 128 + 15
+
+    def restore(self) -> None:
+        for name, handler in self.previous.items():
+            signal.signal(getattr(signal, name), handler)
