@@ -4,10 +4,11 @@
     python -m bench.imagenet_throughput --model vit_s --batch-size 256 --device cuda --compile
     python -m bench.imagenet_throughput --data ../shared/data/imagenet-samples --workers 2
 
-model step: what `imagenet.train` does per batch (MixUp/CutMix, forward under autocast, label-smoothed
-cross-entropy, backward, AdamW step) on random images already on the device. data: decoding + the DeiT training
-augmentation of real photos through a DataLoader (any folder of images; skipped when absent). A run trains at
-about the smaller of the two (the loader works in parallel with the model).
+model step: what `imagenet.train` does per batch (normalisation and random erasing of the uint8 batch, MixUp/CutMix,
+forward under autocast, label-smoothed cross-entropy, backward, AdamW step) on random images already on the device.
+data: decoding + the DeiT training augmentation of real photos through a DataLoader (any folder of images; skipped
+when absent), and the shared memory its in-flight uint8 batches take. A run trains at about the smaller of the two
+(the loader works in parallel with the model).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from imagenet.dataloaders.dataset import ImageDataset, is_image_file, mixup_cutmix, train_transform
+from imagenet.dataloaders.dataset import ImageDataset, device_transform, is_image_file, mixup_cutmix, train_transform
 from imagenet.train import MODEL, PRESETS, RECIPE, model_from_config
 from utils import hardware
 from utils.training import param_groups
@@ -44,13 +45,14 @@ def bench_model(args: argparse.Namespace, hw: hardware.Hardware) -> list[float]:
     step_model = torch.compile(model) if args.compile else model
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg["label_smoothing"])
     mix = mixup_cutmix(1000, cfg["mixup"], cfg["cutmix"])
-    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
+    augment = device_transform(reprob=cfg["reprob"])
+    x = torch.randint(0, 256, (args.batch_size, 3, args.img_size, args.img_size), dtype=torch.uint8, device=device)
     y = torch.randint(0, 1000, (args.batch_size,), device=device)
     rates = []
     for i in range(args.warmup + args.steps):
         sync(device)
         start = time.perf_counter()
-        xm, ym = mix(x, y)
+        xm, ym = mix(augment(x), y)
         with hw.autocast():
             loss = loss_fn(step_model(xm), ym)
         optimizer.zero_grad(set_to_none=True)
@@ -109,6 +111,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"data: {data_rate:.1f} img/s (decode + DeiT augmentation, {args.workers} workers, "
               f"{min(args.images, len(list(Path(args.data).iterdir())))} photos of {args.data})")
         print(f"training throughput ~ {min(data_rate, statistics.median(rates)):.1f} img/s (the slower of the two)")
+    mib = args.batch_size * 3 * args.img_size ** 2 / 2**20
+    in_flight = 4 * args.workers  # prefetch_factor 4 per worker (imagenet.train)
+    print(f"shared memory of in-flight batches (batch {args.batch_size}, {args.workers} workers x prefetch 4): "
+          f"uint8 {mib:.0f} MiB each, {in_flight * mib / 1024:.2f} GiB per rank (float32 would be "
+          f"{4 * in_flight * mib / 1024:.2f} GiB)")
 
 
 if __name__ == "__main__":

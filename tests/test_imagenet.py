@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ from PIL import Image
 from imagenet import train, vis_attn
 from imagenet.dataloaders import classes
 from imagenet.dataloaders.dataset import DatasetError, build_datasets, eval_transform, mixup_cutmix, train_transform
+from utils import distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -71,7 +73,8 @@ def tiny(tmp_path_factory) -> Path:
 def trained(tiny, tmp_path_factory) -> Path:
     """One epoch of `python -m imagenet.train` in a subprocess; returns its output folder."""
     out = tmp_path_factory.mktemp("run")
-    proc = run_module("imagenet.train", "--data-root", str(tiny), "--out", str(out), "--epochs", "1", *TINY)
+    proc = run_module("imagenet.train", "--data-root", str(tiny), "--out", str(out), "--epochs", "1",
+                      "--repeated-aug", "1", *TINY)  # every image once: the broken one is met
     assert proc.returncode == 0, proc.stderr
     assert "epoch 1/1: train loss" in proc.stdout
     assert "skipped 1 unreadable image(s)" in proc.stdout and "broken.jpg" in proc.stdout
@@ -160,34 +163,143 @@ def test_one_epoch_cpu_writes_checkpoint_metrics_and_curves(trained):
 def test_torchrun_two_ranks_see_disjoint_data_and_rank0_alone_writes(tiny, tmp_path):
     out = tmp_path / "ddp"
     proc = run_module("torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "imagenet.train",
-                      "--data-root", str(tiny), "--out", str(out), "--epochs", "1", *TINY)
+                      "--data-root", str(tiny), "--out", str(out), "--epochs", "1", "--repeated-aug", "1", *TINY)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "on 2 x cpu" in proc.stdout and "(4 per rank)" in proc.stdout
+    assert "on 2 x cpu" in proc.stdout and "(4 per rank x 1 accumulation step(s))" in proc.stdout
     assert proc.stdout.count("epoch 1/1: train loss") == 1 and proc.stdout.count("saved ") == 1  # rank 0 prints
     assert sorted(p.name for p in out.iterdir()) == ["attention_curves.png", "checkpoint.pth", "curves.png",
                                                      "metrics.json"]
     metrics = json.loads((out / "metrics.json").read_text())
     row = metrics["epochs"][0]
     assert metrics["world_size"] == 2
-    assert row["rank_images"] == [12, 12] and row["rank_overlap"] == 0 and row["train_images"] == 24
+    assert row["rank_images"] == [12, 12] and row["rank_distinct_images"] == 24 and row["train_images"] == 24
     assert row["skipped_images"] == 1
 
 
-def test_resume_continues_exactly(tiny, tmp_path):
-    common = ["--data-root", str(tiny), "--epochs", "2", "--ema-decay", "0.9", *TINY]
-    train.main([*common, "--out", str(tmp_path / "straight")])
-    train.main([*common, "--out", str(tmp_path / "split"), "--stop-after", "1"])
-    assert torch.load(tmp_path / "split" / "checkpoint.pth", weights_only=True)["epoch"] == 1
-    train.main(["--resume", "--out", str(tmp_path / "split"), "--device", "cpu", "--workers", "0", "--no-progress"])
-    a = torch.load(tmp_path / "straight" / "checkpoint.pth", weights_only=True)
-    b = torch.load(tmp_path / "split" / "checkpoint.pth", weights_only=True)
-    assert a["epoch"] == b["epoch"] == 2
+def same_weights(a: dict, b: dict) -> None:
+    assert a["epoch"] == b["epoch"]
     for part in ("model", "ema_model"):
         for k, v in a[part].items():
             assert torch.equal(v, b[part][k]), (part, k)
+    assert a["optimizer"]["state"][0]["step"] == b["optimizer"]["state"][0]["step"]
+
+
+def test_the_same_command_continues_exactly_with_workers(tiny, tmp_path):
+    """--stop-after 1, then the same command: bit for bit a straight run (repeated augmentation, EMA, 1 worker)."""
+    common = ["--data-root", str(tiny), "--epochs", "2", "--ema-decay", "0.9", *TINY, "--workers", "1"]
+    train.main([*common, "--out", str(tmp_path / "straight")])
+    train.main([*common, "--out", str(tmp_path / "split"), "--stop-after", "1"])
+    assert torch.load(tmp_path / "split" / "checkpoint.pth", weights_only=True)["epoch"] == 1
+    train.main([*common, "--out", str(tmp_path / "split"), "--stop-after", "1"])
+    a = torch.load(tmp_path / "straight" / "checkpoint.pth", weights_only=True)
+    b = torch.load(tmp_path / "split" / "checkpoint.pth", weights_only=True)
+    assert b["epoch"] == 2
+    same_weights(a, b)
     for ra, rb in zip(a["metrics"], b["metrics"], strict=True):
         assert ra["train_loss"] == rb["train_loss"] and ra["val_loss"] == rb["val_loss"]
-    assert a["optimizer"]["state"][0]["step"] == b["optimizer"]["state"][0]["step"]
+
+
+def test_sigterm_mid_epoch_checkpoints_and_the_rerun_equals_a_straight_run(tiny, tmp_path, monkeypatch, capsys):
+    """A real SIGTERM after the first optimizer step of epoch 1 (2 accumulated micro-batches a step, 1 worker):
+    checkpoint at that step, exit 143; the same command again ends with a straight run's weights."""
+    common = ["--data-root", str(tiny), "--epochs", "2", "--ema-decay", "0.9", *TINY, "--workers", "1",
+              "--device-batch", "4"]
+    train.main([*common, "--out", str(tmp_path / "straight")])
+    assert "(4 per rank x 2 accumulation step(s))" in capsys.readouterr().out
+    original = train.train_one_epoch
+
+    def signalled(*args, should_stop, **kwargs):
+        def stop(steps: int) -> bool:
+            if steps == 1 and kwargs["epoch"] == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return should_stop(steps)
+        return original(*args, should_stop=stop, **kwargs)
+
+    monkeypatch.setattr(train, "train_one_epoch", signalled)
+    with pytest.raises(SystemExit) as e:
+        train.main([*common, "--out", str(tmp_path / "split")])
+    assert e.value.code == 128 + signal.SIGTERM
+    assert "SIGTERM: saved" in capsys.readouterr().out
+    ckpt = torch.load(tmp_path / "split" / "checkpoint.pth", weights_only=True)
+    assert (ckpt["epoch"], ckpt["step_in_epoch"]) == (0, 1) and len(ckpt["rng_per_rank"]) == 1
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is put back
+    monkeypatch.setattr(train, "train_one_epoch", original)
+    train.main([*common, "--out", str(tmp_path / "split")])
+    assert "after epoch 0 and step 1 of epoch 1" in capsys.readouterr().out
+    same_weights(torch.load(tmp_path / "straight" / "checkpoint.pth", weights_only=True),
+                 torch.load(tmp_path / "split" / "checkpoint.pth", weights_only=True))
+
+
+def test_restarts_continue_flags_apply_and_fresh_starts_over(tiny, trained, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)
+    command = ["--data-root", str(tiny), "--out", str(out), "--repeated-aug", "1", *TINY]
+    train.main([*command, "--epochs", "2", "--lr", "1e-3"])  # a recipe flag applies from here on
+    text = capsys.readouterr().out
+    assert "continuing" in text and "--lr 0.001 replaces the 0.0005" in text and "--epochs 2 replaces the 1" in text
+    ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert ckpt["epoch"] == 2 and ckpt["train_config"]["lr"] == 1e-3
+    assert ckpt["train_config"]["changes"] == [{"epoch": 2, "epochs": [1, 2], "lr": [5e-4, 1e-3]}]
+    assert ckpt["optimizer"]["param_groups"][0]["initial_lr"] == pytest.approx(1e-3 * 8 / 512)
+    assert json.loads((out / "metrics.json").read_text())["config"]["lr"] == 1e-3  # what ran
+    train.main([*command, "--epochs", "2"])  # run again: nothing is lost or redone
+    assert "already has its 2 epochs" in capsys.readouterr().out
+    assert "sets the steps per epoch" in exit_message(train.main, [*command, "--batch-size", "16"])
+    assert "--embed-dim 64 differs from the 32" in exit_message(train.main, [*command, "--embed-dim", "64"])
+    train.main([*command, "--fresh", "--epochs", "1"])
+    assert "--fresh: starting over" in capsys.readouterr().out
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["train_config"]["changes"] == []
+    train.main([*command, "--out", str(tmp_path / "new"), "--resume", "--epochs", "1"])
+    assert "does not exist yet, so this starts a new run" in capsys.readouterr().out
+
+
+def test_ranks_that_find_different_checkpoints_stop(trained, monkeypatch):
+    monkeypatch.setattr(train, "all_gather_objects", lambda obj: [obj, None])  # rank 1 sees no checkpoint
+    cfg, given = train.parse_args(["--out", str(trained)])
+    with pytest.raises(train.UsageError, match="must be a folder that all nodes share"):
+        train.find_checkpoint(cfg, given, trained / "checkpoint.pth", train.DistContext())
+
+
+def test_slurm_variables(monkeypatch):
+    assert distributed.first_host("gpu[07-09,12],cpu3") == "gpu07" and distributed.first_host("node1") == "node1"
+    env = {"SLURM_PROCID": "3", "SLURM_STEP_NUM_TASKS": "16", "SLURM_LOCALID": "3", "SLURM_JOB_ID": "4242",
+           "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_NTASKS": "16"}
+    assert distributed.launch_env(env) == (3, 16, 3)
+    assert env["MASTER_ADDR"] == "gpu07" and env["MASTER_PORT"] == "24242" and env["WORLD_SIZE"] == "16"
+    batch_shell = {"SLURM_PROCID": "0", "SLURM_NTASKS": "16", "SLURM_JOB_NODELIST": "gpu[07-08]"}  # no srun
+    assert distributed.launch_env(batch_shell) == (0, 1, 0)
+    assert distributed.launch_env({**env, "WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}) == (1, 2, 1)
+
+
+def test_srun_two_tasks_form_one_job(tiny, tmp_path):
+    """What `srun --ntasks=2 python -m imagenet.train` gives each task: one 2-rank job, not two 1-rank ones."""
+    out = tmp_path / "slurm"
+    env = {"SLURM_STEP_NUM_TASKS": "2", "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_ID": str(os.getpid())}
+    env = {k: v for k, v in {**os.environ, **env}.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    procs = [subprocess.Popen([sys.executable, "-m", "imagenet.train", "--data-root", str(tiny), "--out", str(out),
+                               "--epochs", "1", "--repeated-aug", "1", *TINY], cwd=ROOT, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env={**env, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)}) for r in range(2)]
+    results = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), results[0][1][-2000:] + results[1][1][-2000:]
+    assert "on 2 x cpu" in results[0][0] and results[1][0] == ""  # rank 0 alone prints
+    row = json.loads((out / "metrics.json").read_text())["epochs"][0]
+    assert row["rank_images"] == [12, 12] and row["rank_distinct_images"] == 24
+
+
+def test_pretrained_sets_the_model(tiny, trained, tmp_path, capsys):
+    weights = str(trained / "checkpoint.pth")
+    msg = exit_message(train.main, ["--data-root", str(tiny), "--pretrained", weights, "--embed-dim", "64"])
+    assert "--embed-dim has no effect with --pretrained" in msg
+    out = tmp_path / "ft"
+    train.main(["--data-root", str(tiny), "--out", str(out), "--pretrained", weights, "--epochs", "1",
+                "--batch-size", "8", "--device", "cpu", "--workers", "0", "--no-progress"])
+    assert "repeated augmentation x1" in capsys.readouterr().out  # off for fine-tuning
+    config = json.loads((out / "metrics.json").read_text())["config"]
+    assert config["model"] == weights and (config["embed_dim"], config["depth"], config["img_size"]) == (32, 2, 32)
+    train.main(["--evaluate-only", "--pretrained", str(out / "checkpoint.pth"), "--data-root", str(tiny),
+                "--device", "cpu", "--workers", "0", "--batch-size", "4", "--no-progress"])
+    assert "trained weights" in capsys.readouterr().out
 
 
 def test_train_bad_input_one_line_errors(tiny, trained, tmp_path):
@@ -201,17 +313,16 @@ def test_train_bad_input_one_line_errors(tiny, trained, tmp_path):
         for name in "ab":
             shutil.copytree(tiny / split / name, two / split / name)
     msg = exit_message(train.main, ["--data-root", str(two), "--evaluate-only", "--pretrained",
-                                    str(trained / "checkpoint.pth"), *TINY])
+                                    str(trained / "checkpoint.pth"), "--device", "cpu", "--workers", "0"])
     assert "has 2 classes but the model's head has 3" in msg
-    msg = exit_message(train.main, ["--resume", "--out", str(trained), "--data-root", str(two), "--epochs", "2",
-                                    *TINY])
+    msg = exit_message(train.main, ["--out", str(trained), "--data-root", str(two), "--epochs", "2", *TINY])
     assert "has 2 classes but the model's head has 3" in msg
     for split in ("train", "val"):
         shutil.copytree(tiny / split / "c", two / split / "d")
-    msg = exit_message(train.main, ["--resume", "--out", str(trained), "--data-root", str(two), "--epochs", "2",
-                                    *TINY])
+    msg = exit_message(train.main, ["--out", str(trained), "--data-root", str(two), "--epochs", "2", *TINY])
     assert "differ from those the run was trained on" in msg
-    assert "does not exist" in exit_message(train.main, ["--resume", "--out", str(tmp_path / "nothing"), *TINY])
+    msg = exit_message(train.main, ["--data-root", str(tiny), *TINY, "--device-batch", "3"])
+    assert "--device-batch 3 does not divide the 8 images per rank" in msg
     assert "--evaluate-only needs weights" in exit_message(train.main, ["--data-root", str(tiny), "--evaluate-only",
                                                                        *TINY])
 

@@ -17,7 +17,7 @@ from PIL import Image
 
 from imagenet import train as imagenet_train
 from imagenet import vis_attn as imagenet_vis
-from imagenet.dataloaders.dataset import eval_transform
+from imagenet.dataloaders.dataset import device_transform, eval_transform
 from mnist import train as mnist_train
 from mnist import vis_attn as mnist_vis
 from models.pretrained import load_pretrained
@@ -354,7 +354,7 @@ def test_deit_tiny_attention_distance_grows_with_depth():
     model = load_pretrained(DEIT).eval()
     files = sorted(SAMPLES.glob("*.JPEG"))[::63]  # 16 photos of 16 classes
     tf = eval_transform(224)
-    x = torch.stack([tf(imagenet_vis.load_photo(f)) for f in files])
+    x = device_transform()(torch.stack([tf(imagenet_vis.load_photo(f)) for f in files]))  # uint8 -> normalised
     stats = attention_stats(model, x, batch_size=16)
     print(f"DeiT-tiny over {len(x)} sample photos (pytest -s shows it)\n{attention_table(stats)}")
     dist, ent = stats["distance"], stats["entropy"]

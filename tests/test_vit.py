@@ -182,7 +182,8 @@ def test_loader_formats(tmp_path):
     torch.testing.assert_close(check(path), expected, atol=0, rtol=0)
     ema = {"module." + k: v for k, v in sd.items()} | {"n_averaged": torch.tensor(5)}
     other = {k: torch.zeros_like(v) for k, v in sd.items()}
-    torch.testing.assert_close(check({"model_config": model.config, "model": other, "ema_model": ema}), expected)
+    torch.testing.assert_close(check({"model_config": model.config, "model": other, "ema_model": ema,
+                                      "reported_weights": "ema"}), expected)
     # DINO: no classifier; its teacher holds backbone.* plus a projection head to drop.
     backbone = {k: v for k, v in sd.items() if not k.startswith("head.")}
     features = load_pretrained(backbone, num_heads=3).eval()
