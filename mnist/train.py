@@ -2,11 +2,11 @@
 
 The whole data set lives on the device as one uint8 tensor; shuffling and augmentation (random rotation, scale and
 shift through one batched affine_grid + grid_sample) happen there, a batch at a time. Every epoch's randomness comes
-from a generator seeded with (seed, epoch), so `--resume` continues bit for bit (on a CPU) where a run stopped. Each
-epoch writes <out>/checkpoint.pth (atomically) and <out>/metrics.json (curves.png every 5 epochs and at the end). By
-default the run fits a 10-minute budget (--minutes): after epoch 2 the epoch count is set from the measured speed.
-Device and precision come from the hardware (`utils.hardware`). The last epoch's test score is reported for the
-single view and with shift test-time augmentation (`ShiftTTA`, --tta-shift).
+from a generator seeded with (seed, epoch), so the same command run again continues bit for bit (on a CPU) where a
+run stopped (--fresh starts over). Each epoch writes <out>/checkpoint.pth (atomically) and <out>/metrics.json
+(curves.png every 5 epochs and at the end). By default the run fits a 10-minute budget (--minutes): after epoch 2
+the epoch count is set from the measured speed. Device and precision come from the hardware (`utils.hardware`). The
+last epoch's test score is reported for the single view and with shift test-time augmentation (`ShiftTTA`, --tta-shift).
 """
 
 from __future__ import annotations
@@ -72,10 +72,12 @@ RUN = {
     "tta_shift": (2, "the final evaluation also averages the softmax over each image and its copies shifted this many "
                      "pixels right, left, down and up: five placements of the patch grid (0 = off)"),
     "threads": (0, "CPU threads for torch (0 = torch's default, one per core)"),
-    "resume": (False, "continue <out>/checkpoint.pth with the settings it was trained with"),
-    "stop_after": (0, "stop after this many epochs in this run (0 = never); continue later with --resume"),
+    "fresh": (False, "start over even though <out> holds a checkpoint (it is replaced after the first epoch)"),
+    "resume": (False, "continue <out>/checkpoint.pth (the default anyway: a run whose <out> holds a checkpoint "
+                      "continues it with the settings it was trained with); without one yet, start a new run"),
+    "stop_after": (0, "stop after this many epochs in this run (0 = never); the same command continues"),
     "download": (True, "download MNIST into --data-root when it is not there (--no-download: never)"),
-    "progress": (True, "tqdm progress bars (--no-progress: only the per-epoch lines)"),
+    "progress": (True, "tqdm progress bars when stderr is a terminal (--no-progress: only the per-epoch lines)"),
     "track_attention": (True, "every epoch, one forward of 256 fixed test digits: per-layer attention distance and "
                                "entropy into metrics.json and attention_curves.png, the rollout of the first 8 into "
                                "attention_over_training.gif and .png at the end (--no-track-attention: off)"),
@@ -293,16 +295,21 @@ def train(cfg: dict[str, Any], given: set[str]) -> dict[str, Any]:
     out = Path(cfg["out"])
     ckpt_path = out / "checkpoint.pth"
     ckpt = None
-    if cfg["resume"]:
+    if cfg["fresh"] and ckpt_path.is_file():
+        print(f"note: --fresh: starting over; {ckpt_path} is replaced after the first epoch")
+    elif cfg["resume"] and not ckpt_path.is_file():
+        print(f"note: --resume: {ckpt_path} does not exist yet, so this starts a new run")
+    elif ckpt_path.is_file():  # a repeated command continues its run, never overwrites it
         ckpt = T.load_checkpoint(ckpt_path)
         saved = ckpt.get("train_config")
         if not isinstance(saved, dict) or saved.get("dataset") != "mnist":
-            raise T.CheckpointError(f"{ckpt_path} is not an MNIST training checkpoint of this repo; cannot resume it.")
+            raise T.CheckpointError(f"{ckpt_path} is not an MNIST training checkpoint of this repo; cannot continue "
+                                    f"it (use another --out, or --fresh to replace it).")
         clash = {k for k in given & (set(MODEL) | set(RECIPE)) if k in saved and saved[k] != cfg[k]}
         if clash:
             k = sorted(clash)[0]
             raise ValueError(f"--{k.replace('_', '-')} {cfg[k]} differs from the {saved[k]} that {ckpt_path} was "
-                             f"trained with; drop it to resume, or pick a new --out to start over.")
+                             f"trained with; drop it to continue the run, or add --fresh to start over.")
         cfg.update({k: saved[k] for k in (*MODEL, *RECIPE) if k in saved})
     check_config(cfg)
     train_config = {k: cfg[k] for k in (*MODEL, *RECIPE)} | {"dataset": "mnist", "normalize": [MEAN, STD]}
@@ -353,7 +360,7 @@ def train(cfg: dict[str, Any], given: set[str]) -> dict[str, Any]:
         net = T.compile_or_eager(model, train_x[:cfg["batch_size"]].unsqueeze(1).float() / 255, amp_dtype)
     ran_as = hw.record() | {"compiled": net is not model}
     if ckpt is not None:
-        print(f"resuming {ckpt_path} after epoch {start}/{cfg['epochs']}")
+        print(f"continuing {ckpt_path} after epoch {start}/{cfg['epochs']} (--fresh starts over)")
 
     step = start * steps_per_epoch
     ce = nn.CrossEntropyLoss(label_smoothing=cfg["label_smoothing"])
@@ -384,7 +391,7 @@ def train(cfg: dict[str, Any], given: set[str]) -> dict[str, Any]:
             stats = T.train_one_epoch(net, train_batches(train_x, train_y, cfg, gen), optimizer, scheduler, loss_fn,
                                       device=device, epoch=epoch + 1, step=epoch * steps_per_epoch,
                                       total=steps_per_epoch, ema=ema, amp_dtype=amp_dtype, scaler=scaler,
-                                      progress=cfg["progress"],
+                                      progress=cfg["progress"] and sys.stderr.isatty(),
                                       desc=f"epoch {epoch + 1}/{cfg['epochs']}")
         except T.NonFiniteLossError as e:
             kept = (f"the last good checkpoint (epoch {epoch}) is kept at {ckpt_path}" if epoch > 0
@@ -417,7 +424,8 @@ def train(cfg: dict[str, Any], given: set[str]) -> dict[str, Any]:
         row["epoch_s"] = time.perf_counter() - epoch_start
         metrics.append(row)
         state = T.checkpoint_state(model, optimizer, scheduler, epoch=epoch + 1, metrics=metrics,
-                                   train_config=train_config, ema=ema, scaler=scaler, attention_frames=frames)
+                                   train_config=train_config, ema=ema, scaler=scaler, attention_frames=frames,
+                                   reported_weights="ema" if ema is not None else "model")
         T.save_checkpoint(state, ckpt_path)
         T.save_metrics(metrics, out / "metrics.json", train_config=train_config, ran_as=ran_as)
         ran += 1
@@ -430,7 +438,7 @@ def train(cfg: dict[str, Any], given: set[str]) -> dict[str, Any]:
         tqdm.write(f"epoch {epoch + 1}/{cfg['epochs']}  train loss {stats['train_loss']:.4f}  {scores}  "
                    f"{stats['img_per_s']:.0f} img/s  {row['wall_s']:.0f} s")
         if stop:
-            print(f"stopped after epoch {epoch + 1} (--stop-after {cfg['stop_after']}); continue with --resume")
+            print(f"stopped after epoch {epoch + 1} (--stop-after {cfg['stop_after']}); the same command continues")
             return row
     if tracked is not None and frames["epochs"]:  # where the model looked, epoch by epoch
         save_attention_over_training(data["test_x"][:len(frames["maps"][0])], frames["maps"], frames["epochs"],
@@ -456,7 +464,8 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, FileNotFoundError, T.NonFiniteLossError) as e:  # DataError, CheckpointError are ValueErrors
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
-        sys.exit(f"interrupted; the last finished epoch is in {Path(cfg['out']) / 'checkpoint.pth'} (--resume)")
+        sys.exit(f"interrupted; the last finished epoch is in {Path(cfg['out']) / 'checkpoint.pth'}: the same command "
+                 f"continues")
 
 
 if __name__ == "__main__":

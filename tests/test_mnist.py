@@ -123,7 +123,7 @@ def test_minutes_sets_the_epochs_once_and_resume_keeps_them(data_root, tmp_path)
     expected = max(3, training.epochs_within(6, second["wall_s"], second["epoch_s"], 5 * second["eval_s"], 1000, 2))
     assert decided == expected and 3 <= decided < 1000  # 6 s cannot hold 1000 epochs of even this tiny model
     assert ckpt["scheduler"]["last_epoch"] == 3 * (640 // 64)
-    mnist_train.main([str(a) for a in args] + ["--resume"])  # the same command line resumes
+    mnist_train.main([str(a) for a in args])  # the same command again continues the run
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert len(metrics["epochs"]) == decided == metrics["train_config"]["epochs_fit"]
     assert metrics["epochs"][-1]["lr"] == pytest.approx(3e-3 * 0.01)  # the stretched cosine ends where it should
@@ -144,9 +144,17 @@ def test_resume_equals_straight_run(straight, data_root, tmp_path):
     assert a["metrics"][-1]["test_top1"] == b["metrics"][-1]["test_top1"]
 
 
-def test_resume_refuses_other_settings(straight):
-    msg = call(mnist_train.main, "--out", straight, "--resume", "--lr", "0.5")
-    assert "--lr 0.5 differs" in msg
+def test_resume_refuses_other_settings_and_fresh_starts_over(straight, data_root, tmp_path, capsys):
+    msg = call(mnist_train.main, "--out", straight, "--lr", "0.5")
+    assert "--lr 0.5 differs" in msg and "--fresh to start over" in msg
+    out = tmp_path / "run"
+    shutil.copytree(straight, out)
+    mnist_train.main([str(a) for a in [*TINY, "--data-root", data_root, "--out", out, "--epochs", "1", "--fresh"]])
+    assert "--fresh: starting over" in capsys.readouterr().out
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["epoch"] == 1
+    mnist_train.main([str(a) for a in [*TINY, "--data-root", data_root, "--out", tmp_path / "new", "--epochs", "1",
+                                       "--resume"]])
+    assert "does not exist yet, so this starts a new run" in capsys.readouterr().out
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_root, tmp_path):
