@@ -50,6 +50,7 @@ from utils.distributed import (
     all_reduce_sum,
     barrier,
     close_distributed,
+    ignore_stop_signals,
     init_distributed,
 )
 from utils.img2attn import plot_attention_curves, track_attention
@@ -245,12 +246,22 @@ class DeviceBatches:
 def make_loader(dataset, batch_size: int, sampler, cfg: dict[str, Any], device: torch.device,
                 drop_last: bool) -> DataLoader:
     """Persistent workers; their own RNG seed comes from a generator of --seed, never from the global RNG (which
-    the training step's dropout and MixUp use): so resuming is exact with any number of workers."""
+    the training step's dropout and MixUp use): so resuming is exact with any number of workers. The workers
+    ignore SIGTERM / SIGUSR1: their main process handles them."""
     workers = cfg["workers"]
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                       pin_memory=device.type == "cuda", persistent_workers=workers > 0, drop_last=drop_last,
-                      prefetch_factor=4 if workers > 0 else None,
+                      prefetch_factor=4 if workers > 0 else None, worker_init_fn=ignore_stop_signals,
                       generator=torch.Generator().manual_seed(cfg["seed"]))
+
+
+def stop_workers(*loaders: DataLoader) -> None:
+    """End the persistent workers of `loaders` now. They ignore SIGTERM (as the main process's handler), so an exit
+    that left them to Python's exit-time terminate-and-join would wait for them forever."""
+    for loader in loaders:
+        if getattr(loader, "_iterator", None) is not None:
+            loader._iterator._shutdown_workers()
+            loader._iterator = None
 
 
 def eval_loader(dataset, batch_size: int, cfg: dict[str, Any], ctx: DistContext) -> DataLoader:
@@ -410,16 +421,15 @@ def run(cfg: dict[str, Any], given: set[str]) -> None:
 
     if cfg["evaluate_only"]:
         ctx.print(f"weights: {cfg['pretrained']}, {getattr(model, 'weights_note', 'as saved')}")
-        res, _ = validate(eval_model, "evaluation")
+        try:
+            res, _ = validate(eval_model, "evaluation")
+        finally:
+            stop_workers(val_loader)
         ctx.print(f"top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%  loss {res['loss']:.4f}  "
                   f"({res['n']} images of {cfg['data_root']})")
         return
-    train(cfg, ctx, hw, model, eval_model, ckpt, train_set, val_set, micro, accum, channels_last, progress, validate)
 
-
-def train(cfg, ctx, hw, model, eval_model, ckpt, train_set, val_set, micro, accum, channels_last, progress,
-          validate) -> None:
-    device, amp_dtype, out = hw.device, hw.amp_dtype, Path(cfg["out"])
+    # ---- training objects
     sampler = TrainSampler(len(train_set), num_replicas=ctx.world_size, rank=ctx.rank, seed=cfg["seed"],
                            repeats=cfg["repeated_aug"])
     train_loader = make_loader(train_set, micro, sampler, cfg, device, drop_last=True)
@@ -542,6 +552,7 @@ def train(cfg, ctx, hw, model, eval_model, ckpt, train_set, val_set, micro, accu
                 raise Preempted(stop.exit_code)
     finally:
         stop.restore()
+        stop_workers(train_loader, val_loader)
     if last_epoch < cfg["epochs"]:
         ctx.print(f"stopped after epoch {last_epoch} (--stop-after {cfg['stop_after']}); run the same command to "
                   f"continue")

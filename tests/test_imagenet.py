@@ -230,6 +230,28 @@ def test_sigterm_mid_epoch_checkpoints_and_the_rerun_equals_a_straight_run(tiny,
                  torch.load(tmp_path / "split" / "checkpoint.pth", weights_only=True))
 
 
+def test_sigterm_to_the_whole_process_group_as_slurm_sends_it(tiny, tmp_path):
+    """SLURM signals every process of a job step, data workers included: the run still checkpoints, exits 143 and
+    leaves no process behind; the same command continues it."""
+    command = [sys.executable, "-m", "imagenet.train", "--data-root", str(tiny), "--out", str(tmp_path), "--epochs",
+               "50", *TINY, "--batch-size", "2", "--workers", "2"]
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    for line in proc.stdout:
+        if line.startswith("epoch 1/50:"):
+            break
+    os.killpg(proc.pid, signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in stderr, stderr
+    assert "SIGTERM: s" in stdout and "run the same command to continue" in stdout
+    with pytest.raises(ProcessLookupError):
+        os.killpg(proc.pid, 0)  # no worker left behind
+    ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    done = (ckpt["epoch"], ckpt.get("step_in_epoch", 0))
+    proc = subprocess.run([*command, "--stop-after", "1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and f"after epoch {done[0]}" in proc.stdout, proc.stderr[-2000:]
+
+
 def test_restarts_continue_flags_apply_and_fresh_starts_over(tiny, trained, tmp_path, capsys):
     out = tmp_path / "run"
     shutil.copytree(trained, out)

@@ -4,6 +4,7 @@
     ctx.print("only rank 0 prints")
     total = all_reduce_sum(torch.tensor(...))
     stop = StopSignal()              # SIGTERM / SIGUSR1 -> stop() is True on every rank at the same step
+    DataLoader(..., worker_init_fn=ignore_stop_signals)
     close_distributed()
 """
 
@@ -161,3 +162,11 @@ class StopSignal:
     def restore(self) -> None:
         for name, handler in self.previous.items():
             signal.signal(getattr(signal, name), handler)
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """A DataLoader worker_init_fn: SLURM signals every process of a job step, and a data worker that died of
+    SIGTERM would fail the step that is about to write the checkpoint; the workers end with their main process."""
+    for name in ("SIGTERM", "SIGUSR1"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
