@@ -136,7 +136,7 @@ class StopSignal:
     (a sync, so not every step); a single process looks at its own flag every step. `stop.caught` names the
     signal; `stop.restore()` puts the previous handlers back."""
 
-    def __init__(self, device: torch.device | str = "cpu", every: int = 20):
+    def __init__(self, device: torch.device | str = "cpu", every: int = 10):
         self.device, self.every, self.caught = torch.device(device), every, ""
         names = [n for n in ("SIGTERM", "SIGUSR1") if hasattr(signal, n)]
         self.previous = {n: signal.signal(getattr(signal, n), self._catch) for n in names}
