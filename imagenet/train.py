@@ -300,6 +300,10 @@ def from_bytes(data: Tensor) -> Any:
 def find_checkpoint(cfg: dict[str, Any], given: set[str], path: Path, ctx: DistContext) -> dict[str, Any] | None:
     """The checkpoint this run continues, or None to start a new one. A checkpoint in --out is continued unless
     --fresh: a restarted or repeated command never overwrites a run. Every rank must find the same one."""
+    restarts = max(int(os.environ.get(k, "0")) for k in ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT"))
+    if cfg["fresh"] and restarts > 0:  # the launcher restarted this command: --fresh meant its first start
+        ctx.print(f"note: --fresh is ignored on restart {restarts}: continuing the run it started")
+        cfg["fresh"] = False
     exists = path.is_file() and not cfg["fresh"]
     ckpt = load_checkpoint(path) if exists else None
     position = (int(ckpt["epoch"]), int(ckpt.get("step_in_epoch", 0))) if ckpt is not None else None
@@ -444,16 +448,18 @@ def run(cfg: dict[str, Any], given: set[str]) -> None:
                                   fused=True if device.type == "cuda" else None)
     scaler = hw.grad_scaler()
     ema = make_ema(model, cfg["ema_decay"], warmup=True) if cfg["ema_decay"] > 0 else None
-    start_epoch, start_step, metrics, partial = 0, 0, [], {}
+    start_epoch, start_step, metrics, partial, saved_rng = 0, 0, [], {}, []
     if ckpt is not None:
         start_epoch, metrics = restore_checkpoint(ckpt, model, optimizer, ema=ema, restore_rng=False,
                                                   scaler=scaler if "scaler" in ckpt else None)
         start_step, partial = int(ckpt.get("step_in_epoch", 0)), ckpt.get("partial_epoch", {})
+        saved_rng = ckpt.get("rng_per_rank", []) if start_step else []
         if list(ckpt.get("classes", train_set.classes)) != list(train_set.classes):
             raise DatasetError(f"the class folders of {cfg['data_root']} differ from those the run was trained on "
                                f"(e.g. {list(ckpt['classes'])[:3]}); continue on the same dataset.")
         at = f"epoch {start_epoch}" + (f" and step {start_step} of epoch {start_epoch + 1}" if start_step else "")
         ctx.print(f"continuing {out / 'checkpoint.pth'} after {at} (--fresh starts over)")
+        del ckpt  # (a whole checkpoint per rank, held for the run otherwise)
     for group in optimizer.param_groups:  # this run's lr and weight decay, whatever the checkpoint had
         group["initial_lr"] = lr
     optimizer.param_groups[0]["weight_decay"] = cfg["weight_decay"]  # (group 1: no decay)
@@ -495,8 +501,7 @@ def run(cfg: dict[str, Any], given: set[str]) -> None:
     try:
         for epoch in range(start_epoch, last_epoch):
             first = start_step if epoch == start_epoch else 0  # optimizer steps of this epoch already done
-            saved_rng = ckpt.get("rng_per_rank", []) if ckpt is not None and first else []
-            if len(saved_rng) == ctx.world_size:
+            if first and len(saved_rng) == ctx.world_size:
                 set_rng_states(from_bytes(saved_rng[ctx.rank]))  # exactly where the stopped run was
             else:  # dropout, drop-path, MixUp, erasing: per rank and epoch (and step, mid-epoch on other ranks)
                 seed_everything(epoch_seed(cfg["seed"], epoch) + first * ctx.world_size + ctx.rank)
@@ -516,6 +521,7 @@ def run(cfg: dict[str, Any], given: set[str]) -> None:
             partial = {}
             if stats["stopped"]:
                 save(epoch, step_in_epoch=first + stats["steps"], partial_epoch=done)
+                barrier()  # no rank exits (and gets the job torn down) before the checkpoint is on disk
                 ctx.print(f"{stop.caught}: saved {out / 'checkpoint.pth'} at step {first + stats['steps']} of epoch "
                           f"{epoch + 1}; run the same command to continue")
                 raise Preempted(stop.exit_code)
@@ -571,9 +577,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         run(cfg, given)
     except NonFiniteLossError as e:
-        sys.exit(f"error: {e} The last finished epoch is in {Path(cfg['out']) / 'checkpoint.pth'}.")
+        sys.exit(f"error: {e} The last finished epoch is in {Path(cfg['out']) / 'checkpoint.pth'}." if rank == 0
+                 else 1)  # every rank stops at the same step: rank 0 says it
     except (ValueError, FileNotFoundError) as e:  # UsageError, DatasetError, CheckpointError are ValueErrors
-        sys.exit(f"error: {e}" if rank == 0 else 1)  # the same on every rank: rank 0 says it
+        sys.exit(f"error: {e}" if rank == 0 else f"error (rank {rank}): {e}")  # it may be this rank's alone
     except KeyboardInterrupt:
         sys.exit(f"interrupted; the last finished epoch is in {Path(cfg['out']) / 'checkpoint.pth'}")
     finally:

@@ -252,7 +252,7 @@ def test_sigterm_to_the_whole_process_group_as_slurm_sends_it(tiny, tmp_path):
     assert proc.returncode == 0 and f"after epoch {done[0]}" in proc.stdout, proc.stderr[-2000:]
 
 
-def test_restarts_continue_flags_apply_and_fresh_starts_over(tiny, trained, tmp_path, capsys):
+def test_restarts_continue_flags_apply_and_fresh_starts_over(tiny, trained, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     shutil.copytree(trained, out)
     command = ["--data-root", str(tiny), "--out", str(out), "--repeated-aug", "1", *TINY]
@@ -268,6 +268,10 @@ def test_restarts_continue_flags_apply_and_fresh_starts_over(tiny, trained, tmp_
     assert "already has its 2 epochs" in capsys.readouterr().out
     assert "sets the steps per epoch" in exit_message(train.main, [*command, "--batch-size", "16"])
     assert "--embed-dim 64 differs from the 32" in exit_message(train.main, [*command, "--embed-dim", "64"])
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")  # torchrun restarted the --fresh command: continue
+    train.main([*command, "--fresh", "--epochs", "2"])
+    assert "--fresh is ignored on restart 1" in capsys.readouterr().out
+    monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT")
     train.main([*command, "--fresh", "--epochs", "1"])
     assert "--fresh: starting over" in capsys.readouterr().out
     assert torch.load(out / "checkpoint.pth", weights_only=True)["train_config"]["changes"] == []

@@ -65,7 +65,8 @@ def launch_env(env: dict[str, str] | None = None) -> tuple[int, int, int]:
         return 0, 1, 0
     rank, local_rank = int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", "0"))
     env.setdefault("MASTER_ADDR", first_host(env.get("SLURM_STEP_NODELIST") or env["SLURM_JOB_NODELIST"]))
-    env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))  # 2 jobs, 1 node: apart
+    env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 10000))  # 2 jobs on a node: apart
+    # (20000-29999: below Linux's ephemeral ports)
     env.update(RANK=str(rank), WORLD_SIZE=str(tasks), LOCAL_RANK=str(local_rank))  # for init_process_group
     return rank, tasks, local_rank
 
@@ -79,6 +80,8 @@ def init_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> Dis
     if world_size <= 1:
         return DistContext(device=dev)
     if dev.type == "cuda":
+        if torch.cuda.device_count() == 1 and "TORCHELASTIC_RUN_ID" not in os.environ:  # srun --gpus-per-task=1:
+            local_rank = 0  # each task sees its own GPU as cuda:0
         if local_rank >= torch.cuda.device_count():
             raise ValueError(f"local rank {local_rank} but only {torch.cuda.device_count()} GPU(s) are visible; "
                              f"start at most {torch.cuda.device_count()} processes per node.")

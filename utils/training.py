@@ -77,7 +77,7 @@ def rng_states() -> dict[str, Any]:
     states = {"python": [version, list(state), gauss], "numpy": [name, torch.from_numpy(keys.copy()), pos,
                                                                  has_gauss, cached], "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        states["cuda"] = torch.cuda.get_rng_state_all()
+        states["cuda"] = torch.cuda.get_rng_state()  # this process's GPU: one per rank, whatever the node layout
     return states
 
 
@@ -92,7 +92,11 @@ def set_rng_states(states: dict[str, Any]) -> None:
     if "torch" in states:
         torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+        cuda, device = states["cuda"], torch.cuda.current_device()
+        if isinstance(cuda, list):  # older checkpoints: every visible GPU's
+            cuda = cuda[device] if device < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)
 
 
 # ------------------------------------------------------------------------------------------- optimizer and schedule
@@ -241,9 +245,10 @@ def train_one_epoch(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], 
     without a step (pass a multiple of `accum_steps`). After each step `should_stop(steps done in this call)` may
     end the epoch there (preemption). Tensors are moved to `device` (non_blocking) if they are not there already.
     `step` is the global optimizer step at the start of the epoch (only for messages); `total` is the number of
-    micro-batches (for the progress bar). The loss is checked for NaN/inf every `check_every` steps (one sync) and
-    at the end; on a bad loss it raises NonFiniteLossError naming the first bad step, so the caller keeps its last
-    good checkpoint. Returns {"train_loss": mean micro-batch loss, "images": count, "seconds": wall, "img_per_s":
+    micro-batches (for the progress bar). The loss is checked for NaN/inf every `check_every` steps (one sync; summed
+    over the ranks under torch.distributed, so that every rank stops at the same step) and at the end; on a bad
+    loss it raises NonFiniteLossError naming the first bad step, so the caller keeps its last good checkpoint.
+    Returns {"train_loss": mean micro-batch loss, "images": count, "seconds": wall, "img_per_s":
     throughput, "steps": optimizer steps done, "stopped": whether should_stop ended the epoch}, over the
     micro-batches of the steps done.
     """
@@ -258,11 +263,15 @@ def train_one_epoch(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], 
     held, held_images = 0, 0  # micro-batches and images of the step being accumulated
 
     def check() -> float:
-        losses = torch.stack(pending).float().cpu()
-        bad = (~torch.isfinite(losses)).nonzero()
+        losses = torch.stack(pending).float()
+        summed = losses.clone()  # over ranks: a NaN on any rank is seen by all at the same step, and all stop
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(summed)
+        losses, summed = losses.cpu(), summed.cpu()
+        bad = (~torch.isfinite(summed)).nonzero()
         if len(bad):
             i = n_micro - len(pending) + int(bad[0])
-            raise NonFiniteLossError(step + i // accum_steps, epoch, float(losses[int(bad[0])]))
+            raise NonFiniteLossError(step + i // accum_steps, epoch, float(summed[int(bad[0])]))
         pending.clear()
         return float(losses.sum())
 
