@@ -479,7 +479,7 @@ def run(cfg: dict[str, Any], given: set[str]) -> None:
     tracked = None  # fixed held-out images for the attention tracking: evenly spaced, so of many classes
     if cfg["track_attention"] and ctx.is_main:
         picks = torch.linspace(0, len(val_set) - 1, min(64, len(val_set))).round().long().unique().tolist()
-        tracked = device_transform()(torch.stack([val_set[i][0] for i in picks]).to(device))
+        tracked = to_float(torch.stack([val_set[i][0] for i in picks]).to(device))
 
     train_config = {k: cfg[k] for k in (*MODEL, *RECIPE, "data_root", "pretrained")} | {
         "dataset": "imagenet", "changes": cfg.get("changes", [])}
