@@ -130,6 +130,9 @@ def all_gather_objects(obj: Any) -> list[Any]:
     return out
 
 
+STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGUSR1") if hasattr(signal, n))
+
+
 class StopSignal:
     """Catches SIGTERM and SIGUSR1 (a SLURM time limit or preemption, a spot instance going away, torchrun stopping
     its workers) so that training can write a checkpoint and exit instead of dying mid-epoch.
@@ -137,39 +140,38 @@ class StopSignal:
     Call `stop = StopSignal(device)` once, then `stop(steps_done)` after every optimizer step: it is True on every
     rank at the same step once any rank caught a signal. Ranks agree through one all-reduce every `every` steps
     (a sync, so not every step); a single process looks at its own flag every step. `stop.caught` names the
-    signal; `stop.restore()` puts the previous handlers back."""
+    signal, `stop.exit_code` is 128 + its number; `stop.restore()` puts the previous handlers back."""
 
     def __init__(self, device: torch.device | str = "cpu", every: int = 10):
-        self.device, self.every, self.caught = torch.device(device), every, ""
-        names = [n for n in ("SIGTERM", "SIGUSR1") if hasattr(signal, n)]
-        self.previous = {n: signal.signal(getattr(signal, n), self._catch) for n in names}
+        self.device, self.every, self.signum = torch.device(device), every, 0
+        self.previous = {s: signal.signal(s, self._catch) for s in STOP_SIGNALS}
 
     def _catch(self, signum: int, frame: Any) -> None:
-        self.caught = signal.Signals(signum).name
+        self.signum = signum
 
     def __call__(self, steps_done: int = 0, force_check: bool = False) -> bool:
-        if not _active():
-            return bool(self.caught)
-        if steps_done % self.every and not force_check:
-            return False
-        flag = torch.tensor([float(bool(self.caught))], device=self.device)
-        if all_reduce_max(flag).item() and not self.caught:
-            self.caught = "a signal on another rank"
-        return bool(self.caught)
+        if _active():
+            if steps_done % self.every and not force_check:
+                return False
+            self.signum = int(all_reduce_max(torch.tensor([self.signum], device=self.device)).item())
+        return self.signum > 0
+
+    @property
+    def caught(self) -> str:
+        return signal.Signals(self.signum).name if self.signum else ""
 
     @property
     def exit_code(self) -> int:
         """128 + the signal's number, as a shell reports a process ended by it (not 0: the run is not finished)."""
-        return 128 + getattr(signal, self.caught, signal.SIGTERM) if self.caught.startswith("SIG") else 128 + 15
+        return 128 + self.signum
 
     def restore(self) -> None:
-        for name, handler in self.previous.items():
-            signal.signal(getattr(signal, name), handler)
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 def ignore_stop_signals(worker_id: int = 0) -> None:
     """A DataLoader worker_init_fn: SLURM signals every process of a job step, and a data worker that died of
     SIGTERM would fail the step that is about to write the checkpoint; the workers end with their main process."""
-    for name in ("SIGTERM", "SIGUSR1"):
-        if hasattr(signal, name):
-            signal.signal(getattr(signal, name), signal.SIG_IGN)
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
