@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from imagenet.dataloaders.dataset import ImageDataset, device_transform, is_image_file, mixup_cutmix, train_transform
 from imagenet.train import MODEL, PRESETS, RECIPE, model_from_config
 from utils import hardware
-from utils.training import param_groups
+from utils.optim import adamw
 
 SHARED_SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-samples"
 
@@ -40,8 +40,7 @@ def bench_model(args: argparse.Namespace, hw: hardware.Hardware) -> list[float]:
     torch.manual_seed(0)
     device = hw.device
     model = model_from_config(cfg, 1000).to(device).train()
-    optimizer = torch.optim.AdamW(param_groups(model, cfg["weight_decay"]), lr=1e-3,
-                                  fused=True if device.type == "cuda" else None)
+    optimizer = adamw(model, 1e-3, cfg["weight_decay"], device)
     step_model = torch.compile(model) if args.compile else model
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg["label_smoothing"])
     mix = mixup_cutmix(1000, cfg["mixup"], cfg["cutmix"])

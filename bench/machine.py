@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from utils import hardware
+from utils.optim import make_optimizer
 from utils.training import compile_or_eager
 
 PRECISIONS = {"cpu": ("none", "bf16"), "cuda": ("none", "bf16", "fp16"), "mps": ("none", "fp16")}
@@ -67,7 +68,7 @@ def matmul_gflops(device: torch.device, amp: str, seconds: float) -> float:
 
 
 def train_img_per_s(device: torch.device, amp: str, compile_: bool, batch: int, seconds: float) -> float:
-    from mnist.train import MODEL, build_model
+    from mnist.train import MODEL, RECIPE, build_model
 
     model = build_model({k: v for k, (v, _) in MODEL.items()}).to(device).train()
     for block in model.blocks:  # as mnist.train does
@@ -76,7 +77,7 @@ def train_img_per_s(device: torch.device, amp: str, compile_: bool, batch: int, 
     x = torch.randn(batch, 1, 28, 28, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
     net = compile_or_eager(model, x, hw.amp_dtype) if compile_ else model
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    opt = make_optimizer(RECIPE["optimizer"][0], model, 1e-3, 0.05, device, amp_dtype=hw.amp_dtype)  # as mnist.train
     scaler = hw.grad_scaler()
 
     def step():

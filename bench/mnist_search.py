@@ -24,9 +24,9 @@ from pathlib import Path
 # BASE (the first default: patch 4, D=64, 6 layers) plus the flags of the candidate.
 BASE = ["--embed-dim", "64", "--hidden-dim", "128", "--num-heads", "4", "--num-layers", "6", "--patch-size", "4",
         "--dropout", "0", "--drop-path-rate", "0", "--batch-size", "256", "--lr", "2e-3", "--weight-decay", "0.05",
-        "--beta2", "0.999", "--warmup-epochs", "1", "--min-lr-ratio", "0.01", "--label-smoothing", "0.1",
-        "--ema-decay", "0", "--no-deskew", "--elastic", "0", "--rotate", "10", "--scale", "0.1", "--shift", "2",
-        "--no-compile", "--amp", "none", "--tta-shift", "2", "--seed", "0", "--minutes", "0"]
+        "--optimizer", "adamw", "--beta2", "0.999", "--warmup-epochs", "1", "--min-lr-ratio", "0.01",
+        "--label-smoothing", "0.1", "--ema-decay", "0", "--no-deskew", "--elastic", "0", "--rotate", "10", "--scale",
+        "0.1", "--shift", "2", "--no-compile", "--amp", "none", "--tta-shift", "2", "--seed", "0", "--minutes", "0"]
 P7 = ["--patch-size", "7", "--embed-dim", "128", "--hidden-dim", "256"]  # 16 tokens instead of 49
 L4 = ["--patch-size", "7", "--batch-size", "128", "--deskew", "--num-layers", "4"]  # D=64, 4 layers, deskewed
 AFFINE15 = ["--rotate", "15", "--scale", "0.15", "--shift", "3"]
@@ -36,6 +36,7 @@ CANDIDATES = {  # name -> flags on top of BASE ("default*": mnist.train's own de
     "default-seed1": ["--seed", "1"],
     "default-seed2": ["--seed", "2"],
     "default-l3": ["--num-layers", "3"],  # 3 blocks: ~1.4x the img/s, more epochs in the budget
+    "default-adamw": ["--optimizer", "adamw"],  # the default before Muon
     "p4-d64": [],
     "p4-d64-shift-only": ["--rotate", "0", "--scale", "0"],
     "p4-d96-l4": ["--embed-dim", "96", "--hidden-dim", "192", "--num-layers", "4"],

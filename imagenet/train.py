@@ -54,6 +54,7 @@ from utils.distributed import (
     init_distributed,
 )
 from utils.img2attn import plot_attention_curves, track_attention
+from utils.optim import adamw
 from utils.training import (
     NonFiniteLossError,
     checkpoint_state,
@@ -61,7 +62,6 @@ from utils.training import (
     evaluate,
     load_checkpoint,
     make_ema,
-    param_groups,
     plot_curves,
     restore_checkpoint,
     rng_states,
@@ -444,8 +444,7 @@ def run(cfg: dict[str, Any], given: set[str]) -> None:
         raise UsageError(f"the training split has {len(train_set)} images, less than one batch of "
                          f"{cfg['batch_size']} over {ctx.world_size} rank(s); lower --batch-size.")
     lr = cfg["lr"] * cfg["batch_size"] / 512
-    optimizer = torch.optim.AdamW(param_groups(model, cfg["weight_decay"]), lr=lr,
-                                  fused=True if device.type == "cuda" else None)
+    optimizer = adamw(model, lr, cfg["weight_decay"], device)
     scaler = hw.grad_scaler()
     ema = make_ema(model, cfg["ema_decay"], warmup=True) if cfg["ema_decay"] > 0 else None
     start_epoch, start_step, metrics, partial, saved_rng = 0, 0, [], {}, []

@@ -29,6 +29,7 @@ from tqdm import tqdm  # noqa: E402
 from models.vit import VisionTransformer  # noqa: E402
 from utils import hardware  # noqa: E402
 from utils import training as T  # noqa: E402
+from utils.optim import OPTIMIZERS, make_optimizer  # noqa: E402
 
 EXIT_S = 3.0  # what --minutes keeps for the interpreter's exit after the last line (1.5-2.3 s measured, Zen 3 VM)
 
@@ -49,8 +50,10 @@ RECIPE = {
                       "ends the run (start to exit) within this many minutes on this machine; saved in the "
                       "checkpoint (0 = off: exactly --epochs)"),
     "batch_size": (256, "images per optimizer step"),
-    "lr": (3e-3, "peak AdamW learning rate"),
-    "weight_decay": (0.05, "AdamW weight decay (matrices only)"),
+    "optimizer": ("muon", "muon: Muon on the transformer blocks' weight matrices, AdamW on the rest (utils/optim.py); "
+                          "adamw: AdamW on all"),
+    "lr": (3e-3, "peak learning rate (Muon's update is scaled to AdamW's RMS: the same lr for both)"),
+    "weight_decay": (0.05, "decoupled weight decay (matrices only)"),
     "beta2": (0.999, "AdamW second-moment decay"),
     "warmup_epochs": (1.0, "linear warm-up, in epochs, before the cosine decay"),
     "min_lr_ratio": (0.01, "final learning rate as a fraction of --lr"),
@@ -261,7 +264,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[dict[str, Any], set[str]]
             if isinstance(default, bool):
                 group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
             else:
-                kw = {"choices": hardware.AMP_CHOICES} if name == "amp" else {}
+                kw = {"choices": {"amp": hardware.AMP_CHOICES, "optimizer": OPTIMIZERS}.get(name)}
                 group.add_argument(flag, type=type(default), default=default, help=help_text, **kw)
     parser.add_argument("--nan-at-step", type=int, default=-1, help=argparse.SUPPRESS)  # tests: fake a NaN loss
     args = vars(parser.parse_args(argv))
@@ -310,6 +313,7 @@ def train(cfg: dict[str, Any], given: set[str], started: float | None = None) ->
         if not isinstance(saved, dict) or saved.get("dataset") != "mnist":
             raise T.CheckpointError(f"{ckpt_path} is not an MNIST training checkpoint of this repo; cannot continue "
                                     f"it (use another --out, or --fresh to replace it).")
+        saved.setdefault("optimizer", "adamw")  # runs from before --optimizer trained with AdamW
         clash = {k for k in given & (set(MODEL) | set(RECIPE)) if k in saved and saved[k] != cfg[k]}
         if clash:
             k = sorted(clash)[0]
@@ -348,8 +352,8 @@ def train(cfg: dict[str, Any], given: set[str], started: float | None = None) ->
     model = build_model(cfg).to(device)
     for block in model.blocks:  # 17 tokens: the explicit softmax beats the CPU SDPA kernel (bench.vit_speed)
         block.attn.fused_attn = device.type != "cpu"
-    optimizer = torch.optim.AdamW(T.param_groups(model, cfg["weight_decay"]), lr=cfg["lr"], betas=(0.9, cfg["beta2"]),
-                                  **({"fused": True} if device.type == "cuda" else {"foreach": True}))
+    optimizer = make_optimizer(cfg["optimizer"], model, cfg["lr"], cfg["weight_decay"], device,
+                               betas=(0.9, cfg["beta2"]), amp_dtype=amp_dtype)
     warmup_steps = round(cfg["warmup_epochs"] * steps_per_epoch)
     total = cfg["epochs"] * steps_per_epoch  # with --minutes: until epoch 3 fixes it (lr step < 1 % if 20+ fit)
     scheduler = T.warmup_cosine(optimizer, total, min(warmup_steps, total), cfg["min_lr_ratio"])

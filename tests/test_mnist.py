@@ -158,6 +158,17 @@ def test_resume_refuses_other_settings_and_fresh_starts_over(straight, data_root
     assert "does not exist yet, so this starts a new run" in capsys.readouterr().out
 
 
+def test_run_from_before_the_optimizer_flag_continues_with_adamw(data_root, tmp_path):
+    args = [str(a) for a in [*TINY, "--data-root", data_root, "--out", tmp_path, "--epochs", "2"]]
+    mnist_train.main([*args, "--optimizer", "adamw", "--stop-after", "1"])
+    ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    del ckpt["train_config"]["optimizer"]  # as written before --optimizer existed (AdamW then)
+    training.save_checkpoint(ckpt, tmp_path / "checkpoint.pth")
+    mnist_train.main(args)  # the default is now muon: the run still continues with its AdamW state
+    ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    assert ckpt["epoch"] == 2 and ckpt["train_config"]["optimizer"] == "adamw" and "param_groups" in ckpt["optimizer"]
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_root, tmp_path):
     steps_per_epoch = 640 // 64
     msg = call(mnist_train.main, *TINY, "--data-root", data_root, "--out", tmp_path, "--epochs", "3",

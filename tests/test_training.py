@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from models.vit import VisionTransformer
-from utils import training
+from utils import optim, training
 
 EXACT = dict(atol=1e-6, rtol=0)
 
@@ -82,7 +82,7 @@ def run(model: nn.Module, batches: list, accum: int = 1, ema_decay: float = 0.9,
 
     AdamW's eps is 1e-5, not 1e-8: its first step moves a weight by ~lr g / (|g| + eps), so with eps 1e-8 a gradient
     that cancels to ~1e-9 turns the 1e-9 rounding difference of two summation orders into an O(lr) difference."""
-    optimizer = torch.optim.AdamW(training.param_groups(model, 0.05), lr=1e-3, eps=1e-5)
+    optimizer = torch.optim.AdamW(optim.param_groups(model, 0.05), lr=1e-3, eps=1e-5)
     scheduler = training.warmup_cosine(optimizer, 10, 2)
     ema = training.make_ema(model, ema_decay, warmup=True)
     out = training.train_one_epoch(model, batches, optimizer, scheduler, nn.functional.cross_entropy, device="cpu",
@@ -183,7 +183,7 @@ def test_ema_resumes_exactly(tmp_path):
 
     def build():
         model = tiny_vit()
-        optimizer = torch.optim.AdamW(training.param_groups(model, 0.05), lr=1e-3)
+        optimizer = torch.optim.AdamW(optim.param_groups(model, 0.05), lr=1e-3)
         return model, optimizer, training.warmup_cosine(optimizer, 6, 2), training.make_ema(model, 0.9, warmup=True)
 
     def epoch(parts, e):

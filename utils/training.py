@@ -6,7 +6,7 @@ caller silence the progress bar on ranks other than 0 (`progress=False`). AMP is
 
     seed_everything, epoch_seed, epoch_generator  -- seeding; per-epoch randomness that does not depend on history
     rng_states, set_rng_states                    -- capture / restore every RNG (plain values: weights_only-safe)
-    param_groups, warmup_cosine                   -- AdamW groups without decay on norms/biases/tokens; LR schedule
+    warmup_cosine                                 -- the LR schedule (optimizers: utils/optim.py)
     stretch_schedule, epochs_within               -- a time budget: the epoch count that fits, the schedule to match
     ModelEma, make_ema, unwrap                    -- EMA of the weights on the device (optional warm-up); the bare model
     compile_or_eager                              -- torch.compile, or a one-line warning where it cannot work
@@ -109,16 +109,6 @@ def unwrap(model: nn.Module | ModelEma) -> nn.Module:
             model = model.module
         else:
             return model
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW parameter groups: weight decay on matrices only, none on biases, norms, position embedding, class token."""
-    decay, no_decay = [], []
-    for name, p in unwrap(model).named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim <= 1 or name in ("pos_embed", "cls_token") else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int,
