@@ -32,8 +32,9 @@ from utils import training as T  # noqa: E402
 from utils.optim import OPTIMIZERS, make_optimizer  # noqa: E402
 
 EXIT_S = 3.0  # what --minutes keeps for the interpreter's exit after the last line (1.5-2.3 s measured, Zen 3 VM)
-DECIDE_AFTER = 4  # --minutes sets the epoch count after this many, from the mean time of all but the first (which runs
-#                   slower after compiling): single epochs of one run varied by +-25 % on our shared VM
+DECIDE_AFTER = 4  # --minutes sets the epoch count after this many epochs, from the mean time of the last 3 (the first
+#                   runs slower after compiling), and lowers it later if the run falls behind: on our shared VM the
+#                   speed drifted by 20-25 % within a run
 
 # ----------------------------------------------------------------------------------------------------------- config
 # Every entry is a command-line flag (`embed_dim` -> --embed-dim); (default, help).
@@ -237,6 +238,18 @@ class ShiftTTA(nn.Module):
         return log_probs.logsumexp(0) - math.log(len(views))  # log of the mean probability, without underflow
 
 
+def budget_epochs(wall_s: list[float], now: float, epochs: int, budget_s: float, final_s: float) -> int:
+    """--minutes: the epoch count for a run whose epochs ended at `wall_s` (seconds since the start, one per epoch
+    done), now `now`, planned for `epochs`, to end within `budget_s` with `final_s` for the end. Each further epoch is
+    taken to last as long as the mean of the last 3. After DECIDE_AFTER epochs: what fits with 10 % of the budget
+    kept free (at most `epochs`); later: the same, lowered to fit, once the plan would end past 95 % of the budget,
+    else `epochs`. Never fewer than one more epoch."""
+    done, period = len(wall_s), (wall_s[-1] - wall_s[-4]) / 3
+    if done > DECIDE_AFTER and now + (epochs - done) * period + final_s <= 0.95 * budget_s:
+        return epochs
+    return max(done + 1, T.epochs_within(budget_s, now, period, final_s, epochs, done))
+
+
 def build_model(cfg: dict[str, Any]) -> VisionTransformer:
     """The VisionTransformer of the MODEL entries of `cfg`."""
     p = cfg["patch_size"]
@@ -385,15 +398,16 @@ def train(cfg: dict[str, Any], given: set[str], started: float | None = None) ->
     wall_before = metrics[-1]["wall_s"] if metrics else 0.0
     ran = 0
     for epoch in range(start, cfg["epochs"]):
-        if cfg["minutes"] and epoch == DECIDE_AFTER:  # decided once, from the epochs as recorded: a resume decides
-            done = metrics[DECIDE_AFTER - 1]          # the same
-            epoch_s = sum(r["epoch_s"] for r in metrics[1:DECIDE_AFTER]) / (DECIDE_AFTER - 1)
-            final_s = done["eval_s"] * (5 if cfg["tta_shift"] else 0) + EXIT_S  # + the last epoch's 5-view test
-            fit = T.epochs_within(60 * cfg["minutes"], done["wall_s"], epoch_s, final_s, cfg["epochs"], DECIDE_AFTER)
-            cfg["epochs"] = train_config["epochs_fit"] = max(DECIDE_AFTER + 1, fit)  # the last is scored differently
-            total = cfg["epochs"] * steps_per_epoch
-            scheduler = T.stretch_schedule(scheduler, total, min(warmup_steps, total), cfg["min_lr_ratio"])
-            tqdm.write(f"--minutes {cfg['minutes']:g}: {cfg['epochs']} epochs fit on this machine")
+        if cfg["minutes"] and start < DECIDE_AFTER <= epoch < cfg["epochs"]:  # the session that decides; a continued
+            final_s = metrics[-1]["eval_s"] * (5 if cfg["tta_shift"] else 0) + EXIT_S  # run keeps the saved count
+            fit = budget_epochs([r["wall_s"] for r in metrics], wall_before + time.perf_counter() - t0, cfg["epochs"],
+                                60 * cfg["minutes"], final_s)
+            if fit != cfg["epochs"] or epoch == DECIDE_AFTER:
+                cfg["epochs"] = train_config["epochs_fit"] = fit
+                total = cfg["epochs"] * steps_per_epoch
+                scheduler = T.stretch_schedule(scheduler, total, min(warmup_steps, total), cfg["min_lr_ratio"])
+                tqdm.write(f"--minutes {cfg['minutes']:g}: {fit} epochs fit on this machine"
+                           + (" (fewer: the epochs got slower)" if epoch > DECIDE_AFTER else ""))
         if epoch >= cfg["epochs"]:
             break
         epoch_start = time.perf_counter()
