@@ -104,13 +104,8 @@ class MuonAdamW(torch.optim.Optimizer):
         self.muon, self.adamw = muon, adamw
         self.param_groups = muon.param_groups + adamw.param_groups
 
-    @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self.muon.step()
+        loss = self.muon.step(closure)  # the closure, if any, runs once
         self.adamw.step()
         return loss
 
@@ -130,9 +125,9 @@ def make_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float, 
                    betas: tuple[float, float] = (0.9, 0.999), amp_dtype: torch.dtype | None = None,
                    ) -> torch.optim.Optimizer:
     """"adamw": `adamw` on every parameter. "muon": `Muon` (momentum 0.95; Newton-Schulz in bf16 when the run's
-    `amp_dtype` is bf16, i.e. native, else in fp32) on the 2-D
-    weights of the transformer blocks (qkv, proj, fc1, fc2: the hidden layers, which Muon is for) and `adamw` on the
-    rest (patch embedding, head, biases, norms, position embedding, class token), both at `lr` and `weight_decay`."""
+    `amp_dtype` is bf16, i.e. native, else in fp32) on the 2-D weights of the transformer blocks (qkv, proj, fc1, fc2:
+    the hidden layers, which Muon is for) and AdamW on the rest (patch embedding, head, biases, norms, position
+    embedding, class token), both at `lr` and `weight_decay`."""
     if name == "adamw":
         return adamw(model, lr, weight_decay, device, betas=betas)
     if name != "muon":
