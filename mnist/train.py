@@ -50,8 +50,8 @@ MODEL = {  # VisionTransformer arguments; num_channels=1, num_patches=(28/patch_
 RECIPE = {
     "epochs": (64, "epochs to train (with --minutes: at most)"),
     "minutes": (10.0, "time budget: after the fourth epoch the epoch count becomes the smaller of --epochs and what "
-                      "ends the run (start to exit) within this many minutes on this machine; saved in the "
-                      "checkpoint (0 = off: exactly --epochs)"),
+                      "ends the run (start to exit) within this many minutes on this machine, lowered if later "
+                      "epochs run slower; saved in the checkpoint (0 = off: exactly --epochs)"),
     "batch_size": (256, "images per optimizer step"),
     "optimizer": ("muon", "muon: Muon on the transformer blocks' weight matrices, AdamW on the rest (utils/optim.py); "
                           "adamw: AdamW on all"),
