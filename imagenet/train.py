@@ -150,6 +150,16 @@ class Preempted(SystemExit):
     """A signal stopped training after a checkpoint was written; the exit status is 128 + the signal's number."""
 
 
+def flag(name: str) -> str:
+    """A config key's command-line flag: batch_size -> --batch-size."""
+    return "--" + name.replace("_", "-")
+
+
+def reported_weights(row: dict[str, Any]) -> str:
+    """"ema" when the EMA's validation top-1 in metrics `row` beats the model's, else "model": what a run reports."""
+    return "ema" if row.get("ema_val_top1", -1.0) > row.get("val_top1", 0.0) else "model"
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[dict[str, Any], set[str]]:
     """-> (config: every MODEL/RECIPE/RUN entry, names of the flags given explicitly)."""
     parser = argparse.ArgumentParser(prog="python -m imagenet.train", description=__doc__.split("\n\n")[0],
@@ -157,21 +167,17 @@ def parse_args(argv: list[str] | None = None) -> tuple[dict[str, Any], set[str]]
     for title, table in (("model", MODEL), ("recipe", RECIPE), ("run", RUN)):
         group = parser.add_argument_group(title)
         for name, (default, help_text) in table.items():
-            flag = "--" + name.replace("_", "-")
             if isinstance(default, bool):
-                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+                group.add_argument(flag(name), action=argparse.BooleanOptionalAction, default=default, help=help_text)
             else:
                 kw = {"choices": sorted(PRESETS)} if name == "model" else {}
-                group.add_argument(flag, type=type(default), default=default, help=help_text, **kw)
+                group.add_argument(flag(name), type=type(default), default=default, help=help_text, **kw)
     args = vars(parser.parse_args(argv))
     unset = object()  # parse again with every default replaced by `unset`: what remains was given explicitly
     parser.set_defaults(**{k: unset for k in args})
     given = {k for k, v in vars(parser.parse_args(argv)).items() if v is not unset}
     return args, given
 
-
-def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 # ------------------------------------------------------------------------------------------------------------ model
@@ -448,6 +454,7 @@ def run(cfg: dict[str, Any], given: set[str]) -> None:
     scaler = hw.grad_scaler()
     ema = make_ema(model, cfg["ema_decay"], warmup=True) if cfg["ema_decay"] > 0 else None
     start_epoch, start_step, metrics, partial, saved_rng = 0, 0, [], {}, []
+    configured = [(g["lr"], g["weight_decay"]) for g in optimizer.param_groups]  # this run's, kept over a restore
     if ckpt is not None:
         start_epoch, metrics = restore_checkpoint(ckpt, model, optimizer, ema=ema, restore_rng=False,
                                                   scaler=scaler if "scaler" in ckpt else None)
@@ -459,9 +466,8 @@ def run(cfg: dict[str, Any], given: set[str]) -> None:
         at = f"epoch {start_epoch}" + (f" and step {start_step} of epoch {start_epoch + 1}" if start_step else "")
         ctx.print(f"continuing {out / 'checkpoint.pth'} after {at} (--fresh starts over)")
         del ckpt  # (a whole checkpoint per rank, held for the run otherwise)
-    for group in optimizer.param_groups:  # this run's lr and weight decay, whatever the checkpoint had
-        group["initial_lr"] = lr
-    optimizer.param_groups[0]["weight_decay"] = cfg["weight_decay"]  # (group 1: no decay)
+    for group, (base_lr, weight_decay) in zip(optimizer.param_groups, configured, strict=True):
+        group.update(initial_lr=base_lr, weight_decay=weight_decay)  # whatever the checkpoint had
     scheduler = warmup_cosine(optimizer, cfg["epochs"] * steps, min(cfg["warmup_epochs"], cfg["epochs"]) * steps,
                               min_lr_ratio=min(1.0, cfg["min_lr"] / lr), start_step=start_epoch * steps + start_step)
     train_model = eval_model  # (compiled once when single-process)
@@ -489,8 +495,7 @@ def run(cfg: dict[str, Any], given: set[str]) -> None:
         rng = [as_bytes(r) for r in all_gather_objects(to_bytes(rng_states()))]  # every rank's: exact mid-epoch
         if not ctx.is_main:
             return
-        last = metrics[-1] if metrics else {}
-        reported = "ema" if last.get("ema_val_top1", -1.0) > last.get("val_top1", 0.0) else "model"
+        reported = reported_weights(metrics[-1] if metrics else {})
         state = checkpoint_state(model, optimizer, scheduler, epoch=epoch, metrics=metrics, train_config=train_config,
                                  ema=ema, scaler=scaler, classes=list(train_set.classes), rng_per_rank=rng,
                                  world_size=ctx.world_size, reported_weights=reported, **extra)
@@ -563,7 +568,7 @@ def run(cfg: dict[str, Any], given: set[str]) -> None:
                   f"continue")
     elif last_epoch > start_epoch:
         final = metrics[-1]
-        which = ("the EMA" if final.get("ema_val_top1", -1.0) > final["val_top1"] else "the model") if ema else ""
+        which = "the EMA" if reported_weights(final) == "ema" else "the model"
         ctx.print(f"saved {out / 'checkpoint.pth'}, {out / 'metrics.json'}, {out / 'curves.png'}"
                   + (f"; the checkpoint reports {which} (higher top-1)" if ema else ""))
     else:

@@ -32,7 +32,7 @@ from torchvision.transforms import InterpolationMode, v2
 
 from imagenet.dataloaders.classes import WNIDS, index_from_filename
 from imagenet.dataloaders.randaugment import DeiTRandAugment
-from utils.training import epoch_seed
+from utils.training import epoch_generator, epoch_seed
 
 IN1K = importlib.import_module("imagenet.dataloaders.imagenet-1k")
 LAYOUT = ("ROOT/train/<class>/<image> and ROOT/val/<class>/<image> (ImageFolder), or the ILSVRC2012 archives "
@@ -205,7 +205,7 @@ class TrainSampler(Sampler):
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         base = epoch_seed(self.seed, self.epoch)
-        perm = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(base)).tolist()
+        perm = torch.randperm(self.num_samples, generator=epoch_generator(self.seed, self.epoch)).tolist()
         # positions rank, rank + W, ...: per_rank * W <= num_samples * repeats, so no padding is ever reached
         first = self.rank + self.start * self.num_replicas
         for position in range(first, self.per_rank * self.num_replicas, self.num_replicas):
