@@ -22,8 +22,9 @@ from PIL import Image
 from torchvision.transforms import v2
 from tqdm import tqdm
 
+from attention.faithfulness import deletion_score
 from models.pretrained import load_pretrained
-from utils.img2attn import attention_rollout, cls_attention, deletion_score, gradient_rollout
+from utils.img2attn import attention_rollout, cls_attention, gradient_rollout
 
 # --- config (CLI flags override) ---
 weights = "../shared/data/weights/deit_tiny_patch16_224_lnq.pth"

@@ -22,7 +22,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from imagenet.dataloaders.dataset import ImageDataset, device_transform, is_image_file, mixup_cutmix, train_transform
+from imagenet.dataloaders.dataset import ImageDataset, is_image_file
+from imagenet.dataloaders.transforms import device_transform, mixup_cutmix, train_transform
 from imagenet.train import MODEL, PRESETS, RECIPE, model_from_config
 from utils import hardware
 from utils.optim import adamw

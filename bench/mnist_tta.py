@@ -12,8 +12,10 @@ import sys
 
 import torch
 
-from mnist import train as M
-from utils import training as T
+from mnist import data as M
+from mnist.train import build_model
+from utils.checkpoint import read_checkpoint
+from utils.training import evaluate
 
 
 def main() -> None:
@@ -32,7 +34,7 @@ def main() -> None:
     print("| checkpoint | " + " | ".join(f"val / test, shift {s}" for s in shifts) + " |")
     print("|---|" + "---|" * len(shifts))
     for path in args.checkpoints:
-        ckpt = T.load_checkpoint(path)
+        ckpt = read_checkpoint(path)
         cfg = ckpt["train_config"]
         skew = cfg.get("deskew", False)
         if skew not in cache:
@@ -42,12 +44,12 @@ def main() -> None:
         if cfg["val_split"]:
             val_idx, _ = M.split_indices(cfg.get("limit_train") or len(d["train_x"]), cfg["val_split"])
             sets = {"val": (M.model_input(d["train_x"][val_idx]), d["train_y"][val_idx])} | sets
-        model = M.build_model(cfg)
+        model = build_model(cfg)
         model.load_state_dict(ckpt["ema_model"] if "ema_model" in ckpt else ckpt["model"])
         cells = []
         for s in shifts:
             viewer = M.ShiftTTA(model, s) if s else model
-            top1 = {name: T.evaluate(viewer, M.eval_batches(x, y), device="cpu")["top1"]
+            top1 = {name: evaluate(viewer, M.eval_batches(x, y), device="cpu")["top1"]
                     for name, (x, y) in sets.items()}
             cells.append(" / ".join(f"{top1[k]:.2f}" if k in top1 else "-" for k in ("val", "test")))
         print(f"| {path} | " + " | ".join(cells) + " |", flush=True)

@@ -12,16 +12,14 @@ Any photo size and aspect, RGB or grayscale: the shorter side is resized to --im
 (at most 2x --img-size, center-cropped), then both are center-cropped to multiples of the patch size; the model
 resamples its position embedding for the new patch grid.
 
-`--inspect` draws how the model looks instead (`utils.img2attn.inspection_figure`): the principal components of its
-patch-embedding filters, the similarity of its position embeddings, and the mean attention distance and entropy of
-every head against depth over --num-images photos of a folder (--inspect-images; each resized to --img-size / 0.875
-and center-cropped to --img-size, as in evaluation); the table of those is printed.
+`--inspect` draws how the model looks instead (`attention.figures.inspection_figure`): the principal components of
+its patch-embedding filters, the similarity of its position embeddings, and the mean attention distance and entropy
+of every head against depth over --num-images photos of a folder, or one photo (--inspect-images; each resized to
+--img-size / 0.875 and center-cropped to --img-size, as in evaluation); the table of those is printed.
 """
 
 from __future__ import annotations
 
-import argparse
-import importlib
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,34 +31,47 @@ from torch import Tensor
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
+from attention.figures import attention_figure, inspection_figure
+from attention.inspection import attention_table, inspect_model
 from imagenet.dataloaders import classes as IN
-from imagenet.dataloaders.dataset import device_transform, eval_transform, is_image_file
-from models.pretrained import CheckpointError, load_pretrained, read_checkpoint, registry_name
+from imagenet.dataloaders import constants as IN1K
+from imagenet.dataloaders.dataset import is_image_file
+from imagenet.dataloaders.transforms import device_transform, eval_transform
+from models.pretrained import load_pretrained, registry_name
 from models.vit import VisionTransformer
 from utils import hardware
-from utils.img2attn import attention_figure, attention_stats, attention_table, inspection_figure, save_figure
+from utils.checkpoint import CheckpointError, read_checkpoint
+from utils.config import UsageError, parse_config
+from utils.img2attn import explain
+from utils.plots import save_figure
 
-IN1K = importlib.import_module("imagenet.dataloaders.imagenet-1k")
 ROOT = Path(__file__).resolve().parents[1]
+CHELSEA = str(ROOT / "imgs" / "chelsea.jpg")  # "Chelsea the cat" by Stefan van der Walt, CC0 ("No copyright
+# restrictions"), scikit-image 0.26.0's skimage/data/chelsea.png (license in skimage/data/_fetchers.py), as JPEG
 
 # ----------------------------------------------------------------------------------------------------------- config
-# Default photo: "Chelsea the cat" by Stefan van der Walt, CC0 ("No copyright restrictions"), scikit-image 0.26.0's
-# skimage/data/chelsea.png (its docstring in skimage/data/_fetchers.py states the license), re-encoded as JPEG.
-image_path = str(ROOT / "imgs" / "chelsea.jpg")  # your photo: any size or aspect, RGB or gray (JPEG, PNG, ...)
-model_path = "deit_tiny_patch16_224"  # a registry name (python -m models.pretrained --list) or a checkpoint file
-output_path = "imgs/imagenet_attention.png"  # the figure (PNG; the suffix picks the format)
-img_size = 224  # shorter side of the model input, in pixels
-target = ""  # class for the gradient map: index, WordNet id or name ("tiger cat"); "" = the top class
-num_heads = 0  # attention heads of foreign weights (0: embed_dim // 64, right for DeiT / timm / torchvision)
-device = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | mps; the maps are computed in fp32
-inspect = False  # True: how the model looks instead (ViT paper Fig. 7 + attention entropy) over `inspect_images`
-inspect_images = "../shared/data/imagenet-samples"  # --inspect: a folder of photos, or one photo
-num_images = 32  # --inspect: this many photos of the folder, evenly spaced over its sorted file names
-inspect_output_path = "imgs/imagenet_inspect.png"
+OPTIONS = {
+    "image": (CHELSEA, "photo to explain: any size or aspect, RGB or gray (JPEG, PNG, ...)"),
+    "model": ("deit_tiny_patch16_224", "a registry name (python -m models.pretrained --list; downloaded once), this "
+                                       "repo's checkpoint or timm / DeiT / DINO / torchvision ViT weights"),
+    "output": (None, "where the figure goes (PNG; default imgs/imagenet_attention.png, with --inspect "
+                     "imgs/imagenet_inspect.png)"),
+    "img_size": (224, "shorter side of the model input, in pixels"),
+    "target": ("", "class of the gradient map: index, WordNet id or name (\"tiger cat\"); empty = the top class"),
+    "num_heads": (0, "attention heads of foreign weights (0: embed_dim // 64, right for DeiT / timm / torchvision)"),
+    "device": ("auto", hardware.DEVICE_HELP + "; maps in fp32"),
+    "inspect": (False, "instead: the ViT paper's Fig. 7 (patch-filter components, position-embedding similarity, "
+                       "mean attention distance per head) and attention entropy over --inspect-images; prints the "
+                       "distance / entropy table (weights without a head work too)"),
+    "inspect_images": (CHELSEA, "--inspect: a folder of photos, or one photo"),
+    "num_images": (32, "--inspect: photos taken from the folder, evenly spaced over its sorted names"),
+}
+ALIASES = {"image": ["--image-path"], "model": ["--model-path"], "output": ["--output-path", "--out"]}
+OUTPUTS = {False: "imgs/imagenet_attention.png", True: "imgs/imagenet_inspect.png"}
 # -------------------------------------------------------------------------------------------------------------------
 
 
-class InputError(ValueError):
+class InputError(UsageError):
     """A bad photo or option; one sentence."""
 
 
@@ -161,95 +172,73 @@ def inspection_inputs(path: str | Path, count: int, size: int) -> Tensor:
     return device_transform()(torch.stack([tf(load_photo(f)) for f in files]))
 
 
-def inspect_model(args: argparse.Namespace) -> None:
+def inspect(cfg: dict) -> None:
     """--inspect: the ViT paper's Fig. 7 and attention entropy over photos; prints the distance / entropy table."""
-    if args.num_images < 1:
-        raise InputError(f"--num-images {args.num_images} must be at least 1.")
-    dev = hardware.resolve_device(args.device)
-    model, _ = load_model(args.model_path, args.num_heads, need_head=False)
-    if args.img_size % model.patch_size:
-        raise InputError(f"--img-size {args.img_size} is not a multiple of the patch size {model.patch_size}.")
-    x = inspection_inputs(args.inspect_images, args.num_images, args.img_size).to(dev)
+    if cfg["num_images"] < 1:
+        raise InputError(f"--num-images {cfg['num_images']} must be at least 1.")
+    dev = hardware.resolve_device(cfg["device"])
+    model, _ = load_model(cfg["model"], cfg["num_heads"], need_head=False)
+    if cfg["img_size"] % model.patch_size:
+        raise InputError(f"--img-size {cfg['img_size']} is not a multiple of the patch size {model.patch_size}.")
+    x = inspection_inputs(cfg["inspect_images"], cfg["num_images"], cfg["img_size"]).to(dev)
     model.eval().to(dev)
-    stats = attention_stats(model, x)
-    print(f"{args.model_path} ({model.weights_note}): {len(x)} photo(s) of {args.inspect_images} at "
-          f"{args.img_size}x{args.img_size}")
-    print(attention_table(stats))
-    save_figure(inspection_figure(model, x, stats=stats, name=Path(args.model_path).name), args.output_path, dpi=100)
-    print(f"saved {args.output_path}")
+    inspection = inspect_model(model, x)
+    print(f"{cfg['model']} ({model.weights_note}): {len(x)} photo(s) of {cfg['inspect_images']} at "
+          f"{cfg['img_size']}x{cfg['img_size']}")
+    print(attention_table(inspection))
+    save_figure(inspection_figure(inspection, name=Path(cfg["model"]).name), cfg["output"], dpi=100)
+    print(f"saved {cfg['output']}")
 
 
-def run(args: argparse.Namespace) -> None:
-    if args.inspect:
-        inspect_model(args)
-        return
-    photo = load_photo(args.image_path)  # the photo first: cheap to check
-    dev = hardware.resolve_device(args.device)
-    model, ckpt = load_model(args.model_path, args.num_heads, need_head=False)
-    model.eval().to(dev)
-    print(f"{args.model_path}: {model.weights_note}")
-    num_classes = model.config["num_classes"]
-    if num_classes == 0 and args.target:
-        raise InputError(f"--target needs a classification head; {args.model_path} has none (a feature extractor "
-                         f"such as DINO / DINOv2).")
-    names = class_names_for(ckpt, num_classes)
-    tgt = resolve_target(str(args.target), names, num_classes)
-
-    shown = model_input(photo, args.img_size, model.patch_size)
-    x = TF.normalize(TF.to_tensor(shown), IN1K.MEAN, IN1K.STD)[None].to(dev)  # (1, 3, H, W)
-    grid = model.patch_grid(*x.shape[-2:])
-    print(f"{args.image_path}: {photo.size[0]}x{photo.size[1]} -> model input {shown.size[0]}x{shown.size[1]} "
-          f"({grid[0]}x{grid[1]} patches)")
-    if num_classes == 0:
-        save_figure(attention_figure(model, x, np.asarray(shown)), args.output_path)
-        print(f"saved {args.output_path} ({args.model_path} has no classification head: maps only, no top-5)")
-        return
-    with torch.no_grad():
-        probs = model(x).softmax(-1)[0]
-    top = probs.topk(min(5, num_classes))
+def print_top5(probs: Tensor, names: Sequence[str] | None) -> None:
+    top = probs.topk(min(5, len(probs)))
     for rank, (p, c) in enumerate(zip(top.values.tolist(), top.indices.tolist(), strict=True), 1):
         label = names[c] if names else f"class {c}"
         wnid = f"{IN.WNIDS[c]}, " if names == list(IN.NAMES) else ""
         print(f"{rank}. {100 * p:5.1f}%  {label} ({wnid}index {c})")
-    fig = attention_figure(model, x, np.asarray(shown), class_names=names, target=tgt, topk=5)
-    save_figure(fig, args.output_path)
+
+
+def run(cfg: dict) -> None:
+    """The attention figure of one photo (or --inspect); prints the weights, the input size and the top-5."""
+    if cfg["inspect"]:
+        return inspect(cfg)
+    photo = load_photo(cfg["image"])  # the photo first: cheap to check
+    dev = hardware.resolve_device(cfg["device"])
+    model, ckpt = load_model(cfg["model"], cfg["num_heads"], need_head=False)
+    model.eval().to(dev)
+    print(f"{cfg['model']}: {model.weights_note}")
+    num_classes = model.config["num_classes"]
+    if num_classes == 0 and cfg["target"]:
+        raise InputError(f"--target needs a classification head; {cfg['model']} has none (a feature extractor "
+                         f"such as DINO / DINOv2).")
+    names = class_names_for(ckpt, num_classes)
+    tgt = resolve_target(str(cfg["target"]), names, num_classes)
+    shown = model_input(photo, cfg["img_size"], model.patch_size)
+    x = TF.normalize(TF.to_tensor(shown), IN1K.MEAN, IN1K.STD)[None].to(dev)  # (1, 3, H, W)
+    grid = model.patch_grid(*x.shape[-2:])
+    print(f"{cfg['image']}: {photo.size[0]}x{photo.size[1]} -> model input {shown.size[0]}x{shown.size[1]} "
+          f"({grid[0]}x{grid[1]} patches)")
+    ex = explain(model, x, tgt)
+    save_figure(attention_figure(ex, np.asarray(shown), class_names=names, topk=5), cfg["output"])
+    if num_classes == 0:
+        print(f"saved {cfg['output']} ({cfg['model']} has no classification head: maps only, no top-5)")
+        return
+    print_top5(ex.logits[0].float().softmax(-1), names)
     what = names[tgt] if names and tgt is not None else "the top class" if tgt is None else f"class {tgt}"
-    print(f"saved {args.output_path} (gradient map for {what})")
+    print(f"saved {cfg['output']} (gradient map for {what})")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m imagenet.vis_attn", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--image-path", "--image", default=image_path, help="photo to explain")
-    parser.add_argument("--model-path", "--model", default=model_path,
-                        help="a registry name (python -m models.pretrained --list; downloaded once), this repo's "
-                             "checkpoint or timm / DeiT / DINO / torchvision ViT weights")
-    parser.add_argument("--output-path", "--out", default=None,
-                        help=f"where the figure goes (default {output_path}, with --inspect {inspect_output_path})")
-    parser.add_argument("--img-size", type=int, default=img_size, help="shorter side of the model input")
-    parser.add_argument("--target", default=target,
-                        help="class of the gradient map: index, WordNet id or name; empty = the top class")
-    parser.add_argument("--num-heads", type=int, default=num_heads,
-                        help="heads of foreign weights (0: embed_dim // 64)")
-    parser.add_argument("--device", default=device, help=hardware.DEVICE_HELP + "; maps in fp32")
-    parser.add_argument("--inspect", action=argparse.BooleanOptionalAction, default=inspect,
-                        help="instead: the ViT paper's Fig. 7 (patch-filter components, position-embedding "
-                             "similarity, mean attention distance per head) and attention entropy over "
-                             "--inspect-images; prints the distance / entropy table (weights without a head work too)")
-    parser.add_argument("--inspect-images", default=inspect_images, help="--inspect: a folder of photos, or one photo")
-    parser.add_argument("--num-images", type=int, default=num_images,
-                        help="--inspect: photos taken from the folder, evenly spaced over its sorted names")
-    args = parser.parse_args(argv)
-    args.output_path = args.output_path or (inspect_output_path if args.inspect else output_path)
-    if args.img_size <= 0:
-        parser.error(f"--img-size {args.img_size} must be positive.")
-    return args
+def parse_args(argv: list[str] | None = None) -> dict:
+    cfg, _ = parse_config("python -m imagenet.vis_attn", __doc__, {"options": OPTIONS}, argv, aliases=ALIASES)
+    return {**cfg, "output": cfg["output"] or OUTPUTS[cfg["inspect"]]}
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+    cfg = parse_args(argv)
     try:
-        run(args)
+        if cfg["img_size"] <= 0:
+            raise InputError(f"--img-size {cfg['img_size']} must be positive.")
+        run(cfg)
     except (ValueError, FileNotFoundError) as e:  # InputError and CheckpointError are ValueErrors
         sys.exit(f"error: {e}")
 

@@ -1,40 +1,50 @@
 """Train a Vision Transformer on MNIST: `python -m mnist.train` (then `python -m mnist.vis_attn`).
 
-The whole data set lives on the device as one uint8 tensor; shuffling and augmentation (random rotation, scale and
-shift through one batched affine_grid + grid_sample) happen there, a batch at a time. Every epoch's randomness comes
-from a generator seeded with (seed, epoch), so the same command run again continues bit for bit (on a CPU) where a
-run stopped (--fresh starts over). Each epoch writes <out>/checkpoint.pth (atomically) and <out>/metrics.json
-(curves.png every 5 epochs and at the end). By default the run fits a 10-minute budget (--minutes): after epoch 4
-the epoch count is set from the measured speed. Device and precision come from the hardware (`utils.hardware`). The
-last epoch's test score is reported for the single view and with shift test-time augmentation (`ShiftTTA`, --tta-shift).
+The data set lives on the device (`mnist.data`); every epoch's randomness comes from a generator seeded with
+(seed, epoch), so the same command run again continues bit for bit (on a CPU) where a run stopped (--fresh starts
+over). Each epoch writes <out>/checkpoint.pth (atomically) and <out>/metrics.json (curves.png every 5 epochs and at
+the end). By default the run fits a 10-minute budget (--minutes): after epoch 4 the epoch count is set from the
+measured speed, and re-planned when epochs get faster or slower. The last epoch's test score is reported for the
+single view and with shift test-time augmentation (--tta-shift).
 """
 
 from __future__ import annotations
 
-import argparse
 import itertools
-import math
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 STARTED = time.perf_counter()  # the --minutes clock of `python -m mnist.train`: before torch's import (~4 s)
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import Tensor, nn  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
 
-from models.vit import VisionTransformer  # noqa: E402
-from utils import hardware  # noqa: E402
-from utils import training as T  # noqa: E402
-from utils.optim import OPTIMIZERS, make_optimizer  # noqa: E402
+from attention.tracking import save_attention_over_training, track_attention
+from mnist.data import IMAGE_SIZE, MEAN, NUM_CLASSES, STD, ShiftTTA, eval_batches, load_splits, train_batches
+from models.vit import VisionTransformer
+from utils import hardware
+from utils.checkpoint import (
+    CheckpointError,
+    checkpoint_state,
+    read_checkpoint,
+    restore_checkpoint,
+    save_checkpoint,
+    save_metrics,
+)
+from utils.config import UsageError, continue_config, flag, parse_config
+from utils.ema import ModelEma, unwrap
+from utils.optim import OPTIMIZERS, make_optimizer
+from utils.plots import plot_attention_curves, plot_curves
+from utils.schedule import budget_epochs, stretch_schedule, warmup_cosine
+from utils.seed import epoch_generator, epoch_seed, seed_everything
+from utils.training import NonFiniteLossError, compile_or_eager, evaluate, train_one_epoch
 
-EXIT_S = 3.0  # what --minutes keeps for the interpreter's exit after the last line (1.5-2.3 s measured, Zen 3 VM)
-DECIDE_AFTER = 4  # --minutes sets the epoch count after this many epochs, from the mean time of the last 3 (the first
-#                   runs slower after compiling), and lowers it later if the run falls behind: on our shared VM the
-#                   speed drifted by 20-25 % within a run
+EXIT_S = 3.0  # what --minutes keeps for the interpreter's exit after the last line
+DECIDE_AFTER = 4  # --minutes plans after this many epochs (the first runs slower: it compiles)
 
 # ----------------------------------------------------------------------------------------------------------- config
 # Every entry is a command-line flag (`embed_dim` -> --embed-dim); (default, help).
@@ -48,10 +58,11 @@ MODEL = {  # VisionTransformer arguments; num_channels=1, num_patches=(28/patch_
     "drop_path_rate": (0.0, "stochastic depth of the last block (linear from 0)"),
 }
 RECIPE = {
-    "epochs": (64, "epochs to train (with --minutes: at most)"),
-    "minutes": (10.0, "time budget: after the fourth epoch the epoch count becomes the smaller of --epochs and what "
-                      "ends the run (start to exit) within this many minutes on this machine, lowered if later "
-                      "epochs run slower; saved in the checkpoint (0 = off: exactly --epochs)"),
+    "epochs": (64, "epochs to train; with --minutes, when given, the most the budget may set (else only the "
+                   "schedule's plan until the budget decides)"),
+    "minutes": (10.0, "time budget: after the fourth epoch the epoch count becomes what ends the run (start to "
+                      "exit) within this many minutes on this machine, re-planned when epochs get faster or "
+                      "slower; saved in the checkpoint (0 = off: exactly --epochs)"),
     "batch_size": (256, "images per optimizer step"),
     "optimizer": ("muon", "muon: Muon on the transformer blocks' weight matrices, AdamW on the rest (utils/optim.py); "
                           "adamw: AdamW on all"),
@@ -92,402 +103,287 @@ RUN = {
                                "entropy into metrics.json and attention_curves.png, the rollout of the first 8 into "
                                "attention_over_training.gif and .png at the end (--no-track-attention: off)"),
 }
+HIDDEN = {"nan_at_step": (-1, "tests: make the loss of this step NaN")}
 PRESETS = {  # --preset NAME sets these; explicit flags still win
-    "default": {},  # 10 minutes on the machine it runs on (--minutes 10; README)
-    # GPU-sized (49 tokens, 4.2 M parameters); not run by us yet (no GPU was lent)
-    "long": dict(patch_size=4, embed_dim=256, hidden_dim=512, num_heads=8, num_layers=8, dropout=0.1,
+    "default": {},  # 10 minutes on the machine it runs on
+    "long": dict(patch_size=4, embed_dim=256, hidden_dim=512, num_heads=8, num_layers=8, dropout=0.1,  # GPU-sized
                  drop_path_rate=0.1, epochs=100, batch_size=128, lr=1e-3, warmup_epochs=5.0, rotate=15.0, scale=0.15,
                  shift=3.0, ema_decay=0.9998, minutes=0.0, out="runs/mnist_long"),
 }
-MEAN, STD = 0.1307, 0.3081  # pixel statistics of the MNIST training set (in [0, 1])
-IMAGE_SIZE, NUM_CLASSES = 28, 10
-FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
-VAL_SPLIT_SEED = 1234  # the validation images do not change with --seed
 # -------------------------------------------------------------------------------------------------------------------
 
 
-class DataError(ValueError):
-    """MNIST is missing or unreadable."""
+def parse_args(argv: list[str] | None = None) -> tuple[dict[str, Any], set[str]]:
+    """-> (config: every MODEL / RECIPE / RUN entry, names of the flags given explicitly)."""
+    return parse_config("python -m mnist.train", __doc__, {"model": MODEL, "recipe": RECIPE, "run": RUN,
+                                                           "hidden": HIDDEN}, argv, presets=PRESETS,
+                        choices={"amp": hardware.AMP_CHOICES, "optimizer": OPTIMIZERS})
 
 
-def load_mnist(root: str | Path, download: bool = True,
-               splits: tuple[str, ...] = ("train", "test")) -> dict[str, Tensor]:
-    """MNIST from `root`/MNIST/raw via torchvision -> {"train_x": (60000, 28, 28) uint8, "train_y": (60000,) int64,
-    "test_x": (10000, 28, 28) uint8, "test_y": (10000,) int64} (the `splits` asked for).
-
-    Gzipped files already in raw/ are extracted here (torchvision would first re-download files whose checksum
-    differs); otherwise torchvision downloads them when `download` is set.
-    """
-    from torchvision.datasets import MNIST
-    from torchvision.datasets.utils import extract_archive
-
-    raw = Path(root) / "MNIST" / "raw"
-    for name in FILES:
-        if not (raw / name).exists() and (raw / f"{name}.gz").exists():
-            extract_archive(str(raw / f"{name}.gz"), str(raw))
-    missing = [n for n in FILES if not (raw / n).exists()]  # torchvision wants all four, whatever the split
-    put = f"put {', '.join(f'{n}.gz' for n in FILES)} there"
-    if missing and not download:
-        raise DataError(f"MNIST is not in {raw} (no {missing[0]}); {put}, or drop --no-download to fetch it.")
-    try:
-        sets = {split: MNIST(str(root), train=split == "train", download=download) for split in splits}
-    except Exception as e:  # no network (URLError / RuntimeError), a bad file (AssertionError, ValueError)
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        reason = lines[-1][:120] if lines else type(e).__name__
-        what = "downloading it failed" if missing else "reading it failed"
-        raise DataError(f"MNIST is not usable in {raw}: {what} ({reason}); {put}.") from None
-    return {f"{split}_{k}": v for split, ds in sets.items() for k, v in (("x", ds.data), ("y", ds.targets))}
+def check_config(cfg: dict[str, Any]) -> None:
+    """UsageError naming the first out-of-range setting."""
+    rules = [(cfg["epochs"] > 0, "epochs", "must be positive"),
+             (cfg["minutes"] >= 0, "minutes", "must be >= 0 (0 = off)"),
+             (cfg["batch_size"] > 0, "batch_size", "must be positive"),
+             (cfg["threads"] >= 0, "threads", "must be >= 0 (0 = torch's default)"),
+             (cfg["lr"] > 0, "lr", "must be positive"),
+             (0 <= cfg["ema_decay"] < 1, "ema_decay", "must be in [0, 1) (0 = no EMA)"),
+             (0 <= cfg["val_split"] < 60000, "val_split", "must be in [0, 60000)"),
+             (0 <= cfg["tta_shift"] < IMAGE_SIZE // 2, "tta_shift",
+              f"must be in [0, {IMAGE_SIZE // 2}) pixels (0 = off)"),
+             (cfg["limit_train"] >= 0, "limit_train", "must be >= 0 (0 = all images)"),
+             (cfg["patch_size"] > 0 and IMAGE_SIZE % cfg["patch_size"] == 0, "patch_size",
+              f"does not divide {IMAGE_SIZE}; use 2, 4, 7 or 14")]
+    for ok, name, what in rules:
+        if not ok:
+            raise UsageError(f"{flag(name)} {cfg[name]} {what}.")
 
 
-def deskew(images: Tensor, chunk: int = 10000) -> Tensor:
-    """images: (N, H, W) uint8 -> the same, each sheared so its principal axis is vertical (slope from the image's
-    second moments, mu11 / mu02) with its centre of mass moved to the centre; one batched affine_grid per chunk."""
-    out = torch.empty_like(images)
-    H, W = images.shape[-2:]
-    rows = torch.arange(H, dtype=torch.float32, device=images.device)[:, None]
-    cols = torch.arange(W, dtype=torch.float32, device=images.device)[None, :]
-    for i in range(0, len(images), chunk):
-        x = images[i:i + chunk].float() / 255  # (B, H, W)
-        mass = x.sum((1, 2)).clamp_min(1e-6)
-        cy, cx = (x * rows).sum((1, 2)) / mass, (x * cols).sum((1, 2)) / mass
-        dy, dx = rows - cy[:, None, None], cols - cx[:, None, None]
-        slope = (x * dy * dx).sum((1, 2)) / (x * dy * dy).sum((1, 2)).clamp_min(1e-6)
-        one, zero = torch.ones_like(slope), torch.zeros_like(slope)
-        theta = torch.stack([torch.stack([one, slope, (2 * cx + 1) / W - 1], 1),  # output -> input, in [-1, 1]
-                             torch.stack([zero, one, (2 * cy + 1) / H - 1], 1)], 1)
-        grid = F.affine_grid(theta, [len(x), 1, H, W], align_corners=False)
-        y = F.grid_sample(x[:, None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[:, 0]
-        out[i:i + chunk] = (y * 255).round().clamp(0, 255).to(torch.uint8)
-    return out
+def decide_config(cfg: dict[str, Any], given: set[str]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The run's config, decided once -> (config, the checkpoint it continues or None).
 
-
-def split_indices(n: int, val_split: int) -> tuple[Tensor, Tensor]:
-    """(validation, training) indices of `n` training images: `val_split` held out, the same ones for every --seed."""
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(VAL_SPLIT_SEED))
-    return perm[:val_split], perm[val_split:]
-
-
-def normalize(x: Tensor) -> Tensor:
-    """x: (B, 1, H, W) in [0, 1] -> the model's input (zero mean, unit variance over MNIST)."""
-    return (x - MEAN) / STD
-
-
-def model_input(images: Tensor) -> Tensor:
-    """images: (N, H, W) uint8 -> (N, 1, H, W) the model's input, unaugmented (evaluation)."""
-    return normalize(images.unsqueeze(1).float() / 255)
-
-
-def augment(x: Tensor, gen: torch.Generator, rotate: float, scale: float, shift: float,
-            elastic: float = 0.0, sigma: float = 4.0) -> Tensor:
-    """x: (B, 1, H, W) in [0, 1] -> each image rotated by U(+-rotate) degrees, zoomed by U(1 +- scale), shifted by
-    U(+-shift) pixels and, if elastic > 0, elastically distorted (Simard et al. 2003: a U(-1, 1) displacement field
-    per pixel, Gaussian-smoothed with `sigma` pixels, times `elastic` pixels), all in one batched grid_sample
-    (bilinear, zero fill)."""
-    if not (rotate or scale or shift or elastic):
-        return x
-    B, _, H, W = x.shape
-    u = torch.rand(B, 4, generator=gen, device=x.device) * 2 - 1
-    angle, zoom = u[:, 0] * math.radians(rotate), 1 + u[:, 1] * scale
-    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom  # theta maps output to input coordinates
-    tx, ty = u[:, 2] * shift * 2 / W, u[:, 3] * shift * 2 / H
-    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)  # (B, 2, 3)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)  # (B, H, W, 2): (x, y) in [-1, 1]
-    if elastic:
-        field = torch.rand(B, 2, H, W, generator=gen, device=x.device) * 2 - 1
-        r = int(2 * sigma)
-        k = torch.exp(-torch.arange(-r, r + 1, dtype=x.dtype, device=x.device) ** 2 / (2 * sigma**2))
-        k = (k / k.sum()).expand(2, 1, 1, -1)  # (2, 1, 1, 2r+1): the same separable Gaussian for dx and dy
-        field = F.conv2d(F.conv2d(field, k, padding=(0, r), groups=2), k.transpose(2, 3), padding=(r, 0), groups=2)
-        grid = grid + field.permute(0, 2, 3, 1) * elastic * torch.tensor([2 / W, 2 / H], device=x.device)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-
-
-def train_batches(images: Tensor, labels: Tensor, cfg: dict[str, Any], gen: torch.Generator):
-    """Shuffled, augmented, normalised batches (x (B, 1, 28, 28), y (B,)) of uint8 `images` (N, 28, 28) that are
-    already on the device; the last incomplete batch is dropped."""
-    perm = torch.randperm(len(images), generator=gen, device=images.device)
-    bs = cfg["batch_size"]
-    for i in range(len(images) // bs):
-        idx = perm[i * bs:(i + 1) * bs]
-        x = images[idx].unsqueeze(1).float().div_(255)
-        x = augment(x, gen, cfg["rotate"], cfg["scale"], cfg["shift"], cfg.get("elastic", 0.0))
-        yield normalize(x), labels[idx]
-
-
-def eval_batches(x: Tensor, y: Tensor, batch_size: int = 1000):
-    """(x (B, 1, 28, 28), y (B,)) batches of a normalised set, in order."""
-    for i in range(0, len(x), batch_size):
-        yield x[i:i + batch_size], y[i:i + batch_size]
-
-
-class ShiftTTA(nn.Module):
-    """Test-time augmentation around `model`: x (B, 1, H, W) normalised -> (B, classes) log of the softmax averaged
-    over x and x shifted `pixels` right, left, down and up (blank fill), i.e. over five offsets of the patch grid."""
-
-    def __init__(self, model: nn.Module, pixels: int):
-        super().__init__()
-        self.model, self.pixels = model, pixels
-        self.train(model.training)
-
-    def forward(self, x: Tensor) -> Tensor:
-        p, (H, W) = self.pixels, x.shape[-2:]
-        padded = F.pad(x, (p, p, p, p), value=-MEAN / STD)  # the normalised value of a blank pixel
-        shifts = ((0, -p), (0, p), (-p, 0), (p, 0))  # (dy, dx) of the window: the digit moves right, left, down, up
-        views = [x] + [padded[..., p + dy:p + dy + H, p + dx:p + dx + W] for dy, dx in shifts]
-        log_probs = self.model(torch.cat(views)).float().log_softmax(-1).unflatten(0, (len(views), len(x)))
-        return log_probs.logsumexp(0) - math.log(len(views))  # log of the mean probability, without underflow
-
-
-def budget_epochs(wall_s: list[float], now: float, epochs: int, budget_s: float, final_s: float) -> int:
-    """--minutes: the epoch count for a run whose epochs ended at `wall_s` (seconds since the start, one per epoch
-    done), now `now`, planned for `epochs`, to end within `budget_s` with `final_s` for the end. Each further epoch is
-    taken to last as long as the mean of the last 3. After DECIDE_AFTER epochs: what fits with 10 % of the budget
-    kept free (at most `epochs`); later: the same, lowered to fit, once the plan would end past 95 % of the budget,
-    else `epochs`. Never fewer than one more epoch."""
-    done, period = len(wall_s), (wall_s[-1] - wall_s[-4]) / 3
-    if done > DECIDE_AFTER and now + (epochs - done) * period + final_s <= 0.95 * budget_s:
-        return epochs
-    return max(done + 1, T.epochs_within(budget_s, now, period, final_s, epochs, done))
+    A run whose <out> holds a checkpoint continues it (--fresh starts over) with the model and recipe it was
+    trained with: a continued run equals an uninterrupted one, so other model or recipe flags are refused."""
+    path = Path(cfg["out"]) / "checkpoint.pth"
+    ckpt = None
+    if cfg["fresh"] and path.is_file():
+        print(f"note: --fresh: starting over; {path} is replaced after the first epoch")
+    elif cfg["resume"] and not path.is_file():
+        print(f"note: --resume: {path} does not exist yet, so this starts a new run")
+    elif path.is_file():
+        ckpt = read_checkpoint(path)
+        saved = ckpt.get("train_config")
+        if not isinstance(saved, dict) or saved.get("dataset") != "mnist":
+            raise CheckpointError(f"{path} is not an MNIST training checkpoint of this repo; cannot continue it "
+                                  f"(use another --out, or --fresh to replace it).")
+        saved = {"optimizer": "adamw", **saved}  # runs from before --optimizer trained with AdamW
+        cfg, _ = continue_config(saved, cfg, given, path=path, fixed=[*MODEL, *RECIPE])
+    check_config(cfg)
+    return cfg, ckpt
 
 
 def build_model(cfg: dict[str, Any]) -> VisionTransformer:
     """The VisionTransformer of the MODEL entries of `cfg`."""
     p = cfg["patch_size"]
-    if p <= 0 or IMAGE_SIZE % p:
-        raise ValueError(f"--patch-size {p} does not divide {IMAGE_SIZE}; use 2, 4, 7 or 14.")
     return VisionTransformer(**{k: cfg[k] for k in MODEL}, num_channels=1, num_patches=(IMAGE_SIZE // p) ** 2,
                              num_classes=NUM_CLASSES)
 
 
-# ------------------------------------------------------------------------------------------------------------- CLI
-def parse_args(argv: list[str] | None = None) -> tuple[dict[str, Any], set[str]]:
-    """-> (config: every MODEL/RECIPE/RUN entry, names of the flags given explicitly)."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--preset", default="default", choices=sorted(PRESETS))
-    preset = pre.parse_known_args(argv)[0].preset
-    parser = argparse.ArgumentParser(
-        prog="python -m mnist.train", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        epilog="Presets: " + "; ".join(f"{k}: {v or 'the defaults above'}" for k, v in PRESETS.items()))
-    parser.add_argument("--preset", default="default", choices=sorted(PRESETS),
-                        help="a named set of defaults (long: GPU-sized, aims at 99.7%%)")
-    for title, table in (("model", MODEL), ("recipe", RECIPE), ("run", RUN)):
-        group = parser.add_argument_group(title)
-        for name, (default, help_text) in table.items():
-            default = PRESETS[preset].get(name, default)
-            flag = "--" + name.replace("_", "-")
-            if isinstance(default, bool):
-                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
-            else:
-                kw = {"choices": {"amp": hardware.AMP_CHOICES, "optimizer": OPTIMIZERS}.get(name)}
-                group.add_argument(flag, type=type(default), default=default, help=help_text, **kw)
-    parser.add_argument("--nan-at-step", type=int, default=-1, help=argparse.SUPPRESS)  # tests: fake a NaN loss
-    args = vars(parser.parse_args(argv))
-    unset = object()  # parse again with every default replaced by `unset`: what remains was given explicitly
-    parser.set_defaults(**{k: unset for k in args})
-    given = {k for k, v in vars(parser.parse_args(argv)).items() if v is not unset}
-    return args, given
+@dataclass
+class Run:
+    """What changes while a run trains: the model and its optimizer, the metrics rows, the planned epoch count."""
+
+    model: VisionTransformer
+    net: nn.Module  # the model as trained: compiled, or the model itself
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    ema: ModelEma | None
+    scaler: torch.amp.GradScaler | None
+    steps_per_epoch: int
+    epochs: int  # planned; --minutes re-plans it
+    cap: int | None  # --minutes: the most epochs it may plan (--epochs given), None: what fits
+    train_config: dict[str, Any]  # as saved: the recipe, and "epochs_fit" once --minutes has decided
+    start: int = 0  # epochs done before this session
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    frames: dict[str, Any] = field(default_factory=lambda: {"epochs": [], "maps": torch.zeros(0)})
 
 
-def check_config(cfg: dict[str, Any]) -> None:
-    """ValueError naming the first out-of-range setting."""
-    for name in ("epochs", "batch_size"):
-        if cfg[name] <= 0:
-            raise ValueError(f"--{name.replace('_', '-')} {cfg[name]} must be positive.")
-    if cfg["threads"] < 0:
-        raise ValueError(f"--threads {cfg['threads']} must be >= 0 (0 = torch's default).")
-    if not cfg["lr"] > 0:
-        raise ValueError(f"--lr {cfg['lr']} must be positive.")
-    if not 0 <= cfg["ema_decay"] < 1:
-        raise ValueError(f"--ema-decay {cfg['ema_decay']} must be in [0, 1) (0 = no EMA).")
-    if not 0 <= cfg["val_split"] < 60000:
-        raise ValueError(f"--val-split {cfg['val_split']} must be in [0, 60000).")
-    if not 0 <= cfg["tta_shift"] < IMAGE_SIZE // 2:
-        raise ValueError(f"--tta-shift {cfg['tta_shift']} must be in [0, {IMAGE_SIZE // 2}) pixels (0 = off).")
-    if cfg["limit_train"] < 0:
-        raise ValueError(f"--limit-train {cfg['limit_train']} must be >= 0 (0 = all images).")
-
-
-# ------------------------------------------------------------------------------------------------------------ main
-def train(cfg: dict[str, Any], given: set[str], started: float | None = None) -> dict[str, Any]:
-    """Run (or continue) training as configured; returns the final metrics dict. `started`: the perf_counter time
-    the process started at (the wall clock and the --minutes budget count from it; default: now)."""
-    from utils.img2attn import plot_attention_curves, save_attention_over_training, track_attention  # matplotlib
-
-    t0 = started if started is not None else time.perf_counter()
-    out = Path(cfg["out"])
-    ckpt_path = out / "checkpoint.pth"
-    ckpt = None
-    if cfg["fresh"] and ckpt_path.is_file():
-        print(f"note: --fresh: starting over; {ckpt_path} is replaced after the first epoch")
-    elif cfg["resume"] and not ckpt_path.is_file():
-        print(f"note: --resume: {ckpt_path} does not exist yet, so this starts a new run")
-    elif ckpt_path.is_file():  # a repeated command continues its run, never overwrites it
-        ckpt = T.load_checkpoint(ckpt_path)
-        saved = ckpt.get("train_config")
-        if not isinstance(saved, dict) or saved.get("dataset") != "mnist":
-            raise T.CheckpointError(f"{ckpt_path} is not an MNIST training checkpoint of this repo; cannot continue "
-                                    f"it (use another --out, or --fresh to replace it).")
-        saved.setdefault("optimizer", "adamw")  # runs from before --optimizer trained with AdamW
-        clash = {k for k in given & (set(MODEL) | set(RECIPE)) if k in saved and saved[k] != cfg[k]}
-        if clash:
-            k = sorted(clash)[0]
-            raise ValueError(f"--{k.replace('_', '-')} {cfg[k]} differs from the {saved[k]} that {ckpt_path} was "
-                             f"trained with; drop it to continue the run, or add --fresh to start over.")
-        cfg.update({k: saved[k] for k in (*MODEL, *RECIPE) if k in saved})
-    check_config(cfg)
+def build_run(cfg: dict[str, Any], given: set[str], ckpt: dict[str, Any] | None, hw: hardware.Hardware,
+              train_x: Tensor) -> Run:
+    """Model, optimizer, schedule, EMA as configured, restored from `ckpt` when continuing, compiled if asked."""
+    steps = len(train_x) // cfg["batch_size"]
+    if steps == 0:
+        raise UsageError(f"--batch-size {cfg['batch_size']} exceeds the {len(train_x)} training images.")
     train_config = {k: cfg[k] for k in (*MODEL, *RECIPE)} | {"dataset": "mnist", "normalize": [MEAN, STD]}
+    epochs = cfg["epochs"]
     if ckpt is not None and "epochs_fit" in ckpt["train_config"]:  # what --minutes decided
-        cfg["epochs"] = train_config["epochs_fit"] = ckpt["train_config"]["epochs_fit"]
-    if cfg["threads"]:
-        torch.set_num_threads(cfg["threads"])
-    hw = hardware.resolve(cfg["device"], cfg["amp"])
-    device, amp_dtype = hw.device, hw.amp_dtype
-    print(f"{hw.summary}, {'compiled' if cfg['compile'] else 'eager'}", flush=True)  # the first line of every run
-
-    data = load_mnist(cfg["data_root"], cfg["download"])
-    if cfg["deskew"]:
-        data = {k: deskew(v) if k.endswith("_x") else v for k, v in data.items()}
-    train_x, train_y = data["train_x"], data["train_y"]
-    if cfg["limit_train"]:
-        train_x, train_y = train_x[:cfg["limit_train"]], train_y[:cfg["limit_train"]]
-    val = None
-    if cfg["val_split"]:
-        val_idx, train_idx = split_indices(len(train_x), cfg["val_split"])
-        val = (model_input(train_x[val_idx]).to(device), train_y[val_idx].to(device))
-        train_x, train_y = train_x[train_idx], train_y[train_idx]
-    train_x, train_y = train_x.to(device), train_y.to(device)
-    test = (model_input(data["test_x"]).to(device), data["test_y"].to(device))
-    tracked = test[0][:256] if cfg["track_attention"] else None  # fixed held-out digits; the first 8 go in the GIF
-    steps_per_epoch = len(train_x) // cfg["batch_size"]
-    if steps_per_epoch == 0:
-        raise ValueError(f"--batch-size {cfg['batch_size']} exceeds the {len(train_x)} training images.")
-
-    T.seed_everything(cfg["seed"])
-    model = build_model(cfg).to(device)
+        epochs = train_config["epochs_fit"] = ckpt["train_config"]["epochs_fit"]
+    seed_everything(cfg["seed"])
+    model = build_model(cfg).to(hw.device)
     for block in model.blocks:  # 17 tokens: the explicit softmax beats the CPU SDPA kernel (bench.vit_speed)
-        block.attn.fused_attn = device.type != "cpu"
-    optimizer = make_optimizer(cfg["optimizer"], model, cfg["lr"], cfg["weight_decay"], device,
-                               betas=(0.9, cfg["beta2"]), amp_dtype=amp_dtype)
-    warmup_steps = round(cfg["warmup_epochs"] * steps_per_epoch)
-    total = cfg["epochs"] * steps_per_epoch  # with --minutes: until epoch 5 fixes it (lr step ~1 % if 20+ fit)
-    scheduler = T.warmup_cosine(optimizer, total, min(warmup_steps, total), cfg["min_lr_ratio"])
-    ema = T.make_ema(model, cfg["ema_decay"], warmup=True) if cfg["ema_decay"] else None
-    scaler = hw.grad_scaler()
-    start, metrics = 0, []
-    frames: dict[str, Any] = {"epochs": [], "maps": torch.zeros(0)}  # rollout of the GIF digits after each epoch
+        block.attn.fused_attn = hw.device.type != "cpu"
+    optimizer = make_optimizer(cfg["optimizer"], model, cfg["lr"], cfg["weight_decay"], hw.device,
+                               betas=(0.9, cfg["beta2"]), amp_dtype=hw.amp_dtype)
+    scheduler = warmup_cosine(optimizer, epochs * steps, min(warmup_steps(cfg, steps), epochs * steps),
+                              cfg["min_lr_ratio"])
+    ema = ModelEma(model, cfg["ema_decay"], warmup=True) if cfg["ema_decay"] else None
+    run = Run(model, model, optimizer, scheduler, ema, hw.grad_scaler(), steps, epochs,
+              cfg["epochs"] if "epochs" in given else None, train_config)
     if ckpt is not None:
-        start, metrics = T.restore_checkpoint(ckpt, model, optimizer, scheduler, ema=ema, scaler=scaler)
-        frames = ckpt.get("attention_frames", frames)
-    net = model
+        run.start, run.metrics = restore_checkpoint(ckpt, model, optimizer, scheduler, ema=ema, scaler=run.scaler)
+        run.frames = ckpt.get("attention_frames", run.frames)
     if cfg["compile"]:  # compiled for the shape (and autocast) of every training step
-        net = T.compile_or_eager(model, train_x[:cfg["batch_size"]].unsqueeze(1).float() / 255, amp_dtype)
-    ran_as = hw.record() | {"compiled": net is not model}
-    if ckpt is not None:
-        print(f"continuing {ckpt_path} after epoch {start}/{cfg['epochs']} (--fresh starts over)")
+        run.net = compile_or_eager(model, train_x[:cfg["batch_size"]].unsqueeze(1).float() / 255, hw.amp_dtype)
+    return run
 
-    step = start * steps_per_epoch
-    ce = nn.CrossEntropyLoss(label_smoothing=cfg["label_smoothing"])
+
+def warmup_steps(cfg: dict[str, Any], steps_per_epoch: int) -> int:
+    return round(cfg["warmup_epochs"] * steps_per_epoch)
+
+
+def replan(run: Run, cfg: dict[str, Any], epoch: int, elapsed_s: float) -> None:
+    """--minutes: from epoch DECIDE_AFTER on, in the session that started the run, set the epoch count that ends
+    within the budget (`utils.schedule.budget_epochs`) and stretch the schedule to it; a continued run keeps the
+    saved count."""
+    if not cfg["minutes"] or run.start >= DECIDE_AFTER or epoch < DECIDE_AFTER:
+        return
+    final_s = run.metrics[-1]["eval_s"] * (5 if cfg["tta_shift"] else 0) + EXIT_S
+    fit = budget_epochs([r["wall_s"] for r in run.metrics], elapsed_s, run.epochs, 60 * cfg["minutes"], final_s,
+                        cap=run.cap, decide_after=DECIDE_AFTER)
+    if fit == run.epochs and epoch > DECIDE_AFTER:
+        return
+    why = "" if epoch == DECIDE_AFTER else " (more: the epochs got faster)" if fit > run.epochs else \
+        " (fewer: the epochs got slower)"
+    run.epochs = run.train_config["epochs_fit"] = fit
+    total = fit * run.steps_per_epoch
+    run.scheduler = stretch_schedule(run.scheduler, total, min(warmup_steps(cfg, run.steps_per_epoch), total),
+                                     cfg["min_lr_ratio"])
+    tqdm.write(f"--minutes {cfg['minutes']:g}: {fit} epochs fit on this machine{why}")
+
+
+def make_loss(cfg: dict[str, Any], first_step: int):
+    """Label-smoothed cross-entropy on fp32 logits; --nan-at-step (tests) makes that step's loss NaN."""
+    ce, step = nn.CrossEntropyLoss(label_smoothing=cfg["label_smoothing"]), first_step
 
     def loss_fn(logits: Tensor, y: Tensor) -> Tensor:
         nonlocal step
-        loss = ce(logits.float(), y)
-        step += 1
+        loss, step = ce(logits.float(), y), step + 1
         return loss * float("nan") if step - 1 == cfg["nan_at_step"] else loss
 
-    wall_before = metrics[-1]["wall_s"] if metrics else 0.0
-    ran = 0
-    for epoch in range(start, cfg["epochs"]):
-        if cfg["minutes"] and start < DECIDE_AFTER <= epoch < cfg["epochs"]:  # the session that decides; a continued
-            final_s = metrics[-1]["eval_s"] * (5 if cfg["tta_shift"] else 0) + EXIT_S  # run keeps the saved count
-            fit = budget_epochs([r["wall_s"] for r in metrics], wall_before + time.perf_counter() - t0, cfg["epochs"],
-                                60 * cfg["minutes"], final_s)
-            if fit != cfg["epochs"] or epoch == DECIDE_AFTER:
-                cfg["epochs"] = train_config["epochs_fit"] = fit
-                total = cfg["epochs"] * steps_per_epoch
-                scheduler = T.stretch_schedule(scheduler, total, min(warmup_steps, total), cfg["min_lr_ratio"])
-                tqdm.write(f"--minutes {cfg['minutes']:g}: {fit} epochs fit on this machine"
-                           + (" (fewer: the epochs got slower)" if epoch > DECIDE_AFTER else ""))
-        if epoch >= cfg["epochs"]:
-            break
-        epoch_start = time.perf_counter()
-        T.seed_everything(T.epoch_seed(cfg["seed"], epoch))  # dropout etc.: independent of what ran before
-        gen = T.epoch_generator(cfg["seed"], epoch, device)
-        try:
-            stats = T.train_one_epoch(net, train_batches(train_x, train_y, cfg, gen), optimizer, scheduler, loss_fn,
-                                      device=device, epoch=epoch + 1, step=epoch * steps_per_epoch,
-                                      total=steps_per_epoch, ema=ema, amp_dtype=amp_dtype, scaler=scaler,
-                                      progress=cfg["progress"] and sys.stderr.isatty(),
-                                      desc=f"epoch {epoch + 1}/{cfg['epochs']}")
-        except T.NonFiniteLossError as e:
-            kept = (f"the last good checkpoint (epoch {epoch}) is kept at {ckpt_path}" if epoch > 0
-                    else "no checkpoint was written")
-            e.args = (f"{e} {kept[0].upper()}{kept[1:]}.",)
-            raise
-        last = epoch + 1 == cfg["epochs"]
-        row: dict[str, Any] = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **stats}
-        for prefix, m in (("", model), ("ema_", ema.module if ema is not None else None)):  # eager: no 2nd compile
-            if m is None:
-                continue
-            sets = {"val": val} if val is not None else {}
-            if val is None or last:
-                sets["test"] = test
-            views = [("", m)]
-            if last and cfg["tta_shift"]:
-                views.append(("tta_", ShiftTTA(T.unwrap(m), cfg["tta_shift"])))
-            for (tta, viewer), (name, (x, y)) in itertools.product(views, sets.items()):
-                eval_start = time.perf_counter()
-                r = T.evaluate(viewer, eval_batches(x, y), device=device, amp_dtype=amp_dtype)
-                row[f"{prefix}{tta}{name}_top1"], row[f"{prefix}{tta}{name}_loss"] = r["top1"], r["loss"]
-                if not (prefix or tta):
-                    row["eval_s"] = time.perf_counter() - eval_start
-        if tracked is not None:  # the bare model, eval mode, no RNG: training is unchanged
-            attn_row, maps = track_attention(model, tracked, rollout=min(8, len(tracked)), batch_size=len(tracked))
-            row.update(attn_row)
-            frames = {"epochs": [*frames["epochs"], epoch + 1],
-                      "maps": torch.cat([frames["maps"], maps[None]]) if frames["epochs"] else maps[None]}
-        row["wall_s"] = wall_before + time.perf_counter() - t0
-        row["epoch_s"] = time.perf_counter() - epoch_start
-        metrics.append(row)
-        state = T.checkpoint_state(model, optimizer, scheduler, epoch=epoch + 1, metrics=metrics,
-                                   train_config=train_config, ema=ema, scaler=scaler, attention_frames=frames,
-                                   reported_weights="ema" if ema is not None else "model")
-        T.save_checkpoint(state, ckpt_path)
-        T.save_metrics(metrics, out / "metrics.json", train_config=train_config, ran_as=ran_as)
-        ran += 1
-        stop = cfg["stop_after"] and ran >= cfg["stop_after"] and not last
-        if last or stop or (epoch + 1) % 5 == 0:  # ~0.5 s a plot
-            title = f"MNIST ViT {cfg['embed_dim']}d x {cfg['num_layers']}, patch {cfg['patch_size']}"
-            T.plot_curves(metrics, out / "curves.png", title=title)
-            plot_attention_curves(metrics, out / "attention_curves.png", title=title)  # when rows were tracked
-        scores = "  ".join(f"{k} {v:.2f}%" for k, v in row.items() if k.endswith("_top1"))
-        tqdm.write(f"epoch {epoch + 1}/{cfg['epochs']}  train loss {stats['train_loss']:.4f}  {scores}  "
-                   f"{stats['img_per_s']:.0f} img/s  {row['wall_s']:.0f} s")
-        if stop:
-            print(f"stopped after epoch {epoch + 1} (--stop-after {cfg['stop_after']}); the same command continues")
-            return row
-    if tracked is not None and frames["epochs"]:  # where the model looked, epoch by epoch
-        save_attention_over_training(data["test_x"][:len(frames["maps"][0])], frames["maps"], frames["epochs"],
-                                     out / "attention_over_training.gif", out / "attention_over_training.png")
-    final = metrics[-1]
-    which = "ema_" if ema is not None else ""
-    notes = ["EMA weights"] if ema is not None else []
+    return loss_fn
+
+
+def train_epoch(run: Run, cfg: dict[str, Any], hw: hardware.Hardware, data: dict[str, Tensor], epoch: int,
+                loss_fn) -> dict[str, Any]:
+    """Epoch `epoch` (0-based): its randomness from (seed, epoch) alone, then one pass -> train_one_epoch's stats.
+    A NaN loss names the last good checkpoint."""
+    seed_everything(epoch_seed(cfg["seed"], epoch))  # dropout etc.: independent of what ran before
+    gen = epoch_generator(cfg["seed"], epoch, hw.device)
+    batches = train_batches(data["train_x"], data["train_y"], cfg["batch_size"], gen, rotate=cfg["rotate"],
+                            scale=cfg["scale"], shift=cfg["shift"], elastic=cfg["elastic"])
+    try:
+        return train_one_epoch(run.net, batches, run.optimizer, run.scheduler, loss_fn, device=hw.device,
+                               epoch=epoch + 1, step=epoch * run.steps_per_epoch, total=run.steps_per_epoch,
+                               ema=run.ema, amp_dtype=hw.amp_dtype, scaler=run.scaler,
+                               progress=cfg["progress"] and sys.stderr.isatty(),
+                               desc=f"epoch {epoch + 1}/{run.epochs}")
+    except NonFiniteLossError as e:
+        path = Path(cfg["out"]) / "checkpoint.pth"
+        kept = f"The last good checkpoint (epoch {epoch}) is kept at {path}" if epoch else "No checkpoint was written"
+        e.args = (f"{e} {kept}.",)
+        raise
+
+
+def score(run: Run, cfg: dict[str, Any], hw: hardware.Hardware, data: dict[str, Tensor], last: bool) -> dict:
+    """Top-1 and loss of the model (and of the EMA, prefix "ema_") on the validation split, and on the test set
+    when there is none or at the last epoch (then also with shift TTA, prefix "tta_"); "eval_s": one evaluation."""
+    row: dict[str, Any] = {}
+    sets = {"val": (data["val_x"], data["val_y"])} if "val_x" in data else {}
+    if not sets or last:
+        sets["test"] = (data["test_x"], data["test_y"])
+    for prefix, m in (("", run.model), ("ema_", run.ema.module if run.ema is not None else None)):  # eager
+        if m is None:
+            continue
+        views = [("", m)] + ([("tta_", ShiftTTA(unwrap(m), cfg["tta_shift"]))] if last and cfg["tta_shift"] else [])
+        for (tta, viewer), (name, (x, y)) in itertools.product(views, sets.items()):
+            start = time.perf_counter()
+            r = evaluate(viewer, eval_batches(x, y), device=hw.device, amp_dtype=hw.amp_dtype)
+            row[f"{prefix}{tta}{name}_top1"], row[f"{prefix}{tta}{name}_loss"] = r["top1"], r["loss"]
+            if not (prefix or tta):
+                row["eval_s"] = time.perf_counter() - start
+    return row
+
+
+def track(run: Run, tracked: Tensor, epoch: int) -> dict[str, Any]:
+    """Attention statistics of the fixed digits (the bare model, eval mode, no RNG drawn: training is unchanged);
+    the rollout of the first 8 is kept as a frame of the GIF."""
+    row, maps = track_attention(run.model, tracked, rollout=min(8, len(tracked)), batch_size=len(tracked))
+    old = run.frames
+    run.frames = {"epochs": [*old["epochs"], epoch + 1],
+                  "maps": torch.cat([old["maps"], maps[None]]) if old["epochs"] else maps[None]}
+    return row
+
+
+def save_epoch(run: Run, cfg: dict[str, Any], ran_as: dict[str, Any], plot: bool) -> None:
+    """checkpoint.pth and metrics.json after every epoch; the curves when `plot`."""
+    out = Path(cfg["out"])
+    state = checkpoint_state(run.model, run.optimizer, run.scheduler, epoch=len(run.metrics), metrics=run.metrics,
+                             train_config=run.train_config, ema=run.ema, scaler=run.scaler,
+                             attention_frames=run.frames)
+    save_checkpoint(state, out / "checkpoint.pth")
+    save_metrics(run.metrics, out / "metrics.json", train_config=run.train_config, ran_as=ran_as)
+    if plot:  # ~0.5 s a plot
+        title = f"MNIST ViT {cfg['embed_dim']}d x {cfg['num_layers']}, patch {cfg['patch_size']}"
+        plot_curves(run.metrics, out / "curves.png", title=title)
+        plot_attention_curves(run.metrics, out / "attention_curves.png", title=title)  # when rows were tracked
+
+
+def report(run: Run, cfg: dict[str, Any], data: dict[str, Tensor], wall_s: float) -> dict[str, Any]:
+    """The end of a run: the GIF of where the model looked, epoch by epoch; the final line."""
+    out = Path(cfg["out"])
+    if cfg["track_attention"] and run.frames["epochs"]:
+        save_attention_over_training(data["test_images"][:len(run.frames["maps"][0])], run.frames["maps"],
+                                     run.frames["epochs"], out / "attention_over_training.gif",
+                                     out / "attention_over_training.png")
+    final, which = run.metrics[-1], "ema_" if run.ema is not None else ""
+    notes = ["EMA weights"] if run.ema is not None else []
     if f"{which}tta_test_top1" in final:
         notes.append(f"shift TTA; single view {final[f'{which}test_top1']:.2f}%")
     acc = final.get(f"{which}tta_test_top1", final[f"{which}test_top1"])
     shown = f"{acc:.2f}%" + (f" ({'; '.join(notes)})" if notes else "")
-    wall = time.perf_counter() - t0
-    total = f", {final['wall_s']:.0f} s over all sessions" if start else ""
-    print(f"final: test accuracy {shown} after {final['epoch']} epochs, wall time {wall:.0f} s ({wall / 60:.1f} "
-          f"min{total}); checkpoint {ckpt_path}")
+    total = f", {final['wall_s']:.0f} s over all sessions" if run.start else ""
+    print(f"final: test accuracy {shown} after {final['epoch']} epochs, wall time {wall_s:.0f} s ({wall_s / 60:.1f} "
+          f"min{total}); checkpoint {out / 'checkpoint.pth'}")
     return final
+
+
+def train(cfg: dict[str, Any], given: set[str], started: float | None = None) -> dict[str, Any]:
+    """Run (or continue) training as configured -> the last metrics row. `started`: the perf_counter time the
+    process started at (the wall clock and the --minutes budget count from it; default: now)."""
+    t0 = started if started is not None else time.perf_counter()
+    cfg, ckpt = decide_config(cfg, given)
+    if cfg["threads"]:
+        torch.set_num_threads(cfg["threads"])
+    hw = hardware.resolve(cfg["device"], cfg["amp"])
+    print(f"{hw.summary}, {'compiled' if cfg['compile'] else 'eager'}", flush=True)  # the first line of every run
+    data = load_splits(cfg["data_root"], hw.device, download=cfg["download"], upright=cfg["deskew"],
+                       limit_train=cfg["limit_train"], val_split=cfg["val_split"])
+    run = build_run(cfg, given, ckpt, hw, data["train_x"])
+    ran_as = hw.record() | {"compiled": run.net is not run.model}
+    if ckpt is not None:
+        print(f"continuing {Path(cfg['out']) / 'checkpoint.pth'} after epoch {run.start}/{run.epochs} "
+              f"(--fresh starts over)")
+    del ckpt
+    tracked = data["test_x"][:256] if cfg["track_attention"] else None  # fixed held-out digits; 8 in the GIF
+    loss_fn = make_loss(cfg, run.start * run.steps_per_epoch)
+    wall_before = run.metrics[-1]["wall_s"] if run.metrics else 0.0
+    epoch = run.start
+    while epoch < run.epochs:
+        replan(run, cfg, epoch, wall_before + time.perf_counter() - t0)
+        epoch_start = time.perf_counter()
+        stats = train_epoch(run, cfg, hw, data, epoch, loss_fn)
+        last = epoch + 1 == run.epochs
+        row = {"epoch": epoch + 1, "lr": run.optimizer.param_groups[0]["lr"], **stats,
+               **score(run, cfg, hw, data, last), **(track(run, tracked, epoch) if tracked is not None else {})}
+        row |= {"wall_s": wall_before + time.perf_counter() - t0, "epoch_s": time.perf_counter() - epoch_start}
+        run.metrics.append(row)
+        epoch += 1
+        stop = cfg["stop_after"] and epoch - run.start >= cfg["stop_after"] and not last
+        save_epoch(run, cfg, ran_as, plot=last or stop or epoch % 5 == 0)
+        scores = "  ".join(f"{k} {v:.2f}%" for k, v in row.items() if k.endswith("_top1"))
+        tqdm.write(f"epoch {epoch}/{run.epochs}  train loss {stats['train_loss']:.4f}  {scores}  "
+                   f"{stats['img_per_s']:.0f} img/s  {row['wall_s']:.0f} s")
+        if stop:
+            print(f"stopped after epoch {epoch} (--stop-after {cfg['stop_after']}); the same command continues")
+            return row
+    return report(run, cfg, data, time.perf_counter() - t0)
 
 
 def main(argv: list[str] | None = None, started: float | None = None) -> None:
     cfg, given = parse_args(argv)
     try:
         train(cfg, given, started)
-    except (ValueError, FileNotFoundError, T.NonFiniteLossError) as e:  # DataError, CheckpointError are ValueErrors
+    except (ValueError, FileNotFoundError, NonFiniteLossError) as e:  # DataError, CheckpointError are ValueErrors
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
         sys.exit(f"interrupted; the last finished epoch is in {Path(cfg['out']) / 'checkpoint.pth'}: the same command "

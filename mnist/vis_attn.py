@@ -1,18 +1,17 @@
 """Where the MNIST ViT looks: `python -m mnist.vis_attn` (after `python -m mnist.train`).
 
 Shows a digit, the prediction and its probability, attention rollout and gradient rollout overlays, and the class
-token's attention in every layer x head (`utils.img2attn.attention_figure`). The digit is a test-set image
+token's attention in every layer x head (`attention.figures.attention_figure`). The digit is a test-set image
 (--index) or your own picture (--image): any size, colour or gray, dark-on-light or light-on-dark; it is brought
 to the MNIST form first (gray, light digit on black, scaled into a 20x20 box, centred by centre of mass in 28x28).
 
-`--inspect` draws how the model looks instead (`utils.img2attn.inspection_figure`): the principal components of its
+`--inspect` draws how the model looks instead (`attention.figures.inspection_figure`): the principal components of its
 patch-embedding filters, the similarity of its position embeddings, and the mean attention distance and entropy of
 every head against depth over the first --num-images test digits; the table of those is printed.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -20,24 +19,34 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from mnist.train import IMAGE_SIZE, MEAN, NUM_CLASSES, STD, deskew, load_mnist
-from models.pretrained import CheckpointError, load_pretrained, read_checkpoint
+from attention.figures import attention_figure, inspection_figure
+from attention.inspection import attention_table, inspect_model
+from mnist.data import IMAGE_SIZE, MEAN, NUM_CLASSES, STD, deskew, load_mnist
+from models.pretrained import load_pretrained
 from models.vit import VisionTransformer
 from utils import hardware
+from utils.checkpoint import CheckpointError, read_checkpoint
+from utils.config import UsageError, parse_config
+from utils.img2attn import explain
+from utils.plots import save_figure
 
 # ----------------------------------------------------------------------------------------------------------- config
-image_path = None  # a PNG/JPG of a digit; None: test-set digit number `index` (from `data_root`)
-index = 0  # which test-set digit when no image is given
-model_path = "runs/mnist/checkpoint.pth"  # what `python -m mnist.train` writes (the weights its run reported)
-output_path = "imgs/mnist_attention.png"
-data_root = "data"  # MNIST root, as for mnist.train --data-root
-target = None  # class explained by the gradient rollout; None: the predicted one
-device = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | mps; the maps are computed in fp32
-# Maps drawn (fixed by attention_figure): attention rollout (mean over heads), gradient rollout for `target`,
-# and the class token's raw attention per layer x head.
-inspect = False  # True: how the model looks instead (ViT paper Fig. 7 + attention entropy; utils.img2attn)
-num_images = 256  # --inspect: averaged over the first this many test digits (or over `image_path` alone)
-inspect_output_path = "imgs/mnist_inspect.png"
+OPTIONS = {
+    "image": (None, "PNG/JPG of a digit (default: test-set digit number --index)"),
+    "index": (0, "test-set digit to show when no --image is given"),
+    "model": ("runs/mnist/checkpoint.pth", "checkpoint written by python -m mnist.train (the weights its run "
+                                           "reported)"),
+    "output": (None, "where to write the figure (PNG; default imgs/mnist_attention.png, with --inspect "
+                     "imgs/mnist_inspect.png)"),
+    "data_root": ("data", "MNIST root for the test-set digits, as for mnist.train --data-root"),
+    "target": (None, "class (0-9) the gradient rollout explains (default: the predicted one)"),
+    "device": ("auto", hardware.DEVICE_HELP + "; maps in fp32"),
+    "inspect": (False, "instead: the ViT paper's Fig. 7 (patch-filter components, position-embedding similarity, "
+                       "mean attention distance per head) and attention entropy, over --num-images test digits (or "
+                       "the --image); prints the distance / entropy table"),
+    "num_images": (256, "--inspect: the first N test digits"),
+}
+OUTPUTS = {False: "imgs/mnist_attention.png", True: "imgs/mnist_inspect.png"}
 # -------------------------------------------------------------------------------------------------------------------
 
 
@@ -110,66 +119,53 @@ def load_model(path: str | Path) -> tuple[VisionTransformer, dict]:
     return model.eval(), {"mean": float(mean), "std": float(std), "deskew": bool(recipe.get("deskew", False))}
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m mnist.vis_attn", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--image", default=image_path, help="PNG/JPG of a digit (default: a test-set digit)")
-    p.add_argument("--index", type=int, default=index, help="test-set digit to show when no --image is given")
-    p.add_argument("--model", default=model_path, help="checkpoint written by python -m mnist.train")
-    p.add_argument("--output", default=None, help=f"where to write the figure (PNG; default {output_path}, with "
-                                                  f"--inspect {inspect_output_path})")
-    p.add_argument("--data-root", default=data_root, help="MNIST root for the test-set digits")
-    p.add_argument("--target", type=int, default=target, help="class (0-9) the gradient rollout explains "
-                                                                "(default: the predicted one)")
-    p.add_argument("--inspect", action=argparse.BooleanOptionalAction, default=inspect,
-                   help="instead: the ViT paper's Fig. 7 (patch-filter components, position-embedding similarity, "
-                        "mean attention distance per head) and attention entropy, over --num-images test digits "
-                        "(or the --image); prints the distance / entropy table")
-    p.add_argument("--num-images", type=int, default=num_images, help="--inspect: the first N test digits")
-    p.add_argument("--device", default=device, help=hardware.DEVICE_HELP + "; maps in fp32")
-    args = p.parse_args(argv)
-    output = args.output or (inspect_output_path if args.inspect else output_path)
-    try:
-        if args.target is not None and not 0 <= args.target < NUM_CLASSES:
-            raise ValueError(f"--target {args.target} is not a digit; pass 0-9.")
-        if args.num_images < 1:
-            raise ValueError(f"--num-images {args.num_images} must be at least 1.")
-        dev = hardware.resolve_device(args.device)
-        model, prep = load_model(args.model)
-        model.to(dev)
-        if args.image:
-            digits, label = load_image(args.image)[None], None
-        else:
-            test = load_mnist(args.data_root, download=True, splits=("test",))
-            n = len(test["test_x"])
-            if args.inspect:
-                digits, label = test["test_x"][:args.num_images].numpy(), None
-            elif not 0 <= args.index < n:
-                raise ValueError(f"--index {args.index} is outside the test set (0..{n - 1}).")
-            else:
-                digits, label = test["test_x"][args.index:args.index + 1].numpy(), int(test["test_y"][args.index])
-        from utils.img2attn import attention_figure, attention_stats, attention_table, inspection_figure, save_figure
+def digits_to_show(cfg: dict) -> tuple[np.ndarray, int | None]:
+    """The digits asked for -> ((n, 28, 28) uint8, the label of a single test digit or None)."""
+    if cfg["image"]:
+        return load_image(cfg["image"])[None], None
+    test = load_mnist(cfg["data_root"], download=True, splits=("test",))
+    n = len(test["test_x"])
+    if cfg["inspect"]:
+        return test["test_x"][:cfg["num_images"]].numpy(), None
+    if not 0 <= cfg["index"] < n:
+        raise UsageError(f"--index {cfg['index']} is outside the test set (0..{n - 1}).")
+    return test["test_x"][cfg["index"]:cfg["index"] + 1].numpy(), int(test["test_y"][cfg["index"]])
 
-        if prep["deskew"]:  # the model was trained on upright digits: show and feed it the same
-            digits = deskew(torch.from_numpy(digits)).numpy()
-        x = ((torch.from_numpy(digits).float() / 255 - prep["mean"]) / prep["std"])[:, None].to(dev)  # (n,1,28,28)
-        if args.inspect:
-            stats = attention_stats(model, x)
-            save_figure(inspection_figure(model, x, stats=stats, name="MNIST ViT"), output, dpi=100)
-        else:
-            fig = attention_figure(model, x, digits[0], class_names=[str(i) for i in range(NUM_CLASSES)],
-                                   target=args.target)
-            with torch.no_grad():
-                probs = model(x).softmax(-1)[0]
-            save_figure(fig, output)
-    except (ValueError, FileNotFoundError) as e:  # CheckpointError and DataError are ValueErrors
-        sys.exit(f"error: {e}")
-    if args.inspect:
-        print(f"{args.model} ({model.weights_note}), {len(x)} digit(s):\n{attention_table(stats)}\nwrote {output}")
+
+def run(cfg: dict) -> None:
+    """Draw the figure asked for and print what the model predicted (or the inspection table)."""
+    if cfg["target"] is not None and not 0 <= cfg["target"] < NUM_CLASSES:
+        raise UsageError(f"--target {cfg['target']} is not a digit; pass 0-9.")
+    if cfg["num_images"] < 1:
+        raise UsageError(f"--num-images {cfg['num_images']} must be at least 1.")
+    output = cfg["output"] or OUTPUTS[cfg["inspect"]]
+    dev = hardware.resolve_device(cfg["device"])
+    model, prep = load_model(cfg["model"])
+    model.to(dev)
+    digits, label = digits_to_show(cfg)
+    if prep["deskew"]:  # the model was trained on upright digits: show and feed it the same
+        digits = deskew(torch.from_numpy(digits)).numpy()
+    x = ((torch.from_numpy(digits).float() / 255 - prep["mean"]) / prep["std"])[:, None].to(dev)  # (n, 1, 28, 28)
+    if cfg["inspect"]:
+        inspection = inspect_model(model, x)
+        save_figure(inspection_figure(inspection, name="MNIST ViT"), output, dpi=100)
+        print(f"{cfg['model']} ({model.weights_note}), {len(x)} digit(s):\n{attention_table(inspection)}\n"
+              f"wrote {output}")
         return
+    ex = explain(model, x, cfg["target"])
+    save_figure(attention_figure(ex, digits[0], class_names=[str(i) for i in range(NUM_CLASSES)]), output)
+    probs = ex.logits[0].softmax(-1)
     truth = f" (label {label})" if label is not None else ""
-    print(f"{args.model}: {model.weights_note}")
+    print(f"{cfg['model']}: {model.weights_note}")
     print(f"predicted {int(probs.argmax())} ({float(probs.max()):.1%}){truth}; wrote {output}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg, _ = parse_config("python -m mnist.vis_attn", __doc__, {"options": OPTIONS}, argv, types={"target": int})
+    try:
+        run(cfg)
+    except (ValueError, FileNotFoundError) as e:  # UsageError, CheckpointError and DataError are ValueErrors
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

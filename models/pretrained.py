@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import pickle
 import re
 import sys
 from collections.abc import Mapping
@@ -23,34 +22,9 @@ import torch
 from torch import Tensor
 
 from models.vit import VisionTransformer
+from utils.checkpoint import CheckpointError, read_checkpoint
 
 StateDict = dict[str, Tensor]
-
-
-class CheckpointError(ValueError):
-    """A file or dict that is not a usable ViT checkpoint; the message says why in one sentence."""
-
-
-def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """torch.load(path, weights_only=True) with one clear error for a missing, truncated or foreign file, or one
-    that pickles Python objects other than tensors and containers (a whole nn.Module, a custom class)."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint '{path}' does not exist and is not a registry name (python -m "
-                              f"models.pretrained --list).")
-    try:  # DINO's full checkpoints pickle their argparse.Namespace: harmless, so allow it.
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # the unpickler raises anything on garbage: KeyError, EOFError, RuntimeError...
-        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        if isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in str(e) and refused:
-            raise CheckpointError(f"'{path}' pickles Python objects (e.g. {refused[1]}) that weights_only loading "
-                                  f"refuses: they could run arbitrary code; load it only if you trust it, then "
-                                  f"re-save its state dict.") from None
-        raise CheckpointError(f"'{path}' is not a readable PyTorch checkpoint: it is truncated or another kind "
-                              f"of file.") from None
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"'{path}' holds a {type(obj).__name__}, not a checkpoint dict of tensors.")
-    return obj
 
 
 class Release(NamedTuple):

@@ -165,5 +165,9 @@ class VisionTransformer(nn.Module):
         if return_attn not in (False, True, "cls"):
             raise ValueError(f"return_attn={return_attn!r} must be False, True or 'cls'.")
         tokens, attns = self.forward_features(x, return_attn, cls_only=True)
-        logits = self.head(self.head_drop(tokens[:, 0]))
+        logits = self.forward_head(tokens)
         return (logits, attns) if return_attn else logits
+
+    def forward_head(self, tokens: Tensor) -> Tensor:
+        """tokens: (B, T, D) from forward_features -> logits (B, num_classes) of the class token (timm's name)."""
+        return self.head(self.head_drop(tokens[:, 0]))

@@ -1,7 +1,6 @@
 """Data pipeline: DeiT's RandAugment against timm's, uint8 transforms, device normalisation and random erasing,
 TrainSampler (sharding, repeated augmentation, resuming) and no archive extraction in build_datasets."""
 
-import importlib
 import random
 
 import numpy as np
@@ -9,18 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-from imagenet.dataloaders.dataset import (
-    DatasetError,
-    TrainSampler,
-    build_datasets,
-    device_transform,
-    eval_transform,
-    random_erasing,
-    train_transform,
-)
+from imagenet.dataloaders import constants as IN1K
+from imagenet.dataloaders.dataset import DatasetError, TrainSampler, build_datasets
 from imagenet.dataloaders.randaugment import OPS, RESAMPLE, DeiTRandAugment
+from imagenet.dataloaders.transforms import device_transform, eval_transform, random_erasing, train_transform
 
-IN1K = importlib.import_module("imagenet.dataloaders.imagenet-1k")
 FILL = (124, 116, 104)
 
 

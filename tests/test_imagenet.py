@@ -1,7 +1,6 @@
 """ImageNet pipeline on the CPU: classes, dataset checks, one epoch (1 process and torchrun x 2), exact resume,
 bad input, vis_attn and fine-tuning with the DeiT-tiny weights (those skip without ../shared/data)."""
 
-import importlib
 import json
 import os
 import re
@@ -18,7 +17,9 @@ from PIL import Image
 
 from imagenet import train, vis_attn
 from imagenet.dataloaders import classes
-from imagenet.dataloaders.dataset import DatasetError, build_datasets, eval_transform, mixup_cutmix, train_transform
+from imagenet.dataloaders import constants as IN1K
+from imagenet.dataloaders.dataset import DatasetError, build_datasets
+from imagenet.dataloaders.transforms import eval_transform, mixup_cutmix, train_transform
 from utils import distributed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,7 +29,6 @@ SAMPLES = SHARED / "imagenet-samples"
 needs_shared = pytest.mark.skipif(not DEIT.is_file() or not SAMPLES.is_dir(), reason="needs ../shared/data")
 TINY = ["--device", "cpu", "--embed-dim", "32", "--num-heads", "2", "--depth", "2", "--img-size", "32",
         "--patch-size", "8", "--batch-size", "8", "--workers", "0", "--warmup-epochs", "1", "--no-progress"]
-IN1K = importlib.import_module("imagenet.dataloaders.imagenet-1k")
 
 
 def run_module(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -144,7 +144,7 @@ def test_check_script_finds_missing_class_and_unreadable_file(tiny, tmp_path):
     assert "unreadable image" in proc.stdout and "broken.jpg" in proc.stdout
     assert "gray.jpg" not in proc.stdout  # grayscale is fine
     assert proc.stderr.strip().splitlines()[-1].startswith("error: 2 problem(s)")
-    assert "does not exist" in exit_message(IN1K.main, [str(tmp_path / "nope")])
+    assert "does not exist" in run_module("imagenet.dataloaders.imagenet-1k", str(tmp_path / "nope")).stderr
 
 
 # ---------------------------------------------------------------------------------------------------------- train

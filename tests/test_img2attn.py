@@ -8,17 +8,11 @@ import torch
 from matplotlib.figure import Figure
 from PIL import Image
 
+from attention.faithfulness import deletion_score
+from attention.figures import attention_figure
 from models.vit import VisionTransformer
-from utils.img2attn import (
-    attention_figure,
-    attention_rollout,
-    cls_attention,
-    deletion_score,
-    gradient_rollout,
-    overlay,
-    save_figure,
-    upsample,
-)
+from utils.img2attn import attention_rollout, cls_attention, explain, gradient_rollout, overlay, upsample
+from utils.plots import save_figure
 
 FUSIONS = ["mean", "max", "min"]
 
@@ -224,7 +218,7 @@ def test_attention_figure_png(tmp_path):
     model = forced_vit()
     x = bright_patch_image(1, 0)
     image = x[0].permute(1, 2, 0).numpy()
-    fig = attention_figure(model, x, image, class_names=["bright patch", "dark"], topk=2)
+    fig = attention_figure(explain(model, x), image, class_names=["bright patch", "dark"], topk=2)
     assert isinstance(fig, Figure)
     save_figure(fig, tmp_path / "figs" / "attn.png")
     with Image.open(tmp_path / "figs" / "attn.png") as png:

@@ -15,25 +15,25 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from attention.figures import inspection_figure
+from attention.inspection import (
+    attention_entropy,
+    attention_stats,
+    attention_table,
+    inspect_model,
+    mean_attention_distance,
+    patch_filter_components,
+    position_similarity,
+)
+from attention.tracking import track_attention
 from imagenet import train as imagenet_train
 from imagenet import vis_attn as imagenet_vis
-from imagenet.dataloaders.dataset import device_transform, eval_transform
+from imagenet.dataloaders.transforms import device_transform, eval_transform
 from mnist import train as mnist_train
 from mnist import vis_attn as mnist_vis
 from models.pretrained import load_pretrained
 from models.vit import VisionTransformer
-from utils.img2attn import (
-    attention_entropy,
-    attention_stats,
-    attention_table,
-    inspection_figure,
-    mean_attention_distance,
-    patch_filter_components,
-    plot_attention_curves,
-    position_similarity,
-    save_figure,
-    track_attention,
-)
+from utils.plots import plot_attention_curves, save_figure
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 DEIT = SHARED / "weights" / "deit_tiny_patch16_224_lnq.pth"
@@ -222,11 +222,11 @@ def test_inspection_figure_and_table(tmp_path):
     assert torch.all(stats["entropy"] <= math.log(7) + 1e-6) and torch.all(stats["distance"] >= 0)
     table = attention_table(stats)
     assert table.count("\n") == 2 + 3 - 1 and table.splitlines()[2].startswith("| 1 |")
-    save_figure(inspection_figure(model, x, stats=stats, name="tiny"), tmp_path / "f" / "inspect.png")
+    save_figure(inspection_figure(inspect_model(model, x, stats=stats), name="tiny"), tmp_path / "f" / "inspect.png")
     with Image.open(tmp_path / "f" / "inspect.png") as png:
         assert png.size[0] > 1000 and png.size[1] > 800
     gray = VisionTransformer(16, 32, 2, 2, 7, 1, 16, 10)  # MNIST-shaped: gray filters, 4 x 4 grid
-    save_figure(inspection_figure(gray, torch.randn(3, 1, 28, 28)), tmp_path / "gray.png")
+    save_figure(inspection_figure(inspect_model(gray, torch.randn(3, 1, 28, 28))), tmp_path / "gray.png")
 
 
 def test_track_attention_draws_no_random_numbers_and_keeps_the_mode(tmp_path):

@@ -10,16 +10,18 @@ import struct
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from mnist import data as mnist_data
 from mnist import train as mnist_train
 from mnist import vis_attn
 from models.vit import VisionTransformer
-from utils import hardware, training
+from utils import checkpoint, hardware, schedule, training
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "MNIST"
@@ -122,7 +124,7 @@ def test_minutes_sets_the_epochs_once_and_resume_keeps_them(data_root, tmp_path)
     decided = ckpt["train_config"]["epochs_fit"]
     final_s = 5 * done["eval_s"] + mnist_train.EXIT_S
     period = (done["wall_s"] - first["wall_s"]) / 3
-    at_most = max(5, training.epochs_within(6, done["wall_s"], period, final_s, 1000, 4))  # decided a little later
+    at_most = max(5, schedule.epochs_within(6, done["wall_s"], period, final_s, 4, cap=1000))  # decided a little later
     assert 5 <= decided <= at_most < 1000  # 6 s cannot hold 1000 epochs of even this tiny model
     assert ckpt["scheduler"]["last_epoch"] == 5 * (640 // 64)
     mnist_train.main([str(a) for a in args])  # the same command again continues the run
@@ -131,15 +133,34 @@ def test_minutes_sets_the_epochs_once_and_resume_keeps_them(data_root, tmp_path)
     assert metrics["epochs"][-1]["lr"] == pytest.approx(3e-3 * 0.01)  # the stretched cosine ends where it should
 
 
-def test_budget_epochs_decides_after_epoch_4_and_lowers_the_count_when_behind():
-    walls = [20.0, 30.0, 40.0, 50.0]  # 10 s an epoch after the first
-    assert mnist_train.budget_epochs(walls, 51, 64, 600, 10) == 4 + (540 - 51 - 10) // 10  # 10 % kept free
-    assert mnist_train.budget_epochs(walls, 51, 30, 600, 10) == 30  # never more than asked for
-    on_track = walls + [60.0 + 10 * i for i in range(16)]  # 20 done at 210 s: 31 more end at 530 s
-    assert mnist_train.budget_epochs(on_track, 211, 51, 600, 10) == 51
-    slower = walls + [63.0 + 13 * i for i in range(16)]  # 13 s now: 31 more would end at 670 s
-    assert mnist_train.budget_epochs(slower, 259, 51, 600, 10) == 20 + (540 - 259 - 10) // 13
-    assert mnist_train.budget_epochs(slower, 700, 51, 600, 10) == 21  # past the budget: one more, the scored last
+def test_replan_follows_the_clock_both_ways_and_a_continued_run_keeps_its_count():
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    run = SimpleNamespace(start=0, epochs=64, cap=None, steps_per_epoch=10, train_config={},
+                          scheduler=schedule.warmup_cosine(optimizer, 640, 10), metrics=[])
+    cfg = {"minutes": 10.0, "tta_shift": 0, "warmup_epochs": 1.0, "min_lr_ratio": 0.01}
+
+    def finish(wall_s: float) -> None:
+        run.metrics.append({"wall_s": wall_s, "eval_s": 0.5})
+        run.scheduler.last_epoch = 10 * len(run.metrics)
+
+    for wall in (40.0, 70.0, 100.0, 130.0):  # 30 s an epoch: after epoch 4, 540 s hold 4 + 13 epochs
+        finish(wall)
+    mnist_train.replan(run, cfg, 4, 131.0)
+    assert run.epochs == run.train_config["epochs_fit"] == 4 + int((540 - 131 - mnist_train.EXIT_S) // 30)
+    for wall in (140.0, 150.0, 160.0):  # 10 s an epoch now: the plan would end far too early
+        finish(wall)
+    mnist_train.replan(run, cfg, 7, 161.0)
+    assert run.epochs == 7 + int((540 - 161 - mnist_train.EXIT_S) // 10)  # raised
+    assert run.scheduler.last_epoch == 70 and run.scheduler.lr_lambdas[0](run.epochs * 10) == pytest.approx(0.01)
+    raised = run.epochs
+    for wall in (200.0, 240.0, 280.0):  # 40 s an epoch: it would end past the budget
+        finish(wall)
+    mnist_train.replan(run, cfg, 10, 281.0)
+    assert run.epochs == 10 + int((540 - 281 - mnist_train.EXIT_S) // 40) < raised  # lowered
+    run.start, kept = 5, run.epochs  # a continued run keeps the count it saved
+    finish(300.0)
+    mnist_train.replan(run, cfg, 11, 301.0)
+    assert run.epochs == kept
 
 
 def test_resume_equals_straight_run(straight, data_root, tmp_path):
@@ -175,7 +196,7 @@ def test_run_from_before_the_optimizer_flag_continues_with_adamw(data_root, tmp_
     mnist_train.main([*args, "--optimizer", "adamw", "--stop-after", "1"])
     ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
     del ckpt["train_config"]["optimizer"]  # as written before --optimizer existed (AdamW then)
-    training.save_checkpoint(ckpt, tmp_path / "checkpoint.pth")
+    checkpoint.save_checkpoint(ckpt, tmp_path / "checkpoint.pth")
     mnist_train.main(args)  # the default is now muon: the run still continues with its AdamW state
     ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
     assert ckpt["epoch"] == 2 and ckpt["train_config"]["optimizer"] == "adamw" and "param_groups" in ckpt["optimizer"]
@@ -260,7 +281,7 @@ def test_deskew_makes_a_slanted_stroke_upright():
     img = torch.zeros(1, 28, 28, dtype=torch.uint8)
     for r in range(4, 24):  # a stroke leaning right: column grows with the row
         img[0, r, 8 + (r - 4) // 2:11 + (r - 4) // 2] = 255
-    out = mnist_train.deskew(img)[0].float()
+    out = mnist_data.deskew(img)[0].float()
     cols = [(out[r] * torch.arange(28)).sum() / out[r].sum() for r in range(6, 22) if out[r].sum() > 0]
     assert max(cols) - min(cols) < 1.5  # was 8 columns of lean
     assert out.sum() > 0.8 * img.float().sum()
@@ -268,12 +289,12 @@ def test_deskew_makes_a_slanted_stroke_upright():
 
 def test_shift_tta_averages_the_softmax_over_five_shifted_copies():
     torch.manual_seed(0)
-    x = torch.full((3, 1, 28, 28), -mnist_train.MEAN / mnist_train.STD)  # blank, normalised
+    x = torch.full((3, 1, 28, 28), -mnist_data.MEAN / mnist_data.STD)  # blank, normalised
     x[..., 8:20, 9:19] = torch.randn(3, 1, 12, 10)  # a "digit" away from the border: roll == shift with blank fill
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, 10))
     views = [x] + [torch.roll(x, s, dim) for s in (2, -2) for dim in (-1, -2)]
     want = torch.stack([model(v).softmax(-1) for v in views]).mean(0).log()
-    torch.testing.assert_close(mnist_train.ShiftTTA(model, 2)(x), want)
+    torch.testing.assert_close(mnist_data.ShiftTTA(model, 2)(x), want)
 
 
 def test_compile_or_eager_falls_back_with_one_line(monkeypatch, capsys):

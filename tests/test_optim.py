@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from models.vit import VisionTransformer
-from utils import optim, training
+from utils import optim, schedule
 
 SHAPES = [(48, 16), (16, 48), (16, 16), (48, 16)]  # tall, wide, square, and two of a shape (batched together)
 
@@ -80,7 +80,7 @@ def test_muon_adamw_schedule_reaches_both_and_resume_is_exact():
     def build():
         model = tiny_vit()
         opt = optim.make_optimizer("muon", model, 1e-2, 0.05, "cpu")
-        return model, opt, training.warmup_cosine(opt, 8, 2)
+        return model, opt, schedule.warmup_cosine(opt, 8, 2)
 
     def train(model, opt, scheduler, steps):
         for _ in range(steps):

@@ -235,7 +235,8 @@ REG = dict(TINY, init_values=0.5, reg_tokens=4, no_embed_class=True)
 
 
 def test_maps_cover_the_patches_only():
-    from utils.img2attn import attention_figure, attention_rollout, cls_attention, gradient_rollout, token_norms
+    from attention.figures import attention_figure
+    from utils.img2attn import attention_rollout, cls_attention, explain, gradient_rollout, token_norms
 
     model = randomized(VisionTransformer(**REG))
     x = torch.randn(2, 3, 32, 40)
@@ -260,17 +261,17 @@ def test_maps_cover_the_patches_only():
     assert norms.shape == (2, 2, 8, 10)
     torch.testing.assert_close(norms[:, -1], h[:, 5:].norm(dim=-1).reshape(2, 8, 10), **TOL)
     headless = randomized(VisionTransformer(**{**REG, "num_classes": 0}))
-    fig = attention_figure(headless, x[:1], torch.rand(32, 40, 3))
+    fig = attention_figure(explain(headless, x[:1]), torch.rand(32, 40, 3))
     titles = [a.get_title() for a in fig.subfigs[0].axes]
     assert titles == ["input", "attention rollout", "token norm, layer 2"]
-    fig = attention_figure(model, x[:1], torch.rand(32, 40, 3))
+    fig = attention_figure(explain(model, x[:1]), torch.rand(32, 40, 3))
     assert len(fig.subfigs[0].axes) == 5
 
 
 def test_vis_attn_headless_registers(tmp_path, capsys):
     from imagenet import vis_attn
 
-    assert Path(vis_attn.image_path).is_file()  # the shipped photo
+    assert Path(vis_attn.OPTIONS["image"][0]).is_file()  # the shipped photo
     torch.save(randomized(VisionTransformer(**{**REG, "num_classes": 0})).state_dict(), tmp_path / "reg.pth")
     vis_attn.main(["--model", str(tmp_path / "reg.pth"), "--img-size", "32", "--out", str(tmp_path / "f.png")])
     out = capsys.readouterr().out
@@ -285,7 +286,7 @@ def test_vis_attn_headless_registers(tmp_path, capsys):
                 "reported_weights": "ema"}, tmp_path / "run.pth")
     vis_attn.main(["--model", str(tmp_path / "run.pth"), "--img-size", "32", "--out", str(tmp_path / "f.png")])
     assert "run.pth: EMA weights (the run's reported model)" in capsys.readouterr().out
-    vis_attn.main(["--inspect", "--model", str(tmp_path / "run.pth"), "--inspect-images", vis_attn.image_path,
+    vis_attn.main(["--inspect", "--model", str(tmp_path / "run.pth"), "--inspect-images", vis_attn.OPTIONS["image"][0],
                    "--img-size", "32", "--out", str(tmp_path / "i.png")])
     assert "run.pth (EMA weights (the run's reported model)): 1 photo(s)" in capsys.readouterr().out
 

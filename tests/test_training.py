@@ -10,18 +10,19 @@ import torch
 from torch import nn
 
 from models.vit import VisionTransformer
-from utils import optim, training
+from utils import checkpoint, optim, schedule, training
+from utils.ema import ModelEma, unwrap
 
 EXACT = dict(atol=1e-6, rtol=0)
 
 
 def test_epochs_within_budget():
     # 600 s budget, 10 % kept free: 540 s; 60 s gone, 10 s for the end: 470 s left = 23 more epochs of 20 s
-    assert training.epochs_within(600, 60, 20, 10, 100) == 24
-    assert training.epochs_within(600, 60, 20, 10, 100, done=2) == 25
-    assert training.epochs_within(600, 60, 20, 10, 100, margin=0.2) == 21
-    assert training.epochs_within(600, 60, 20, 10, 12) == 12  # never more than asked for
-    assert training.epochs_within(600, 700, 20, 10, 100, done=2) == 2  # over budget already: the epochs that ran
+    assert schedule.epochs_within(600, 60, 20, 10, cap=100) == 24
+    assert schedule.epochs_within(600, 60, 20, 10, cap=100, done=2) == 25
+    assert schedule.epochs_within(600, 60, 20, 10, cap=100, margin=0.2) == 21
+    assert schedule.epochs_within(600, 60, 20, 10, cap=12) == 12  # never more than asked for
+    assert schedule.epochs_within(600, 700, 20, 10, cap=100, done=2) == 2  # over budget already: the epochs that ran
 
 
 @pytest.mark.parametrize("done", [3, 10, 17])
@@ -29,12 +30,12 @@ def test_stretched_schedule_equals_one_built_at_that_length(done):
     def optimizer():
         return torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=1e-3)
 
-    short = training.warmup_cosine(optimizer(), 100, 20, 0.01)
+    short = schedule.warmup_cosine(optimizer(), 100, 20, 0.01)
     for _ in range(done):  # steps still in the warm-up, which does not depend on the length
         short.optimizer.step()
         short.step()
-    stretched = training.stretch_schedule(short, 300, 20, 0.01)
-    straight = training.warmup_cosine(optimizer(), 300, 20, 0.01)
+    stretched = schedule.stretch_schedule(short, 300, 20, 0.01)
+    straight = schedule.warmup_cosine(optimizer(), 300, 20, 0.01)
     for _ in range(done):
         straight.optimizer.step()
         straight.step()
@@ -52,11 +53,11 @@ def test_schedule_started_at_a_step_equals_one_stepped_there(start):
         groups = [{"params": [nn.Parameter(torch.zeros(2))]}, {"params": [nn.Parameter(torch.zeros(2))], "lr": 5e-4}]
         return torch.optim.AdamW(groups, lr=1e-3)
 
-    stepped = training.warmup_cosine(optimizer(), 100, 20, 0.05)
+    stepped = schedule.warmup_cosine(optimizer(), 100, 20, 0.05)
     for _ in range(start):
         stepped.optimizer.step()
         stepped.step()
-    placed = training.warmup_cosine(optimizer(), 100, 20, 0.05, start_step=start)
+    placed = schedule.warmup_cosine(optimizer(), 100, 20, 0.05, start_step=start)
     for _ in range(30):
         assert [g["lr"] for g in placed.optimizer.param_groups] == [g["lr"] for g in stepped.optimizer.param_groups]
         assert placed.get_last_lr() == stepped.get_last_lr() and placed.last_epoch == stepped.last_epoch
@@ -65,10 +66,10 @@ def test_schedule_started_at_a_step_equals_one_stepped_there(start):
             s.step()
     resumed = optimizer()  # a loaded optimizer state keeps the base LR in "initial_lr", its "lr" is the scheduled one
     resumed.load_state_dict(stepped.optimizer.state_dict())
-    again = training.warmup_cosine(resumed, 100, 20, 0.05, start_step=stepped.last_epoch)
+    again = schedule.warmup_cosine(resumed, 100, 20, 0.05, start_step=stepped.last_epoch)
     assert again.get_last_lr() == stepped.get_last_lr()
     with pytest.raises(ValueError, match="start_step=-1 must be"):
-        training.warmup_cosine(optimizer(), 100, 20, start_step=-1)
+        schedule.warmup_cosine(optimizer(), 100, 20, start_step=-1)
 
 
 # ------------------------------------------------------------------------------------------ gradient accumulation
@@ -83,8 +84,8 @@ def run(model: nn.Module, batches: list, accum: int = 1, ema_decay: float = 0.9,
     AdamW's eps is 1e-5, not 1e-8: its first step moves a weight by ~lr g / (|g| + eps), so with eps 1e-8 a gradient
     that cancels to ~1e-9 turns the 1e-9 rounding difference of two summation orders into an O(lr) difference."""
     optimizer = torch.optim.AdamW(optim.param_groups(model, 0.05), lr=1e-3, eps=1e-5)
-    scheduler = training.warmup_cosine(optimizer, 10, 2)
-    ema = training.make_ema(model, ema_decay, warmup=True)
+    scheduler = schedule.warmup_cosine(optimizer, 10, 2)
+    ema = ModelEma(model, ema_decay, warmup=True)
     out = training.train_one_epoch(model, batches, optimizer, scheduler, nn.functional.cross_entropy, device="cpu",
                                    epoch=0, ema=ema, grad_clip=1.0, accum_steps=accum, progress=False, **kw)
     return out, {**dict(model.named_parameters()), **{f"ema.{k}": v for k, v in ema.module.state_dict().items()}}
@@ -135,7 +136,7 @@ def test_should_stop_ends_the_epoch_after_the_asked_step():
 def test_ema_equals_the_average_by_hand(warmup):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6))  # float buffers and an integer one
-    ema = training.make_ema(model, 0.8, warmup=warmup)
+    ema = ModelEma(model, 0.8, warmup=warmup)
     assert not ema.module.training and not any(p.requires_grad for p in ema.module.parameters())
     expected = {k: v.clone() for k, v in model.state_dict().items()}
     for step in range(5):
@@ -152,11 +153,11 @@ def test_ema_equals_the_average_by_hand(warmup):
         for k, v in ema.module.state_dict().items():
             torch.testing.assert_close(v, expected[k], msg=k)
     assert ema.module.state_dict()["1.num_batches_tracked"] == 5
-    assert training.unwrap(ema) is ema.module
+    assert unwrap(ema) is ema.module
     fresh = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6))
     fresh.load_state_dict(ema.module.state_dict())  # a plain model of the class
     with pytest.raises(ValueError, match="EMA decay 1.0 must be in"):
-        training.make_ema(model, 1.0)
+        ModelEma(model, 1.0)
 
 
 DEVICES = ["cpu", "meta"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -165,7 +166,7 @@ DEVICES = ["cpu", "meta"] + (["cuda"] if torch.cuda.is_available() else [])
 @pytest.mark.parametrize("device", DEVICES)
 def test_ema_stays_on_the_model_device(device):
     model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6)).to(device)
-    ema = training.make_ema(model, 0.99, warmup=True)
+    ema = ModelEma(model, 0.99, warmup=True)
     sync = torch.cuda.set_sync_debug_mode if device == "cuda" else lambda mode: None
     sync("error")  # CUDA: any host<->device sync in an update raises
     try:
@@ -184,7 +185,7 @@ def test_ema_resumes_exactly(tmp_path):
     def build():
         model = tiny_vit()
         optimizer = torch.optim.AdamW(optim.param_groups(model, 0.05), lr=1e-3)
-        return model, optimizer, training.warmup_cosine(optimizer, 6, 2), training.make_ema(model, 0.9, warmup=True)
+        return model, optimizer, schedule.warmup_cosine(optimizer, 6, 2), ModelEma(model, 0.9, warmup=True)
 
     def epoch(parts, e):
         model, optimizer, scheduler, ema = parts
@@ -196,22 +197,36 @@ def test_ema_resumes_exactly(tmp_path):
     epoch(straight, 1)
     first = build()
     epoch(first, 0)
-    state = training.checkpoint_state(*first[:3], epoch=1, metrics=[], train_config={}, ema=first[3])
+    state = checkpoint.checkpoint_state(*first[:3], epoch=1, metrics=[], train_config={}, ema=first[3])
     assert state["ema_updates"] == 3 and isinstance(state["ema_updates"], int)
-    training.save_checkpoint(state, tmp_path / "c.pth")
+    checkpoint.save_checkpoint(state, tmp_path / "c.pth")
     resumed = build()
-    ckpt = training.load_checkpoint(tmp_path / "c.pth")
-    assert training.restore_checkpoint(ckpt, *resumed[:3], ema=resumed[3])[0] == 1
+    ckpt = checkpoint.read_checkpoint(tmp_path / "c.pth")
+    assert checkpoint.restore_checkpoint(ckpt, *resumed[:3], ema=resumed[3])[0] == 1
     assert resumed[3].updates == 3
     epoch(resumed, 1)
     for a, b in ((straight[0], resumed[0]), (straight[3].module, resumed[3].module)):
         for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
             assert torch.equal(x, y), name
     old = {k: v for k, v in ckpt.items() if k != "ema_updates"} | {"ema_n_averaged": 7}  # before ModelEma
-    ema = training.make_ema(tiny_vit(), 0.9)
-    training.restore_checkpoint(old, tiny_vit(), ema=ema)
+    ema = ModelEma(tiny_vit(), 0.9)
+    checkpoint.restore_checkpoint(old, tiny_vit(), ema=ema)
     assert ema.updates == 7
-    switched_on = training.make_ema(tiny_vit(), 0.9)  # EMA switched on at resume: it starts from the weights
-    training.restore_checkpoint({k: v for k, v in ckpt.items() if not k.startswith("ema_")}, tiny_vit(),
+    switched_on = ModelEma(tiny_vit(), 0.9)  # EMA switched on at resume: it starts from the weights
+    checkpoint.restore_checkpoint({k: v for k, v in ckpt.items() if not k.startswith("ema_")}, tiny_vit(),
                                 ema=switched_on)
     assert switched_on.updates == 0 and torch.equal(switched_on.module.head.weight, ckpt["model"]["head.weight"])
+
+
+def test_budget_epochs_decides_after_epoch_4_and_replans_both_ways():
+    walls = [20.0, 30.0, 40.0, 50.0]  # 10 s an epoch after the first
+    assert schedule.budget_epochs(walls, 51, 64, 600, 10) == 4 + (540 - 51 - 10) // 10  # 10 % kept free
+    assert schedule.budget_epochs(walls, 51, 30, 600, 10, cap=30) == 30  # never more than asked for
+    on_track = walls + [60.0 + 10 * i for i in range(16)]  # 20 done at 210 s: 31 more end at 530 s
+    assert schedule.budget_epochs(on_track, 211, 51, 600, 10) == 51
+    slower = walls + [63.0 + 13 * i for i in range(16)]  # 13 s now: 31 more would end at 670 s
+    assert schedule.budget_epochs(slower, 259, 51, 600, 10) == 20 + (540 - 259 - 10) // 13
+    assert schedule.budget_epochs(slower, 700, 51, 600, 10) == 21  # past the budget: one more, the scored last
+    faster = walls + [58.0 + 8 * i for i in range(16)]  # 8 s now: 31 more would end at 438 s, before 80 %
+    assert schedule.budget_epochs(faster, 179, 51, 600, 10) == 20 + (540 - 179 - 10) // 8
+    assert schedule.budget_epochs(faster, 179, 51, 600, 10, cap=55) == 55  # --epochs given: at most that

@@ -6,11 +6,13 @@
     stop = StopSignal()              # SIGTERM / SIGUSR1 -> stop() is True on every rank at the same step
     DataLoader(..., worker_init_fn=ignore_stop_signals)
     close_distributed()
+    gather_states(rng_states()) / load_state(t)   # every rank's RNG state, as checkpoint tensors
 """
 
 from __future__ import annotations
 
 import datetime
+import io
 import os
 import re
 import signal
@@ -175,3 +177,16 @@ def ignore_stop_signals(worker_id: int = 0) -> None:
     SIGTERM would fail the step that is about to write the checkpoint; the workers end with their main process."""
     for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
+
+
+def gather_states(obj: Any) -> list[torch.Tensor]:
+    """Every rank's `obj` (e.g. `utils.seed.rng_states()`), each as the uint8 tensor of its torch.save bytes: what
+    a checkpoint can hold (all_gather_object cannot carry tensors through weights_only unpickling)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in all_gather_objects(buffer.getvalue())]
+
+
+def load_state(data: torch.Tensor) -> Any:
+    """One entry of `gather_states` -> the object (torch.load, weights_only=True)."""
+    return torch.load(io.BytesIO(data.numpy().tobytes()), weights_only=True)

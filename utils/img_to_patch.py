@@ -1,7 +1,9 @@
-"""Images <-> patches, in the row-major patch order of `VisionTransformer` (token i+1 is patch i)."""
+"""Images <-> patches, in the row-major patch order of `VisionTransformer` (token i+1 is patch i); tiles -> one
+image (`mosaic`)."""
 
 from __future__ import annotations
 
+import numpy as np
 from torch import Tensor
 
 
@@ -34,3 +36,15 @@ def patch_to_img(x: Tensor, grid: tuple[int, int], patch_size: int = 1) -> Tenso
     p = patch_size
     x = x.reshape(B, gh, gw, -1, p, p)  # (B, gh, gw, C, p, p)
     return x.permute(0, 3, 1, 4, 2, 5).reshape(B, x.shape[3], gh * p, gw * p)
+
+
+def mosaic(tiles: np.ndarray, cols: int, gap: int = 1, fill: float = np.nan) -> np.ndarray:
+    """tiles (n, h, w) or (n, h, w, 3) -> one float32 image of ceil(n / cols) rows x cols tiles, `gap` pixels of
+    `fill` between them."""
+    n, h, w = tiles.shape[:3]
+    rows = -(-n // cols)
+    out = np.full((rows * (h + gap) - gap, cols * (w + gap) - gap, *tiles.shape[3:]), fill, dtype=np.float32)
+    for i, tile in enumerate(tiles):
+        r, c = divmod(i, cols)
+        out[r * (h + gap):r * (h + gap) + h, c * (w + gap):c * (w + gap) + w] = tile
+    return out

@@ -16,10 +16,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from utils.training import unwrap
+from utils.ema import unwrap
 
 OPTIMIZERS = ("adamw", "muon")
-FUSED_DEVICES = ("cuda", "cpu")  # fused AdamW: one kernel per step, not a dozen (MPS has one too: untried, left out)
+FUSED_DEVICES = ("cuda", "cpu")  # fused AdamW (MPS has one too: not tested here, so left out)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -34,8 +34,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 def adamw(model: nn.Module, lr: float, weight_decay: float, device: torch.device | str,
           skip: Iterable[Tensor] = (), **kwargs: Any) -> torch.optim.AdamW:
-    """AdamW over `param_groups(model, weight_decay)` without the parameters in `skip`; fused on FUSED_DEVICES
-    (2.5 -> 0.7 ms a step for mnist.train's model on a 2-core CPU). `kwargs`: AdamW's other arguments (betas, eps)."""
+    """AdamW over `param_groups(model, weight_decay)` without the parameters in `skip`; fused (one kernel a step)
+    on FUSED_DEVICES. `kwargs`: AdamW's other arguments (betas, eps)."""
     skipped = {id(p) for p in skip}
     groups = [g | {"params": [p for p in g["params"] if id(p) not in skipped]}
               for g in param_groups(model, weight_decay)]
@@ -48,12 +48,10 @@ class Muon(torch.optim.Muon):
     weight decay) with two choices fixed:
     - the update is scaled to AdamW's RMS (Moonshot's `match_rms_adamw`: lr x 0.2 sqrt(max(rows, cols))), so Muon
       takes the lr and weight decay tuned for AdamW;
-    - the Newton-Schulz iteration runs in `ns_dtype`. torch's always runs it in bfloat16, which a CPU without native
-      bf16 emulates: that doubled mnist.train's step on an AVX2 CPU (the fp32 Muon step takes 4.7 ms there, AdamW's
-      0.7 ms, of a ~47 ms train step).
-    Matrices of one shape are orthogonalised together (batched matmuls), and the momentum and weight decay use
-    foreach ops: about half the step time of one matrix at a time for mnist.train's 12 small matrices on a CPU. With
-    ns_dtype=torch.bfloat16 the steps equal torch's bit for bit (tests/test_optim.py); the state dict is torch's.
+    - the Newton-Schulz iteration runs in `ns_dtype` (torch's always runs it in bfloat16, which a CPU without native
+      bf16 emulates, slowly).
+    Matrices of one shape are orthogonalised together (batched matmuls); the momentum and weight decay use foreach
+    ops. With ns_dtype=torch.bfloat16 the steps equal torch's bit for bit; the state dict is torch's.
     """
 
     def __init__(self, params: Iterable[Tensor], lr: float, weight_decay: float,

@@ -1,7 +1,6 @@
-"""ImageNet-1k (ILSVRC2012) settings, and a checker / preparer for a dataset root.
+"""Check (and prepare) an ImageNet-1k (ILSVRC2012) or ImageFolder dataset root; its settings are in `constants`.
 
-As a module (`importlib.import_module("imagenet.dataloaders.imagenet-1k")`) it only holds the settings.
-As a script it checks a root laid out as `ROOT/train/<wnid>/*.JPEG` + `ROOT/val/<wnid>/*.JPEG`:
+It checks a root laid out as `ROOT/train/<wnid>/*.JPEG` + `ROOT/val/<wnid>/*.JPEG`:
 missing or extra class folders, images per split, unreadable images (progress bar), and with
 `--prepare` first builds that layout from the official archives in ROOT:
 
@@ -12,22 +11,20 @@ missing or extra class folders, images per split, unreadable images (progress ba
 
 from __future__ import annotations
 
-NAME = "ImageNet-1k"
-NUM_CLASSES = 1000
-IMAGE_SIZE = 224  # training / evaluation crop
-RESIZE_SIZE = 256  # evaluation: resize the shorter side to this, then center-crop IMAGE_SIZE (crop ratio 0.875)
-INTERPOLATION = "bicubic"
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
-SPLIT_SIZES = {"train": 1_281_167, "val": 50_000}
-# The official archives (image-net.org, "ILSVRC2012"), as torchvision.datasets.ImageNet expects them in ROOT.
-ARCHIVES = {"train": "ILSVRC2012_img_train.tar", "val": "ILSVRC2012_img_val.tar",
-            "devkit": "ILSVRC2012_devkit_t12.tar.gz"}
+import argparse
+import sys
+from multiprocessing import Pool
+from pathlib import Path
+
+from tqdm import tqdm
+
+from imagenet.dataloaders import classes
+from imagenet.dataloaders.classes import WNIDS
+from imagenet.dataloaders.constants import ARCHIVES, NAME, SPLIT_SIZES
+from imagenet.dataloaders.dataset import DatasetError, check_image, extract_archives, list_class_folder, split_dir
 
 
 def _format_names(names: list[str], limit: int = 8) -> str:
-    from imagenet.dataloaders import classes
-
     shown = [f"{n} ({classes.NAMES[classes.wnid_to_index(n)]})" if n in classes.WNIDS else n for n in names[:limit]]
     more = f" and {len(names) - limit} more" if len(names) > limit else ""
     return ", ".join(shown) + more
@@ -35,13 +32,6 @@ def _format_names(names: list[str], limit: int = 8) -> str:
 
 def check(root, *, any_classes: bool = False, read_images: bool = True, workers: int = 4) -> list[str]:
     """Problems found in ROOT (empty list = fine); prints what it finds as it goes."""
-    from pathlib import Path
-
-    from tqdm import tqdm
-
-    from imagenet.dataloaders.classes import WNIDS
-    from imagenet.dataloaders.dataset import check_image, list_class_folder, split_dir
-
     root = Path(root)
     problems: list[str] = []
     files: list[str] = []
@@ -71,8 +61,6 @@ def check(root, *, any_classes: bool = False, read_images: bool = True, workers:
         if not any_classes and count != SPLIT_SIZES[split]:
             problems.append(f"{split}: {count:,} images, expected {SPLIT_SIZES[split]:,}")
     if read_images and files:
-        from multiprocessing import Pool
-
         with Pool(max(1, workers)) as pool:
             results = pool.imap_unordered(check_image, files, chunksize=64)
             for path, error in tqdm(results, total=len(files), desc="reading images", unit="img"):
@@ -83,18 +71,11 @@ def check(root, *, any_classes: bool = False, read_images: bool = True, workers:
 
 def prepare(root) -> None:
     """Extract the official ILSVRC2012 archives in ROOT into ROOT/train/<wnid>/ and ROOT/val/<wnid>/."""
-    from imagenet.dataloaders.dataset import extract_archives
-
     for split in ("train", "val"):
         extract_archives(root, split)
 
 
 def main(argv: list[str] | None = None) -> None:
-    import argparse
-    import sys
-
-    from imagenet.dataloaders.dataset import DatasetError
-
     parser = argparse.ArgumentParser(
         prog="python -m imagenet.dataloaders.imagenet-1k", description=__doc__.split("\n\n")[0])
     parser.add_argument("root", help="dataset root holding train/ and val/ (or the ILSVRC2012 archives with --prepare)")

@@ -1,0 +1,49 @@
+"""How faithful is a map? Deletion / insertion curves (Petsiuk et al. 2018, RISE): the target's probability
+while the patches a map ranks highest are removed from (or put back into) the image."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from utils.img2attn import per_image_targets
+
+
+@torch.no_grad()
+def deletion_score(model: nn.Module, x: Tensor, heatmap: Tensor, target: int | Tensor | None = None,
+                   steps: int = 10, mode: str = "deletion", batch_size: int = 64) -> Tensor:
+    """How faithful is a map? Area under the target-probability curve while patches go, most important first.
+
+    x: (B, C, H, W); heatmap: (B, gh, gw), one score per patch (H, W multiples of gh, gw); target: class per
+    image (default: the predicted class). Step s = 0..steps changes the round(s·N/steps) highest-scored patches
+    (ties: lower patch index first): "deletion" replaces them with the image's per-channel mean (lower AUC =
+    better map); "insertion" starts from the all-mean image and puts them back (higher = better).
+    Returns (B,) trapezoid AUC of softmax[target] over the fraction of patches changed, in [0, 1].
+    All (steps + 1)·B images go through the model in chunks of batch_size, in eval mode.
+    """
+    if mode not in ("deletion", "insertion"):
+        raise ValueError(f"mode={mode!r} must be 'deletion' or 'insertion'.")
+    if steps < 1:
+        raise ValueError(f"steps={steps} must be at least 1.")
+    (B, _, H, W), (gh, gw) = x.shape, heatmap.shape[-2:]
+    if heatmap.shape[0] != B or H % gh or W % gw:
+        raise ValueError(f"heatmap of shape {tuple(heatmap.shape)} must be (B={B}, gh, gw) with gh, gw dividing "
+                         f"the image size {H}x{W}.")
+    rank = heatmap.reshape(B, -1).argsort(dim=1, descending=True, stable=True).argsort(dim=1).to(x.device)  # 0 = first
+    count = torch.linspace(0, gh * gw, steps + 1, device=x.device).round()  # patches changed at each step
+    mean = x.mean((2, 3), keepdim=True).expand_as(x)
+    start, end = (x, mean) if mode == "deletion" else (mean, x)
+    was_training = model.training
+    model.eval()
+    try:
+        target = model(x).argmax(-1) if target is None else per_image_targets(target, B, x.device)
+        probs = []
+        for idx in torch.arange((steps + 1) * B, device=x.device).split(batch_size):
+            s, b = idx // B, idx % B
+            changed = (rank[b] < count[s, None]).view(-1, 1, gh, gw)
+            changed = changed.repeat_interleave(H // gh, 2).repeat_interleave(W // gw, 3)
+            p = model(torch.where(changed, end[b], start[b])).softmax(-1)
+            probs.append(p.gather(1, target[b, None])[:, 0])
+    finally:
+        model.train(was_training)
+    return torch.trapezoid(torch.cat(probs).view(steps + 1, B).T, dx=1 / steps, dim=1)

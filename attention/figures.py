@@ -1,0 +1,162 @@
+"""The figures of where a ViT looks (`attention_figure`) and how it learned to look (`inspection_figure`, the ViT
+paper's Fig. 7), drawn from what `utils.img2attn.explain` and `attention.inspection.inspect_model` computed.
+Save them with `utils.plots.save_figure`."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import matplotlib
+import numpy as np
+from matplotlib.figure import Figure, SubFigure
+from torch import Tensor
+
+from attention.inspection import patch_distances
+from utils.img2attn import Explanation, cls_attention, overlay, to_rgb
+from utils.img_to_patch import mosaic
+
+
+def attention_figure(ex: Explanation, image: Tensor | np.ndarray, class_names: Sequence[str] | None = None,
+                     topk: int = 5, index: int = 0) -> Figure:
+    """One picture of where the model looks at image `index` of `ex` -> matplotlib Figure.
+
+    image: what to show, (H, W) / (H, W, 3) uint8 or float in [0, 1] (or channels first). Top row: the image,
+    the top-k classes, attention rollout, gradient rollout (for ex.target) and the last layer's token norms; a
+    model without a head (DINO, DINOv2) gets no top-k and no gradient panel. Below: the class token's attention in
+    every layer (columns) x head (rows), each panel scaled to its own range. Register tokens are left out."""
+    n_layers, n_heads = len(ex.attn), ex.attn[0].shape[1]
+    cell = min(max(1.25, 10 / n_layers), 2.0)  # inches a layer x head panel: 14 x 14 patches at 150 dpi, 13 px each
+    width = max(n_layers * cell, 10) + 0.5
+    top_h, low_h = width / 4 + 0.3, n_heads * cell + 0.6
+    fig = Figure(figsize=(width, top_h + low_h), facecolor="white", layout="constrained")
+    upper, lower = fig.subfigures(2, 1, height_ratios=[top_h, low_h])
+    _summary_row(upper, ex, image, class_names, topk, index)
+    _head_grid(lower, ex, index)
+    return fig
+
+
+def _summary_row(upper: SubFigure, ex: Explanation, image: Tensor | np.ndarray,
+                 class_names: Sequence[str] | None, topk: int, index: int) -> None:
+    """The image, the top-k bars and the map overlays, under the prediction."""
+    has_head = ex.logits is not None
+
+    def name(c: int) -> str:
+        return class_names[c] if class_names is not None else f"class {c}"
+
+    maps = {"attention rollout": ex.rollout[index]}
+    if has_head:
+        probs = ex.logits[index].float().softmax(-1)
+        top, target = probs.topk(min(topk, probs.numel())), int(ex.target[index])
+        maps[f"gradient rollout: {name(target)}"] = ex.gradient_rollout[index]
+    maps[f"token norm, layer {len(ex.attn)}"] = ex.token_norms[index, -1]
+    img = to_rgb(image)
+    k = max(1, -(-224 // max(img.shape[:2])))  # upscale small images (MNIST) so overlays are smooth
+    img = img.repeat(k, 0).repeat(k, 1)
+    upper.suptitle(f"predicted: {name(int(top.indices[0]))}  ({float(top.values[0]):.1%})" if has_head else
+                   "no classification head: attention maps only", fontsize=15, fontweight="bold")
+    ax = upper.subplots(1, 1 + has_head + len(maps))
+    ax[0].imshow(img, interpolation="nearest")
+    ax[0].set_title("input", fontsize=12)
+    for i, (p, c) in enumerate(zip(top.values.tolist(), top.indices.tolist(), strict=True) if has_head else ()):
+        ax[1].barh(i, p, height=0.3, color="#d62728" if c == target else "#8c96a3")
+        ax[1].barh(i, 1, height=0.3, color="#8c96a3", alpha=0.15)
+        ax[1].text(0, i - 0.28, name(c)[:28], fontsize=11, va="bottom")
+        ax[1].text(1, i - 0.28, f"{p:.1%}", fontsize=11, va="bottom", ha="right")
+    if has_head:
+        ax[1].set_xlim(0, 1)
+        ax[1].set_ylim(len(top.values) - 0.5, -0.9)
+        ax[1].set_title(f"top-{len(top.values)} classes", fontsize=12)
+        ax[1].set_axis_off()
+    panels = ax[1 + has_head:]
+    for a, (title, m) in zip(panels, maps.items(), strict=True):
+        a.imshow(overlay(img, m), interpolation="bilinear")
+        a.set_title(title, fontsize=12)
+    for a in [ax[0], *panels]:  # a thin frame keeps white images apart from the page
+        a.set_xticks([])
+        a.set_yticks([])
+        a.spines[:].set_color("#bbbbbb")
+
+
+def _head_grid(lower: SubFigure, ex: Explanation, index: int) -> None:
+    """The class token's attention in every layer (columns) x head (rows)."""
+    n_layers, n_heads = len(ex.attn), ex.attn[0].shape[1]
+    lower.suptitle("class-token attention in every layer × head (each panel scaled to its own range)", fontsize=12)
+    axes = lower.subplots(n_heads, n_layers, squeeze=False)
+    for h in range(n_heads):
+        for layer in range(n_layers):
+            a = axes[h, layer]
+            a.set_xticks([])
+            a.set_yticks([])
+            panel = cls_attention([ex.attn[layer][index:index + 1]], 0, h, ex.grid, prefix_tokens=ex.prefix_tokens)
+            a.imshow(panel[0].cpu().numpy(), cmap="inferno", interpolation="nearest")
+            if h == 0:
+                a.set_title(f"layer {layer + 1}", fontsize=10)
+            if layer == 0:
+                a.set_ylabel(f"head {h + 1}", fontsize=10)
+
+
+def _per_layer(ax, values: Tensor, reference: float, ref_label: str, ylabel: str, title: str) -> None:
+    """values (L, heads): one dot per head against depth, the mean over heads as a line, a dashed reference."""
+    layers, heads = values.shape
+    x = np.arange(1, layers + 1)
+    v = values.cpu().numpy()
+    cmap = matplotlib.colormaps["tab10" if heads <= 10 else "viridis"]
+    for h in range(heads):
+        ax.scatter(x, v[:, h], s=22, color=cmap(h if heads <= 10 else h / (heads - 1)), zorder=3,
+                   label=f"head {h + 1}" if heads <= 10 else None)
+    ax.plot(x, v.mean(1), color="black", lw=1.2, label="mean over heads")
+    ax.axhline(reference, color="gray", ls="--", lw=1, label=ref_label)
+    ax.set(xlabel="network depth (layer)", ylabel=ylabel, title=title, xticks=x,
+           ylim=(0, 1.08 * max(float(v.max()), reference)))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2, loc="best")
+
+
+def inspection_figure(inspection: dict[str, Any], name: str = "ViT") -> Figure:
+    """The ViT paper's Fig. 7 plus attention entropy, from `attention.inspection.inspect_model` -> matplotlib Figure.
+
+    Panels: the principal components of the patch-embedding filters (each scaled to its own range; RGB for 3
+    channels, gray otherwise), the position-embedding cosine similarity of every patch with all (the grid of
+    grids), the mean attention distance of every head against depth (dashed: uniform attention over the grid)
+    and the attention entropy (dashed: log T, uniform rows).
+    """
+    stats, comps, ratio = inspection, inspection["components"], inspection["variance"]
+    sim = inspection["position_similarity"].numpy()
+    (gh, gw), p, n = stats["grid"], inspection["patch_size"], inspection["images"]
+    layers, heads = stats["distance"].shape
+
+    fig = Figure(figsize=(12, 10.5), facecolor="white", layout="constrained")
+    fig.suptitle(f"{name}: D={inspection['embed_dim']}, {layers} layers x {heads} heads, patch {p}, "
+                 f"{gh}x{gw} patches; attention over {n} image{'s' * (n != 1)}", fontsize=13,
+                 fontweight="bold")
+    ax = fig.subplots(2, 2)
+
+    c = comps.numpy()
+    c = (c - c.min((1, 2, 3), keepdims=True)) / np.maximum(np.ptp(c, (1, 2, 3), keepdims=True), 1e-12)
+    tiles = c.transpose(0, 2, 3, 1) if c.shape[1] == 3 else np.repeat(c.mean(1)[..., None], 3, -1)  # (k, p, p, 3)
+    ax[0, 0].imshow(mosaic(tiles, cols=min(7, len(tiles)), fill=1.0), interpolation="nearest")
+    ax[0, 0].set_title(f"patch-embedding filters: first {len(c)} principal components\n"
+                       f"({float(ratio.sum()):.0%} of the variance; row by row, largest first)", fontsize=11)
+    ax[0, 0].set_axis_off()
+
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="white")
+    sh, sw = sim.shape[:2]  # the position table's own grid (the input's may differ)
+    im = ax[0, 1].imshow(mosaic(sim.reshape(sh * sw, sh, sw), cols=sw), cmap=cmap, vmin=-1, vmax=1,
+                         interpolation="nearest")
+    step = max(1, round(max(sh, sw) / 8))  # tick every step-th tile, at its centre
+    cols, rows = range(0, sw, step), range(0, sh, step)
+    ax[0, 1].set_xticks([j * (sw + 1) + (sw - 1) / 2 for j in cols], [str(j + 1) for j in cols])
+    ax[0, 1].set_yticks([i * (sh + 1) + (sh - 1) / 2 for i in rows], [str(i + 1) for i in rows])
+    ax[0, 1].set(xlabel="input patch column", ylabel="input patch row")
+    ax[0, 1].set_title("position embedding similarity", fontsize=11)
+    fig.colorbar(im, ax=ax[0, 1], shrink=0.85, label="cosine similarity")
+
+    uniform = float(patch_distances((gh, gw), p).mean())
+    _per_layer(ax[1, 0], stats["distance"], uniform, f"uniform attention ({uniform:.1f} px)",
+               "mean attention distance (pixels)", "mean attention distance per head")
+    tokens = stats["tokens"]
+    _per_layer(ax[1, 1], stats["entropy"], math.log(tokens), f"uniform rows (log {tokens} = {math.log(tokens):.2f})",
+               "attention entropy (nats)", "attention entropy per head")
+    return fig
