@@ -140,6 +140,11 @@ class VisionTransformer(nn.Module):
         cls_only: the last block updates only the class token, the only one the head reads, so the tokens
         are (B, 1, D); the logits and every attention map are the same, the last block is ~T times cheaper.
         """
+        c = self.patch_embed.proj.in_channels
+        _check(x.dim() == 4 and x.shape[1] == c,
+               f"input of shape {tuple(x.shape)} is not a batch (B, {c}, H, W) of {c}-channel images; "
+               + ("add the batch dimension (x[None])." if x.dim() == 3 else f"give {c}-channel images "
+                  f"({'convert gray to RGB' if c == 3 else 'convert to gray' if c == 1 else 'change the channels'})."))
         grid = self.patch_grid(x.shape[-2], x.shape[-1])
         w = self.patch_embed.proj.weight  # the Conv2d's weights, applied as one matmul (faster backward on a CPU)
         x = F.linear(img_to_patch(x, self.patch_size), w.flatten(1), self.patch_embed.proj.bias)  # (B, N, D)

@@ -223,3 +223,16 @@ def test_attention_figure_png(tmp_path):
     save_figure(fig, tmp_path / "figs" / "attn.png")
     with Image.open(tmp_path / "figs" / "attn.png") as png:
         assert png.size[0] > 1000 and png.size[1] > 500
+
+
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_gradient_maps_under_no_grad_and_inference_mode(context):
+    from utils.img2attn import explain
+
+    model = forced_vit()
+    x = bright_patch_image(2, 0)
+    want = gradient_rollout(model, x, target=0)
+    with context():
+        got, ex = gradient_rollout(model, x, target=0), explain(model, x, target=0)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(ex.gradient_rollout, want, rtol=1e-5, atol=1e-6)

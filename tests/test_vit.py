@@ -289,3 +289,12 @@ def test_deit_tiny_real_weights_match_timm():
     # 12 real layers, logits up to ~15: float32 summation order (timm's fused kernel vs ours) reaches ~1.5e-5.
     torch.testing.assert_close(ours, theirs, atol=5e-5, rtol=0)
     assert torch.equal(ours.argmax(1), theirs.argmax(1))
+
+
+def test_wrong_channels_or_dimensions_are_named():
+    model = VisionTransformer(16, 32, 2, 1, 4, 3, 4, 10)
+    with pytest.raises(ValueError, match=r"not a batch \(B, 3, H, W\) of 3-channel images; give 3-channel images "
+                                         r"\(convert gray to RGB\)"):
+        model(torch.randn(2, 1, 8, 8))
+    with pytest.raises(ValueError, match=r"add the batch dimension"):
+        model(torch.randn(3, 8, 8))

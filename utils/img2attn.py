@@ -12,6 +12,7 @@ rows i·p.., columns j·p... The model functions need only that protocol (plus `
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -111,6 +112,14 @@ def per_image_targets(target: int | Tensor, batch: int, device: torch.device) ->
 
 
 
+def _autograd_on() -> contextlib.ExitStack:
+    """Gradients on, also inside torch.no_grad() or torch.inference_mode() (a clone made here is a normal tensor)."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.inference_mode(False))
+    stack.enter_context(torch.enable_grad())
+    return stack
+
+
 def gradient_rollout(model: nn.Module, x: Tensor, target: int | Tensor | None = None,
                      start_layer: int = 0) -> Tensor:
     """Class-specific rollout of Chefer, Gur & Wolf, ICCV 2021 ("Generic Attention-model Explainability").
@@ -119,13 +128,14 @@ def gradient_rollout(model: nn.Module, x: Tensor, target: int | Tensor | None = 
     (default: the predicted class). R = I; per layer l >= start_layer: Ā = mean over heads of
     clamp(∂y_t/∂A ⊙ A, min=0), R <- R + Ā R; the map is R's class-token row over the patches (registers left out).
     One backward pass for the batch (images are independent in eval mode, so the gradient of the summed target
-    logits is each image's own); runs in eval mode, then restores the mode; parameters' .grad are untouched.
+    logits is each image's own); runs in eval mode, then restores the mode; parameters' .grad are untouched;
+    the same inside torch.no_grad() or torch.inference_mode().
     """
     was_training = model.training
     model.eval()
     try:
-        with torch.enable_grad():  # x as a leaf puts the attention in a graph even with frozen parameters
-            logits, attn = model(x.detach().requires_grad_(), return_attn=True)
+        with _autograd_on():  # x as a leaf puts the attention in a graph even with frozen parameters
+            logits, attn = model(x.clone().requires_grad_(), return_attn=True)
             _check_layers(attn, start_layer)
             t = logits.argmax(-1) if target is None else per_image_targets(target, len(x), x.device)
             y = logits.gather(1, t[:, None]).sum()
@@ -183,7 +193,8 @@ class Explanation:
 def explain(model: nn.Module, x: Tensor, target: int | Tensor | None = None) -> Explanation:
     """Every map of x (B, C, H, W) from one forward of all tokens (attention and block outputs kept) and, when the
     model has a head (model.config["num_classes"] > 0), one backward for the gradient rollout of `target` (class
-    per image, int or (B,); default the predicted one). Eval mode (restored); parameters' .grad are untouched.
+    per image, int or (B,); default the predicted one). Eval mode (restored); parameters' .grad are untouched;
+    the same inside torch.no_grad() or torch.inference_mode().
     The maps equal `attention_rollout`, `gradient_rollout` and `token_norms` computed one by one."""
     has_head = getattr(model, "config", {}).get("num_classes", 1) > 0
     outs: list[Tensor] = []
@@ -191,8 +202,8 @@ def explain(model: nn.Module, x: Tensor, target: int | Tensor | None = None) -> 
     was_training = model.training
     model.eval()
     try:
-        with torch.enable_grad():  # x as a leaf puts the attention in a graph even with frozen parameters
-            tokens, attn = model.forward_features(x.detach().requires_grad_(has_head), return_attn=True)
+        with _autograd_on():  # x as a leaf puts the attention in a graph even with frozen parameters
+            tokens, attn = model.forward_features(x.clone().requires_grad_(has_head), return_attn=True)
             logits = t = grads = None
             if has_head:
                 logits = model.forward_head(tokens)
