@@ -1,8 +1,9 @@
-"""How faithful is each attention map? Deletion / insertion AUC (utils.img2attn.deletion_score) of gradient rollout,
-attention rollout, last-layer class-token attention and a random map, on ImageNet photos with pretrained weights.
+"""How faithful is each attention map? Deletion / insertion AUC (attention.faithfulness.deletion_score) of gradient
+rollout, attention rollout, last-layer class-token attention and a random map, on ImageNet photos with pretrained
+weights.
 
-    python -m bench.faithfulness --weights ../shared/data/weights/deit_tiny_patch16_224_lnq.pth \\
-        --images ../shared/data/imagenet-samples --limit 100
+    python -m bench.faithfulness --images PHOTOS --limit 100            # PHOTOS: <wnid>_<name>.JPEG files
+    python -m bench.faithfulness --weights my_vit.pth --images PHOTOS
 
 Each map explains the model's predicted class. Deletion: patches replaced by the image's per-channel mean, most
 important first (lower AUC = better); insertion: patches put back into the all-mean image (higher = better).
@@ -27,8 +28,7 @@ from models.pretrained import load_pretrained
 from utils.img2attn import attention_rollout, cls_attention, gradient_rollout
 
 # --- config (CLI flags override) ---
-weights = "../shared/data/weights/deit_tiny_patch16_224_lnq.pth"
-images = "../shared/data/imagenet-samples"
+weights = "deit_tiny_patch16_224"  # a registry name (downloaded once) or a checkpoint file
 limit = 100  # images, evenly spread over the sorted folder (0 = all)
 batch_size = 25  # images per batch of maps
 steps = 10  # deletion / insertion steps (10% of the patches each for 10)
@@ -58,9 +58,10 @@ def load_images(folder: Path, limit: int) -> tuple[list[Path], torch.Tensor]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--weights", default=weights, help="checkpoint for models.pretrained.load_pretrained")
-    parser.add_argument("--images", default=images, help="folder of <wnid>_<name>.JPEG ImageNet photos")
+    parser = argparse.ArgumentParser(prog="python -m bench.faithfulness", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--weights", default=weights, help="registry name or checkpoint (models.pretrained)")
+    parser.add_argument("--images", required=True, help="folder of <wnid>_<name>.JPEG ImageNet photos")
     parser.add_argument("--limit", type=int, default=limit, help="images to use, evenly spread (0 = all)")
     parser.add_argument("--batch-size", type=int, default=batch_size)
     parser.add_argument("--steps", type=int, default=steps, help="deletion / insertion steps")

@@ -2,7 +2,7 @@
 
     python -m bench.imagenet_throughput --device cpu                      # vit_ti, 224 px, batch 32
     python -m bench.imagenet_throughput --model vit_s --batch-size 256 --device cuda --compile
-    python -m bench.imagenet_throughput --data ../shared/data/imagenet-samples --workers 2
+    python -m bench.imagenet_throughput --data PHOTOS --workers 2       # PHOTOS: any folder of images
 
 model step: what `imagenet.train` does per batch (normalisation and random erasing of the uint8 batch, MixUp/CutMix,
 forward under autocast, label-smoothed cross-entropy, backward, AdamW step) on random images already on the device.
@@ -27,8 +27,6 @@ from imagenet.dataloaders.transforms import device_transform, mixup_cutmix, trai
 from imagenet.train import MODEL, PRESETS, RECIPE, model_from_config
 from utils import hardware
 from utils.optim import adamw
-
-SHARED_SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-samples"
 
 
 def sync(device: torch.device) -> None:
@@ -65,8 +63,8 @@ def bench_model(args: argparse.Namespace, hw: hardware.Hardware) -> list[float]:
 
 
 def bench_data(args: argparse.Namespace) -> float | None:
-    folder = Path(args.data)
-    if not folder.is_dir():
+    folder = Path(args.data or "")
+    if not args.data or not folder.is_dir():
         return None
     files = sorted(str(p) for p in folder.rglob("*") if is_image_file(p.name))[:args.images]
     dataset = ImageDataset([(f, 0) for f in files], ["x"], train_transform(args.img_size))
@@ -89,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--amp", default="auto", choices=hardware.AMP_CHOICES, help=hardware.AMP_HELP)
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    parser.add_argument("--data", default=str(SHARED_SAMPLES), help="folder of photos for the data-pipeline part")
+    parser.add_argument("--data", default=None, help="folder of photos for the data-pipeline part (none: skipped)")
     parser.add_argument("--images", type=int, default=256, help="photos the data part decodes")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the data part")
     args = parser.parse_args(argv)
@@ -106,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
           f"{min(rates):.1f}, max {max(rates):.1f})")
     data_rate = bench_data(args)
     if data_rate is None:
-        print(f"data: skipped ({args.data} is not a folder)")
+        print(f"data: skipped ({args.data or 'no --data'}: pass --data FOLDER of photos)")
     else:
         print(f"data: {data_rate:.1f} img/s (decode + DeiT augmentation, {args.workers} workers, "
               f"{min(args.images, len(list(Path(args.data).iterdir())))} photos of {args.data})")

@@ -1,6 +1,6 @@
 """How strongly our DeiT RandAugment changes photos, next to timm's (the oracle) and torchvision's, in mean |Δpixel|.
 
-    python -m bench.randaugment                               # the first 100 ImageNet sample photos
+    python -m bench.randaugment --photos PHOTOS               # the first 100 photos of a folder (ImageNet samples)
     python -m bench.randaugment --photos DIR --n 50 --seeds 20
 
 What is measured: the first --n photos of --photos, shorter side resized to 224 (bicubic) and centre-cropped to
@@ -34,7 +34,6 @@ from torchvision.transforms import InterpolationMode, v2
 from imagenet.dataloaders.dataset import is_image_file, load_rgb
 from imagenet.dataloaders.randaugment import OPS, RESAMPLE, DeiTRandAugment
 
-PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-samples"
 FILL = (124, 116, 104)
 SIZE = 224
 
@@ -85,7 +84,7 @@ def seed_python(seed: int) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.randaugment", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--photos", default=str(PHOTOS), help="folder of photos")
+    parser.add_argument("--photos", required=True, help="folder of photos (e.g. ImageNet samples)")
     parser.add_argument("--n", type=int, default=100, help="photos used (the first n, sorted by name)")
     parser.add_argument("--seeds", type=int, default=30, help="draws per photo of the whole transforms")
     args = parser.parse_args(argv)

@@ -2,8 +2,8 @@
 
 Class index i is the i-th WordNet id in sorted order (the order of torchvision's `ImageFolder` on
 `train/<wnid>/`, of timm and of DeiT / torchvision checkpoints). Names are the first lemma of each
-synset (timm's `imagenet_synset_to_lemma.txt`); they equal the `<wnid>_<name>` file names of
-`shared/data/imagenet-samples/` with spaces for underscores. Two names occur twice: "crane" (the
+synset (timm's `imagenet_synset_to_lemma.txt`), as in sample-photo folders named `<wnid>_<name>.JPEG`
+(with spaces for underscores). Two names occur twice: "crane" (the
 bird n02012849 and the machine n03126707) and "maillot" (n03710637, n03710721).
 
     >>> WNIDS[0], NAMES[0], wnid_to_index("n01440764"), name_to_index("tiger cat")
