@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from utils.ema import eval_mode
 from utils.img2attn import per_image_targets
 
 
@@ -33,9 +34,7 @@ def deletion_score(model: nn.Module, x: Tensor, heatmap: Tensor, target: int | T
     count = torch.linspace(0, gh * gw, steps + 1, device=x.device).round()  # patches changed at each step
     mean = x.mean((2, 3), keepdim=True).expand_as(x)
     start, end = (x, mean) if mode == "deletion" else (mean, x)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         target = model(x).argmax(-1) if target is None else per_image_targets(target, B, x.device)
         probs = []
         for idx in torch.arange((steps + 1) * B, device=x.device).split(batch_size):
@@ -44,6 +43,4 @@ def deletion_score(model: nn.Module, x: Tensor, heatmap: Tensor, target: int | T
             changed = changed.repeat_interleave(H // gh, 2).repeat_interleave(W // gw, 3)
             p = model(torch.where(changed, end[b], start[b])).softmax(-1)
             probs.append(p.gather(1, target[b, None])[:, 0])
-    finally:
-        model.train(was_training)
     return torch.trapezoid(torch.cat(probs).view(steps + 1, B).T, dx=1 / steps, dim=1)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from utils.ema import eval_mode
 from utils.img2attn import attention_rollout, grid_shape
 
 AttnMaps = Sequence[Tensor] | Tensor  # per-layer (B, heads, T, T) maps, or all of them stacked (L, B, heads, T, T)
@@ -127,11 +128,9 @@ def attention_stats(model: nn.Module, x: Tensor, batch_size: int = 32, *, rollou
     if not 0 <= rollout <= len(x):
         raise ValueError(f"rollout={rollout} must be in [0, {len(x)}], the number of images.")
     grid = model.patch_grid(*x.shape[-2:])
-    was_training = model.training
-    model.eval()
     distance = entropy = tokens = 0
     maps: list[Tensor] = []
-    try:
+    with eval_mode(model):
         for chunk in x.split(batch_size):
             _, attn = model(chunk, return_attn=True)
             w = len(chunk) / len(x)
@@ -141,8 +140,6 @@ def attention_stats(model: nn.Module, x: Tensor, batch_size: int = 32, *, rollou
             if need > 0:
                 maps.append(attention_rollout([a[:need] for a in attn], grid=grid))
             tokens = attn[0].shape[-1]
-    finally:
-        model.train(was_training)
     return {"distance": distance, "entropy": entropy, "tokens": tokens, "grid": grid,
             "rollout": torch.cat(maps) if rollout else None}
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -285,7 +286,11 @@ class Trainer:
     micro: int  # images per rank in one forward / backward
     progress: bool
     channels_last: bool
+    to_float: Callable[[Tensor], Tensor] = field(default_factory=device_transform)  # uint8 -> normalised
     train_model: nn.Module | None = None  # DDP-wrapped under torchrun / srun
+    augment: Callable[[Tensor], Tensor] | None = None  # to_float + random erasing
+    mix: Callable | None = None  # MixUp / CutMix
+    loss_fn: nn.Module | None = None
     train_loader: Any = None
     sampler: TrainSampler | None = None
     optimizer: torch.optim.Optimizer | None = None
@@ -316,7 +321,7 @@ class Trainer:
     def validate(self, net: nn.Module, desc: str) -> tuple[dict[str, float], int]:
         """Top-1 / top-5 / loss over the validation split (sharded over ranks) -> (results, skipped images)."""
         log = BatchLog(self.val_loader)
-        res = evaluate(net, DeviceBatches(log, self.hw.device, device_transform(), self.channels_last),
+        res = evaluate(net, DeviceBatches(log, self.hw.device, self.to_float, self.channels_last),
                        device=self.hw.device, amp_dtype=self.hw.amp_dtype, progress=self.progress, desc=desc)
         return res, report_skipped(log, self.ctx, desc)
 
@@ -406,6 +411,9 @@ def build_training(tr: Trainer, ckpt: dict[str, Any] | None) -> None:
                                  min(cfg["warmup_epochs"], cfg["epochs"]) * tr.steps,
                                  min_lr_ratio=min(1.0, cfg["min_lr"] / lr),
                                  start_step=tr.start_epoch * tr.steps + tr.start_step)
+    tr.augment = device_transform(reprob=cfg["reprob"])
+    tr.mix = mixup_cutmix(len(tr.train_set.classes), cfg["mixup"], cfg["cutmix"])
+    tr.loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg["label_smoothing"])
     tr.train_model = tr.eval_model  # (compiled once when single-process)
     if ctx.distributed:
         tr.train_model = DistributedDataParallel(tr.model, device_ids=[device] if device.type == "cuda" else None)
@@ -427,10 +435,9 @@ def train_epoch(tr: Trainer, epoch: int, stop: StopSignal) -> dict[str, Any]:
         seed_everything(epoch_seed(cfg["seed"], epoch) + first * ctx.world_size + ctx.rank)
     tr.sampler.set_epoch(epoch, start=first * tr.accum * tr.micro)
     log = BatchLog(tr.train_loader)
-    mix = mixup_cutmix(len(tr.train_set.classes), cfg["mixup"], cfg["cutmix"])
-    batches = DeviceBatches(log, device, device_transform(reprob=cfg["reprob"]), tr.channels_last, mix)
+    batches = DeviceBatches(log, device, tr.augment, tr.channels_last, tr.mix)
     stats = train_one_epoch(tr.train_model, itertools.islice(batches, (tr.steps - first) * tr.accum), tr.optimizer,
-                            tr.scheduler, nn.CrossEntropyLoss(label_smoothing=cfg["label_smoothing"]), device=device,
+                            tr.scheduler, tr.loss_fn, device=device,
                             epoch=epoch + 1, step=epoch * tr.steps + first, total=(tr.steps - first) * tr.accum,
                             ema=tr.ema, amp_dtype=tr.hw.amp_dtype, scaler=tr.scaler,
                             grad_clip=cfg["grad_clip"] or None, progress=tr.progress,
@@ -490,7 +497,7 @@ def tracked_images(tr: Trainer) -> Tensor | None:
         return None
     val_set = tr.val_loader.dataset
     picks = torch.linspace(0, len(val_set) - 1, min(64, len(val_set))).round().long().unique().tolist()
-    return device_transform()(torch.stack([val_set[i][0] for i in picks]).to(tr.hw.device))
+    return tr.to_float(torch.stack([val_set[i][0] for i in picks]).to(tr.hw.device))
 
 
 def evaluate_only(tr: Trainer) -> None:

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from models.vit import VisionTransformer
-from utils.checkpoint import CheckpointError, read_checkpoint
+from utils.checkpoint import SAFE_GLOBALS, CheckpointError, checkpoint_dict, read_checkpoint
 
 StateDict = dict[str, Tensor]
 
@@ -87,7 +87,7 @@ def download(name: str, progress: bool = True) -> dict[str, Any]:
     url, path = REGISTRY[name].url, cache_path(name)
     cached = os.path.isfile(path)
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
             obj = torch.hub.load_state_dict_from_url(
                 url, model_dir=os.path.dirname(path), map_location="cpu", progress=progress,
                 check_hash=re.search(r"-[0-9a-f]{6,}\.", url.rsplit("/", 1)[-1]) is not None, weights_only=True)
@@ -98,9 +98,7 @@ def download(name: str, progress: bool = True) -> dict[str, Any]:
                                   f"to download it again from {url}.") from None
         raise CheckpointError(f"could not download {name} from {url} ({reason}); download it by hand and put "
                               f"it at {path}.") from None
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"'{path}' holds a {type(obj).__name__}, not a checkpoint dict of tensors.")
-    return obj
+    return checkpoint_dict(obj, path)
 
 
 def _strip(sd: Mapping[str, Tensor], prefix: str) -> StateDict:

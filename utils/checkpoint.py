@@ -24,6 +24,8 @@ from torch import nn
 from utils.ema import ModelEma, unwrap
 from utils.seed import rng_states, set_rng_states
 
+SAFE_GLOBALS = [argparse.Namespace]  # DINO's full checkpoints pickle their argparse.Namespace: harmless, allowed
+
 
 class CheckpointError(ValueError):
     """A file or dict that is not a usable checkpoint; the message says why in one sentence."""
@@ -67,13 +69,13 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """torch.load(path, map_location="cpu", weights_only=True) -> the dict it holds.
 
     Raises CheckpointError (one sentence) for a missing, truncated or foreign file, a non-dict, or a file that
-    pickles Python objects other than tensors and containers (a whole nn.Module, a custom class). DINO's full
-    checkpoints pickle an argparse.Namespace, which is harmless and allowed."""
+    pickles Python objects other than tensors and containers (a whole nn.Module, a custom class). Classes in
+    SAFE_GLOBALS are allowed."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint '{path}' does not exist and is not a registry name (python -m "
                               f"models.pretrained --list).")
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # the unpickler raises anything on garbage: KeyError, EOFError, RuntimeError...
         refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
@@ -83,6 +85,11 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
                                   f"re-save its state dict.") from None
         raise CheckpointError(f"'{path}' is not a readable PyTorch checkpoint: it is truncated or another kind "
                               f"of file.") from None
+    return checkpoint_dict(obj, path)
+
+
+def checkpoint_dict(obj: Any, path: str | os.PathLike) -> dict[str, Any]:
+    """`obj`, loaded from `path`, when it is a dict; else CheckpointError."""
     if not isinstance(obj, dict):
         raise CheckpointError(f"'{path}' holds a {type(obj).__name__}, not a checkpoint dict of tensors.")
     return obj

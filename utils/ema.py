@@ -1,8 +1,11 @@
-"""Exponential moving average of a model's weights (timm's ModelEmaV3), and the bare model under its wrappers."""
+"""Exponential moving average of a model's weights (timm's ModelEmaV3); the bare model under its wrappers; eval mode
+for a while."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -58,3 +61,14 @@ def unwrap(model: nn.Module | ModelEma) -> nn.Module:
             model = model.module
         else:
             return model
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """`model` in eval mode inside the block; its training mode is put back afterwards, also on an exception."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)

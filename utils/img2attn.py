@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from utils.ema import eval_mode
 from utils.img_to_patch import patch_to_img
 
 HEAD_FUSIONS = {"mean": lambda a: a.mean(1), "max": lambda a: a.amax(1), "min": lambda a: a.amin(1)}
@@ -131,20 +132,13 @@ def gradient_rollout(model: nn.Module, x: Tensor, target: int | Tensor | None = 
     logits is each image's own); runs in eval mode, then restores the mode; parameters' .grad are untouched;
     the same inside torch.no_grad() or torch.inference_mode().
     """
-    was_training = model.training
-    model.eval()
-    try:
-        with _autograd_on():  # x as a leaf puts the attention in a graph even with frozen parameters
-            logits, attn = model(x.clone().requires_grad_(), return_attn=True)
-            _check_layers(attn, start_layer)
-            t = logits.argmax(-1) if target is None else per_image_targets(target, len(x), x.device)
-            y = logits.gather(1, t[:, None]).sum()
-            grads = torch.autograd.grad(y, attn[start_layer:])
-    finally:
-        model.train(was_training)
+    with eval_mode(model), _autograd_on():  # x as a leaf puts the attention in a graph even with frozen parameters
+        logits, attn = model(x.clone().requires_grad_(), return_attn=True)
+        _check_layers(attn, start_layer)
+        t = logits.argmax(-1) if target is None else per_image_targets(target, len(x), x.device)
+        grads = torch.autograd.grad(logits.gather(1, t[:, None]).sum(), attn[start_layer:])
     grid = model.patch_grid(*x.shape[-2:])
     return _relevance(attn[start_layer:], grads, getattr(model, "num_prefix_tokens", 1), grid)
-
 
 
 def _relevance(attn: Sequence[Tensor], grads: Sequence[Tensor], prefix_tokens: int, grid: tuple[int, int]) -> Tensor:
@@ -162,18 +156,27 @@ def token_norms(model: nn.Module, x: Tensor) -> Tensor:
     final norm. High-norm outlier patches in the later layers are the artifacts of Darcet et al. 2024 ("Vision
     Transformers Need Registers"), which register tokens absorb.
     """
-    outs: list[Tensor] = []
-    hooks = [b.register_forward_hook(lambda m, inp, out: outs.append(out[0])) for b in model.blocks]
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model), _block_outputs(model) as outs:
         model.forward_features(x)  # every token through every block (forward() shortcuts the last one)
+    return _norm_maps(outs, getattr(model, "num_prefix_tokens", 1), model.patch_grid(*x.shape[-2:]))
+
+
+@contextlib.contextmanager
+def _block_outputs(model: nn.Module) -> Iterator[list[Tensor]]:
+    """A list that collects every block's output tokens (B, T, D), detached, while the block runs."""
+    outs: list[Tensor] = []
+    hooks = [b.register_forward_hook(lambda m, inp, out: outs.append(out[0].detach())) for b in model.blocks]
+    try:
+        yield outs
     finally:
-        model.train(was_training)
         for h in hooks:
             h.remove()
-    grid, p = model.patch_grid(*x.shape[-2:]), getattr(model, "num_prefix_tokens", 1)
-    return torch.stack([_patch_map(t[:, p:].float().norm(dim=-1), grid) for t in outs], 1)
+
+
+def _norm_maps(outs: Sequence[Tensor], prefix_tokens: int, grid: tuple[int, int]) -> Tensor:
+    """Block outputs (B, T, D) per layer -> the L2 norm of every patch token, (B, layers, grid_h, grid_w)."""
+    return torch.stack([_patch_map(o[:, prefix_tokens:].float().norm(dim=-1), grid) for o in outs], 1)
+
 
 @dataclass
 class Explanation:
@@ -189,7 +192,6 @@ class Explanation:
     gradient_rollout: Tensor | None = None  # Chefer et al. 2021, for `target`
 
 
-
 def explain(model: nn.Module, x: Tensor, target: int | Tensor | None = None) -> Explanation:
     """Every map of x (B, C, H, W) from one forward of all tokens (attention and block outputs kept) and, when the
     model has a head (model.config["num_classes"] > 0), one backward for the gradient rollout of `target` (class
@@ -197,25 +199,16 @@ def explain(model: nn.Module, x: Tensor, target: int | Tensor | None = None) -> 
     the same inside torch.no_grad() or torch.inference_mode().
     The maps equal `attention_rollout`, `gradient_rollout` and `token_norms` computed one by one."""
     has_head = getattr(model, "config", {}).get("num_classes", 1) > 0
-    outs: list[Tensor] = []
-    hooks = [b.register_forward_hook(lambda m, inp, out: outs.append(out[0].detach())) for b in model.blocks]
-    was_training = model.training
-    model.eval()
-    try:
-        with _autograd_on():  # x as a leaf puts the attention in a graph even with frozen parameters
-            tokens, attn = model.forward_features(x.clone().requires_grad_(has_head), return_attn=True)
-            logits = t = grads = None
-            if has_head:
-                logits = model.forward_head(tokens)
-                t = logits.argmax(-1) if target is None else per_image_targets(target, len(x), x.device)
-                grads = torch.autograd.grad(logits.gather(1, t[:, None]).sum(), attn)
-    finally:
-        model.train(was_training)
-        for h in hooks:
-            h.remove()
+    with eval_mode(model), _block_outputs(model) as outs, _autograd_on():
+        tokens, attn = model.forward_features(x.clone().requires_grad_(has_head), return_attn=True)
+        logits = t = grads = None
+        if has_head:
+            logits = model.forward_head(tokens)
+            t = logits.argmax(-1) if target is None else per_image_targets(target, len(x), x.device)
+            grads = torch.autograd.grad(logits.gather(1, t[:, None]).sum(), attn)
     grid, prefix = model.patch_grid(*x.shape[-2:]), getattr(model, "num_prefix_tokens", 1)
     attn = [a.detach() for a in attn]
-    norms = torch.stack([_patch_map(o[:, prefix:].float().norm(dim=-1), grid) for o in outs], 1)
+    norms = _norm_maps(outs, prefix, grid)
     return Explanation(attn, grid, prefix, attention_rollout(attn, grid=grid, prefix_tokens=prefix), norms,
                        logits.detach() if has_head else None, t,
                        _relevance(attn, grads, prefix, grid) if has_head else None)

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from utils.ema import ModelEma
+from utils.ema import ModelEma, eval_mode
 from utils.hardware import autocast
 
 
@@ -170,20 +170,17 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], *, devi
     eval mode (restored) -> {"loss", "top1", "top5", "n"}. Counts are summed over ranks when torch.distributed is
     initialised (each rank passes its own shard)."""
     device = torch.device(device)
-    was_training = model.training
-    model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1 hits, top-5 hits, count
-    for x, y in tqdm(batches, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with autocast(device, amp_dtype):
-            logits = model(x)
-        logits = logits.float()
-        top1, top5 = accuracy_counts(logits, y)
-        loss = nn.functional.cross_entropy(logits, y, reduction="sum")
-        sums += torch.stack([loss.double(), top1.double(), top5.double(), sums.new_tensor(len(y))])
+    with eval_mode(model):
+        for x, y in tqdm(batches, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with autocast(device, amp_dtype):
+                logits = model(x).float()
+            top1, top5 = accuracy_counts(logits, y)
+            loss = nn.functional.cross_entropy(logits, y, reduction="sum")
+            sums += torch.stack([loss.double(), top1.double(), top5.double(), sums.new_tensor(len(y))])
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(sums)
-    model.train(was_training)
     loss, top1, top5, n = sums.tolist()
     n = max(n, 1.0)
     return {"loss": loss / n, "top1": 100 * top1 / n, "top5": 100 * top5 / n, "n": int(n)}
