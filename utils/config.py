@@ -17,8 +17,23 @@ from typing import Any
 Table = Mapping[str, tuple[Any, str]]
 
 
+# Config keys renamed since checkpoints were written: old name -> new; `continue_config` reads both.
+RENAMED = {"out": "output", "grad_clip": "clip_grad", "label_smoothing": "smoothing",
+           "ema_decay": "model_ema_decay", "drop_path_rate": "drop_path"}
+
+
 class UsageError(ValueError):
     """A bad setting or combination of settings; the message names it and says what would be right."""
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" only where the help does not already say the default and X is a value."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, "", argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
 
 
 def flag(name: str) -> str:
@@ -32,9 +47,9 @@ def build_parser(prog: str, description: str, tables: Mapping[str, Table], *, de
     """An ArgumentParser with one group per table ("model", "recipe", "run", ...); `defaults` override the
     tables' (a preset); `aliases` add flags for the same key; a table named "hidden" is not shown in --help."""
     parser = argparse.ArgumentParser(prog=prog, description=description.strip().split("\n\n")[0], epilog=epilog,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=_HelpFormatter)
     for title, table in tables.items():
-        group = parser.add_argument_group(title)
+        group = parser if title == "options" else parser.add_argument_group(title)
         for name, (default, help_text) in table.items():
             default = defaults.get(name, default)
             names = [flag(name), *aliases.get(name, ())]
@@ -82,6 +97,7 @@ def continue_config(saved: Mapping[str, Any], cfg: Mapping[str, Any], given: set
     another value apply from here on and are returned as changes; `kept` ones not given are taken from `saved`
     (e.g. a data folder that may move); so is every other saved setting of the first two groups."""
     fixed, adjustable = set(fixed), set(adjustable)
+    saved = {RENAMED.get(k, k): v for k, v in saved.items()}
     for k in sorted(given & fixed):
         if k in saved and saved[k] != cfg[k]:
             raise UsageError(f"{flag(k)} {cfg[k]} differs from the {saved[k]} that {path} was trained with"
