@@ -98,7 +98,7 @@ def check_config(cfg: dict) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser(PROG, __doc__, {"options": CONFIG}, types={"images": Path})
-    parser.usage = "%(prog)s [-h] --images FOLDER [options]"  # required, but checked in check_config (one line)
+    parser.usage = "%(prog)s [-h] --images IMAGES [options]"  # required, but checked in check_config (one line)
     cfg = vars(parser.parse_args(argv))
     try:
         check_config(cfg)

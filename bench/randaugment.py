@@ -1,4 +1,5 @@
-"""How strongly our DeiT RandAugment changes photos, next to timm's (the oracle) and torchvision's, in mean |Δpixel|.
+"""How strongly our DeiT RandAugment changes photos, next to timm's (the oracle) and torchvision's, in mean |Δpixel|,
+on a folder of photos you pass: `python -m bench.randaugment --photos PHOTOS`.
 
     python -m bench.randaugment --photos PHOTOS               # the first 100 photos of a folder (ImageNet samples)
     python -m bench.randaugment --photos DIR --n 50 --seeds 20
@@ -21,8 +22,8 @@ Needs timm (skips without it).
 
 from __future__ import annotations
 
-import argparse
 import random
+import sys
 from pathlib import Path
 from unittest import mock
 
@@ -31,17 +32,35 @@ import torch
 from PIL import Image
 from torchvision.transforms import InterpolationMode, v2
 
-from imagenet.dataloaders.dataset import is_image_file, load_rgb
+from imagenet.dataloaders.dataset import is_image_file
 from imagenet.dataloaders.randaugment import OPS, RESAMPLE, DeiTRandAugment
+from utils.config import build_parser
+from utils.images import load_image
 
+PROG = "python -m bench.randaugment"
+CONFIG = {  # name -> (default, help); every entry is a flag
+    "photos": (None, "folder of photos (required; e.g. ImageNet sample photos)"),
+    "n": (100, "photos used: the first n, sorted by name"),
+    "seeds": (30, "draws per photo of the whole transforms"),
+}
 FILL = (124, 116, 104)
 SIZE = 224
 
 
 def load_crops(folder: Path, n: int) -> list[Image.Image]:
+    """The first `n` photos of `folder` (sorted by name) as SIZE x SIZE RGB centre crops (shorter side resized).
+
+    Raises ValueError (one sentence) when the folder is missing or holds no photos; ImageError (a ValueError) for a
+    file that cannot be decoded."""
+    if not folder.is_dir():
+        what = "is a file, not a folder" if folder.exists() else "does not exist"
+        raise ValueError(f"--photos '{folder}' {what}; pass a folder of photos (e.g. ImageNet sample photos).")
     files = sorted(p for p in folder.iterdir() if p.is_file() and is_image_file(p.name))[:n]
+    if not files:
+        raise ValueError(f"--photos '{folder}' holds no image files (.jpg, .jpeg, .png, ...); pass a folder of "
+                         f"photos.")
     crop = v2.Compose([v2.Resize(SIZE, interpolation=InterpolationMode.BICUBIC), v2.CenterCrop(SIZE)])
-    return [crop(load_rgb(str(f))) for f in files]
+    return [crop(load_image(f)) for f in files]
 
 
 def delta(a: Image.Image, b: Image.Image) -> float:
@@ -82,23 +101,25 @@ def seed_python(seed: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.randaugment", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--photos", required=True, help="folder of photos (e.g. ImageNet samples)")
-    parser.add_argument("--n", type=int, default=100, help="photos used (the first n, sorted by name)")
-    parser.add_argument("--seeds", type=int, default=30, help="draws per photo of the whole transforms")
-    args = parser.parse_args(argv)
+    parser = build_parser(PROG, __doc__, {"options": CONFIG}, types={"photos": Path})
+    parser.usage = "%(prog)s [-h] --photos PHOTOS [options]"  # required, but checked below (one line)
+    cfg = vars(parser.parse_args(argv))
+    try:
+        if cfg["photos"] is None:
+            raise ValueError("--photos is required: pass a folder of photos, e.g. --photos PHOTOS with ImageNet "
+                             "sample photos.")
+        for key in ("n", "seeds"):
+            if cfg[key] < 1:
+                raise ValueError(f"--{key} {cfg[key]} must be at least 1.")
+        crops = load_crops(cfg["photos"], cfg["n"])
+    except ValueError as e:  # a bad flag, folder or image file (utils.images.ImageError)
+        sys.exit(f"error: {e}")
     try:
         from timm.data import auto_augment as aa
     except ImportError:
         print("skipped: timm is not installed (pip install timm); it is this bench's oracle.")
         return
-    folder = Path(args.photos)
-    if not folder.is_dir():
-        parser.exit(2, f"error: --photos {folder} is not a folder of photos.\n")
-    crops = load_crops(folder, args.n)
-    if not crops:
-        parser.exit(2, f"error: --photos {folder} holds no images.\n")
+    folder, seeds = cfg["photos"], cfg["seeds"]
     hparams = dict(translate_const=int(SIZE * 0.45), img_mean=FILL, interpolation=Image.Resampling.BICUBIC)
 
     print(f"{len(crops)} photos of {folder}, {SIZE}x{SIZE} centre crops; mean |Δpixel| (0-255)")
@@ -114,16 +135,18 @@ def main(argv: list[str] | None = None) -> None:
     with mock.patch.dict(aa.NAME_TO_OP, black):  # the ops keep the function they were built with
         timm_ra = aa.rand_augment_transform("rand-m9-mstd0.5-inc1", dict(hparams))
     old = v2.RandAugment(num_ops=2, magnitude=9, interpolation=InterpolationMode.BICUBIC)
-    results = [("ours DeiTRandAugment()", *strength(crops, DeiTRandAugment(), args.seeds, torch.manual_seed)),
-               ("timm rand-m9-mstd0.5-inc1", *strength(crops, timm_ra, args.seeds, seed_python)),
-               ("torchvision RandAugment(m=9)", *strength(crops, old, args.seeds, torch.manual_seed))]
+    results = [("ours DeiTRandAugment()", *strength(crops, DeiTRandAugment(), seeds, torch.manual_seed)),
+               ("timm rand-m9-mstd0.5-inc1", *strength(crops, timm_ra, seeds, seed_python)),
+               ("torchvision RandAugment(m=9)", *strength(crops, old, seeds, torch.manual_seed))]
     timm_mean = results[1][1]
-    print(f"\nwhole transform, {args.seeds} draws per photo ({args.seeds * len(crops)} in all): mean ± s.e.")
+    print(f"\nwhole transform, {seeds} draws per photo ({seeds * len(crops)} in all): mean ± s.e.")
     for name, mean, se in results:
-        print(f"{name:<30}{mean:>7.2f} ± {se:.2f}   {mean / timm_mean - 1:>+6.1%} vs timm")
+        versus = f"{mean / timm_mean - 1:>+6.1%} vs timm" if timm_mean else "(timm changed nothing)"
+        print(f"{name:<30}{mean:>7.2f} ± {se:.2f}   {versus}")
     (_, ours, ours_se), (_, theirs, theirs_se) = results[:2]
-    print(f"ours - timm: {ours - theirs:+.2f} ± {np.hypot(ours_se, theirs_se):.2f} "
-          f"({abs(ours - theirs) / np.hypot(ours_se, theirs_se):.1f} standard errors)")
+    se = np.hypot(ours_se, theirs_se)
+    print(f"ours - timm: {ours - theirs:+.2f} ± {se:.2f} "
+          + (f"({abs(ours - theirs) / se:.1f} standard errors)" if se > 0 else "(one draw: no standard error)"))
 
 
 if __name__ == "__main__":
