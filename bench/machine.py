@@ -11,8 +11,8 @@ bf16 (and fp16 on a GPU), and the train-step img/s of the MNIST default model (`
 
 from __future__ import annotations
 
-import argparse
 import platform
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,9 +20,18 @@ from pathlib import Path
 import torch
 
 from utils import hardware
+from utils.config import build_parser
 from utils.optim import make_optimizer
 from utils.training import compile_or_eager
 
+PROG = "python -m bench.machine"
+CONFIG = {  # name -> (default, help); every entry is a flag (batch_size -> --batch-size)
+    "device": ("auto", hardware.DEVICE_HELP),
+    "threads": (0, "CPU threads (0: torch's default, one per core)"),
+    "compile": (False, "also time the train step compiled (as mnist.train does; ~30 s per precision)"),
+    "batch_size": (256, "train-step batch, as mnist.train's"),
+    "seconds": (3.0, "timing per measurement"),
+}
 PRECISIONS = {"cpu": ("none", "bf16"), "cuda": ("none", "bf16", "fp16"), "mps": ("none", "fp16")}
 
 
@@ -95,22 +104,21 @@ def train_img_per_s(device: torch.device, amp: str, compile_: bool, batch: int, 
     return batch * rate(step, device, seconds)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.machine", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="auto", help=hardware.DEVICE_HELP)
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                        help="also time the train step compiled (as mnist.train does; ~30 s per precision)")
-    parser.add_argument("--batch-size", type=int, default=256, help="train-step batch (mnist.train's default)")
-    parser.add_argument("--seconds", type=float, default=3.0, help="timing per measurement")
-    args = parser.parse_args()
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser(PROG, __doc__, {"options": CONFIG})
+    args = parser.parse_args(argv)
+    if args.threads < 0:
+        sys.exit(f"error: --threads {args.threads} must be 0 (torch's default) or a positive count.")
+    if args.batch_size < 1:
+        sys.exit(f"error: --batch-size {args.batch_size} must be at least 1.")
+    if args.seconds <= 0:
+        sys.exit(f"error: --seconds {args.seconds} must be positive (e.g. 3).")
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
         hw = hardware.resolve(args.device, "auto")
     except ValueError as e:
-        parser.exit(2, f"error: {e}\n")
+        sys.exit(f"error: {e}")
     dev = hw.device
     print(f"{time.strftime('%Y-%m-%d')}, torch {torch.__version__}, {platform.python_implementation()} "
           f"{platform.python_version()}")

@@ -1,6 +1,7 @@
-"""Ours vs timm's VisionTransformer: same config, same weights, timed interleaved in one run.
+"""Ours vs timm's VisionTransformer: same config, same weights, timed interleaved in one run:
+`python -m bench.vit_speed` (needs timm).
 
-    python -m bench.vit_speed                 # MNIST config and ViT-Ti/16 at 224 (and 512: 1024 patches)
+    python -m bench.vit_speed                 # MNIST configs and ViT-Ti/16 at 224 (and 512: 1024 patches)
     python -m bench.vit_speed --rounds 5 --configs mnist
 
 Prints img/s per task and the ratios: train and all-maps are ours / timm (higher is better for us);
@@ -10,9 +11,9 @@ explicit/SDPA compares our train step with `fused_attn=False` (explicit softmax)
 
 from __future__ import annotations
 
-import argparse
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
@@ -20,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from models.vit import VisionTransformer
+from utils.config import build_parser
 
 CONFIGS = {  # name: (image size, VisionTransformer kwargs, train batch, inference batch)
     "mnist_p7": (28, dict(embed_dim=64, hidden_dim=128, num_heads=4, num_layers=4, patch_size=7, num_channels=1,
@@ -120,14 +122,31 @@ def bench(name: str, rounds: int, iters: int) -> list[tuple[str, float, float, s
             ("train step, explicit softmax vs SDPA (ours)", softmax["explicit"], softmax["sdpa"], "explicit/SDPA")]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds; the median is reported")
-    parser.add_argument("--iters", type=int, default=3, help="calls per task per round")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+PROG = "python -m bench.vit_speed"
+CONFIG = {  # name -> (default, help); every entry is a flag
+    "rounds": (7, "interleaved rounds; the median is reported"),
+    "iters": (3, "calls per task per round"),
+    "threads": (0, "torch CPU threads (0: torch's default, one per core)"),
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser(PROG, __doc__, {"options": CONFIG})
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS), metavar="CONFIG",
+                        help=f"models to compare: {', '.join(CONFIGS)} (default: all)")
+    args = parser.parse_args(argv)
+    for key in ("rounds", "iters"):
+        if getattr(args, key) < 1:
+            sys.exit(f"error: --{key} {getattr(args, key)} must be at least 1.")
+    if args.threads < 0:
+        sys.exit(f"error: --threads {args.threads} must be 0 (torch's default) or a positive count.")
+    try:
+        import timm  # noqa: F401  the reference
+    except ImportError:
+        sys.exit("error: bench.vit_speed compares with timm, which is not installed (pip install timm).")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.threads = torch.get_num_threads()
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {args.threads} threads, "
           f"{time.strftime('%Y-%m-%d')}")
     print("| config | task | ours img/s | reference img/s | ratio |\n|---|---|---:|---:|---:|")
