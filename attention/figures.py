@@ -5,11 +5,14 @@ Save them with `utils.plots.save_figure`."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import matplotlib
 import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
 from matplotlib.figure import Figure, SubFigure
 from torch import Tensor
 
@@ -17,52 +20,84 @@ from attention.inspection import patch_distances
 from utils.img2attn import Explanation, cls_attention, overlay, to_rgb
 from utils.img_to_patch import mosaic
 
+OVERLAY_CMAP = "jet"  # the map overlays (utils.img2attn.overlay's default)
+HEAD_CMAP = "inferno"  # the layer x head grid
+
 
 def attention_figure(ex: Explanation, image: Tensor | np.ndarray, class_names: Sequence[str] | None = None,
-                     topk: int = 5, index: int = 0) -> Figure:
+                     topk: int = 5, index: int = 0, label: int | None = None) -> Figure:
     """One picture of where the model looks at image `index` of `ex` -> matplotlib Figure.
 
-    image: what to show, (H, W) / (H, W, 3) uint8 or float in [0, 1] (or channels first). Top row: the image,
-    the top-k classes, attention rollout, gradient rollout (for ex.target) and the last layer's token norms; a
-    model without a head (DINO, DINOv2) gets no top-k and no gradient panel. Below: the class token's attention in
-    every layer (columns) x head (rows), each panel scaled to its own range. Register tokens are left out."""
+    image: what to show, (H, W) / (H, W, 3) uint8 or float in [0, 1] (or channels first). label: the image's true
+    class (an index into class_names), when known: named in the title and in bold among the top-k. Top row: the
+    image, the top-k classes, attention rollout, gradient rollout (for ex.target) and the last layer's token norms,
+    each map with a colour bar of its own values; a model without a head (DINO, DINOv2) gets no top-k and no
+    gradient panel. Below: the class token's attention in every layer (columns) x head (rows), each panel scaled
+    to its own range (one colour bar: panel minimum to maximum). Register tokens are left out."""
     n_layers, n_heads = len(ex.attn), ex.attn[0].shape[1]
     cell = min(max(1.25, 10 / n_layers), 2.0)  # inches a layer x head panel: 14 x 14 patches at 150 dpi, 13 px each
-    width = max(n_layers * cell, 10) + 0.5
-    top_h, low_h = width / 4 + 0.3, n_heads * cell + 0.6
+    width = max(n_layers * cell, 10) + 1.0
+    top_h, low_h = width / 4 + 1.1, n_heads * cell + 0.6  # room under the maps for their colour bars
     fig = Figure(figsize=(width, top_h + low_h), facecolor="white", layout="constrained")
     upper, lower = fig.subfigures(2, 1, height_ratios=[top_h, low_h])
-    _summary_row(upper, ex, image, class_names, topk, index)
+    _summary_row(upper, ex, image, class_names, topk, index, label)
+    lower.suptitle("class-token attention in every layer × head (each panel scaled to its own range)", fontsize=12)
+    grid_w = n_layers * cell + 1.5  # the panels, the head labels and the colour bar
+    if grid_w < width:  # few layers: centre the grid rather than spread its columns over the page
+        lower = lower.subfigures(1, 3, width_ratios=[(width - grid_w) / 2, grid_w, (width - grid_w) / 2])[1]
     _head_grid(lower, ex, index)
     return fig
 
 
+def _title(ex: Explanation, index: int, name: Callable[[int], str], label: int | None) -> str:
+    """"predicted: X (p %)", and "true: Y" when the label is known."""
+    truth = f"   true: {name(label)}" if label is not None else ""
+    if ex.logits is None:
+        return f"no classification head: attention maps only{truth}"
+    probs = ex.logits[index].float().softmax(-1)
+    c = int(probs.argmax())
+    return f"predicted: {name(c)}  ({float(probs[c]):.1%}){truth}"
+
+
+def _colour_bar(fig: SubFigure, ax: Axes, values: Tensor, cmap: str, label: str) -> None:
+    """A horizontal colour bar under `ax` from the smallest to the largest of `values` (what the overlay's
+    colours span: `overlay` scales each map to its own range)."""
+    lo, hi = float(values.min()), float(values.max())
+    hi = hi if hi > lo else lo + 1e-12  # a constant map: one colour, a degenerate but valid bar
+    cax = ax.inset_axes([0.0, -0.09, 1.0, 0.05])  # inside the panel's slot: the panels stay aligned with the input
+    bar = fig.colorbar(ScalarMappable(Normalize(lo, hi), matplotlib.colormaps[cmap]), cax=cax,
+                       orientation="horizontal")
+    bar.set_ticks([lo, (lo + hi) / 2, hi], labels=[f"{v:.3g}" for v in (lo, (lo + hi) / 2, hi)])
+    bar.ax.tick_params(labelsize=8)
+    bar.set_label(label, fontsize=9)
+
+
 def _summary_row(upper: SubFigure, ex: Explanation, image: Tensor | np.ndarray,
-                 class_names: Sequence[str] | None, topk: int, index: int) -> None:
-    """The image, the top-k bars and the map overlays, under the prediction."""
+                 class_names: Sequence[str] | None, topk: int, index: int, label: int | None) -> None:
+    """The image, the top-k bars and the map overlays (each with its colour bar), under the prediction."""
     has_head = ex.logits is not None
 
     def name(c: int) -> str:
         return class_names[c] if class_names is not None else f"class {c}"
 
-    maps = {"attention rollout": ex.rollout[index]}
+    maps = {"attention rollout": (ex.rollout[index], "share of the class token's attention")}
     if has_head:
         probs = ex.logits[index].float().softmax(-1)
         top, target = probs.topk(min(topk, probs.numel())), int(ex.target[index])
-        maps[f"gradient rollout: {name(target)}"] = ex.gradient_rollout[index]
-    maps[f"token norm, layer {len(ex.attn)}"] = ex.token_norms[index, -1]
+        maps[f"gradient rollout: {name(target)}"] = (ex.gradient_rollout[index], "relevance (arbitrary units)")
+    maps[f"token norm, layer {len(ex.attn)}"] = (ex.token_norms[index, -1], "L2 norm of the patch token")
     img = to_rgb(image)
     k = max(1, -(-224 // max(img.shape[:2])))  # upscale small images (MNIST) so overlays are smooth
     img = img.repeat(k, 0).repeat(k, 1)
-    upper.suptitle(f"predicted: {name(int(top.indices[0]))}  ({float(top.values[0]):.1%})" if has_head else
-                   "no classification head: attention maps only", fontsize=15, fontweight="bold")
+    upper.suptitle(_title(ex, index, name, label), fontsize=15, fontweight="bold")
     ax = upper.subplots(1, 1 + has_head + len(maps))
     ax[0].imshow(img, interpolation="nearest")
     ax[0].set_title("input", fontsize=12)
     for i, (p, c) in enumerate(zip(top.values.tolist(), top.indices.tolist(), strict=True) if has_head else ()):
         ax[1].barh(i, p, height=0.3, color="#d62728" if c == target else "#8c96a3")
         ax[1].barh(i, 1, height=0.3, color="#8c96a3", alpha=0.15)
-        ax[1].text(0, i - 0.28, name(c)[:28], fontsize=11, va="bottom")
+        ax[1].text(0, i - 0.28, name(c)[:28] + (" (true)" if c == label else ""), fontsize=11, va="bottom",
+                   fontweight="bold" if c == label else "normal")
         ax[1].text(1, i - 0.28, f"{p:.1%}", fontsize=11, va="bottom", ha="right")
     if has_head:
         ax[1].set_xlim(0, 1)
@@ -70,9 +105,10 @@ def _summary_row(upper: SubFigure, ex: Explanation, image: Tensor | np.ndarray,
         ax[1].set_title(f"top-{len(top.values)} classes", fontsize=12)
         ax[1].set_axis_off()
     panels = ax[1 + has_head:]
-    for a, (title, m) in zip(panels, maps.items(), strict=True):
-        a.imshow(overlay(img, m), interpolation="bilinear")
+    for a, (title, (m, what)) in zip(panels, maps.items(), strict=True):
+        a.imshow(overlay(img, m, cmap=OVERLAY_CMAP), interpolation="bilinear")
         a.set_title(title, fontsize=12)
+        _colour_bar(upper, a, m, OVERLAY_CMAP, what)
     for a in [ax[0], *panels]:  # a thin frame keeps white images apart from the page
         a.set_xticks([])
         a.set_yticks([])
@@ -80,9 +116,8 @@ def _summary_row(upper: SubFigure, ex: Explanation, image: Tensor | np.ndarray,
 
 
 def _head_grid(lower: SubFigure, ex: Explanation, index: int) -> None:
-    """The class token's attention in every layer (columns) x head (rows)."""
+    """The class token's attention in every layer (columns) x head (rows), each panel min-max scaled."""
     n_layers, n_heads = len(ex.attn), ex.attn[0].shape[1]
-    lower.suptitle("class-token attention in every layer × head (each panel scaled to its own range)", fontsize=12)
     axes = lower.subplots(n_heads, n_layers, squeeze=False)
     for h in range(n_heads):
         for layer in range(n_layers):
@@ -90,11 +125,16 @@ def _head_grid(lower: SubFigure, ex: Explanation, index: int) -> None:
             a.set_xticks([])
             a.set_yticks([])
             panel = cls_attention([ex.attn[layer][index:index + 1]], 0, h, ex.grid, prefix_tokens=ex.prefix_tokens)
-            a.imshow(panel[0].cpu().numpy(), cmap="inferno", interpolation="nearest")
+            a.imshow(panel[0].cpu().numpy(), cmap=HEAD_CMAP, interpolation="nearest")
             if h == 0:
                 a.set_title(f"layer {layer + 1}", fontsize=10)
             if layer == 0:
                 a.set_ylabel(f"head {h + 1}", fontsize=10)
+    bar = lower.colorbar(ScalarMappable(Normalize(0, 1), matplotlib.colormaps[HEAD_CMAP]), ax=axes, shrink=0.6,
+                         aspect=30, pad=0.01)
+    bar.set_ticks([0, 1], labels=["panel\nminimum", "panel\nmaximum"])
+    bar.ax.tick_params(labelsize=9)
+    bar.set_label("class-token attention", fontsize=10)
 
 
 def _per_layer(ax, values: Tensor, reference: float, ref_label: str, ylabel: str, title: str) -> None:
@@ -128,8 +168,8 @@ def inspection_figure(inspection: dict[str, Any], name: str = "ViT") -> Figure:
     layers, heads = stats["distance"].shape
 
     fig = Figure(figsize=(12, 10.5), facecolor="white", layout="constrained")
-    fig.suptitle(f"{name}: D={inspection['embed_dim']}, {layers} layers x {heads} heads, patch {p}, "
-                 f"{gh}x{gw} patches; attention over {n} image{'s' * (n != 1)}", fontsize=13,
+    fig.suptitle(f"{name}: D={inspection['embed_dim']}, {layers} layers x {heads} heads, {p} px patches\n"
+                 f"attention over {n} image{'s' * (n != 1)} of {gh} rows x {gw} columns of patches", fontsize=13,
                  fontweight="bold")
     ax = fig.subplots(2, 2)
 
@@ -150,7 +190,8 @@ def inspection_figure(inspection: dict[str, Any], name: str = "ViT") -> Figure:
     ax[0, 1].set_xticks([j * (sw + 1) + (sw - 1) / 2 for j in cols], [str(j + 1) for j in cols])
     ax[0, 1].set_yticks([i * (sh + 1) + (sh - 1) / 2 for i in rows], [str(i + 1) for i in rows])
     ax[0, 1].set(xlabel="input patch column", ylabel="input patch row")
-    ax[0, 1].set_title("position embedding similarity", fontsize=11)
+    ax[0, 1].set_title("position embedding similarity\n(tile at row i, column j: that patch against every patch)",
+                       fontsize=11)
     fig.colorbar(im, ax=ax[0, 1], shrink=0.85, label="cosine similarity")
 
     uniform = float(patch_distances((gh, gw), p).mean())

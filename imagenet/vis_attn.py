@@ -1,32 +1,37 @@
-"""Where does an ImageNet ViT look in a photo? `python -m imagenet.vis_attn` (edit the paths below or pass flags).
+"""Where does an ImageNet ViT look in a photo? `python -m imagenet.vis_attn --image photo.jpg` (default: a cat).
 
 The model may be a registry name (`python -m models.pretrained --list`: DeiT, DeiT III, DINO, DINOv2 with or
 without registers, torchvision; downloaded once into torch's cache), this repo's checkpoint
 (runs/imagenet/checkpoint.pth: the weights its run reported, the EMA or the trained model) or a timm / DeiT / DINO /
 torchvision weights file. Prints which weights it loaded and the top-5 classes with probabilities, and writes one
-figure: the photo, the top-5, attention rollout, gradient rollout for the top class (or --target), the last layer's
-token norms (high-norm artifacts) and the class token's attention in every layer x head. Models without a head
-(DINO, DINOv2) get the maps without the top-5 and the gradient map; register tokens are left out of every map.
+figure (runs/imagenet/attention.png unless --output names another file): the photo, the top-5, attention rollout,
+gradient rollout for the top class (or --target), the last layer's token norms (high-norm artifacts), each map with
+its colour bar, and the class token's attention in every layer x head. A photo whose file name (or folder) holds its
+WordNet id, as in `n01440764_tench.JPEG` or `val/n01440764/...`, gets its true class in the title. Models without a
+head (DINO, DINOv2) get the maps without the top-5 and the gradient map; register tokens are left out of every map.
 
-Any photo size and aspect, RGB or grayscale: the shorter side is resized to --img-size, the longer one to scale
-(at most 2x --img-size, center-cropped), then both are center-cropped to multiples of the patch size; the model
-resamples its position embedding for the new patch grid.
+Any photo size and aspect, any PIL mode and bit depth (16-bit PNGs too), EXIF orientation applied
+(`utils.images.load_image`): the shorter side is resized to --img-size, the longer one to scale (at most 2x
+--img-size, center-cropped), then both are center-cropped to multiples of the patch size; the model resamples its
+position embedding for the new patch grid.
 
 `--inspect` draws how the model looks instead (`attention.figures.inspection_figure`): the principal components of
 its patch-embedding filters, the similarity of its position embeddings, and the mean attention distance and entropy
 of every head against depth over --num-images photos of a folder, or one photo (--inspect-images; each resized to
---img-size / 0.875 and center-cropped to --img-size, as in evaluation); the table of those is printed.
+--img-size / 0.875 and center-cropped to --img-size, as in evaluation); the table of those is printed and the figure
+goes to runs/imagenet/inspect.png (or --output).
 """
 
 from __future__ import annotations
 
+import difflib
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 from torch import Tensor
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
@@ -37,25 +42,27 @@ from imagenet.dataloaders import classes as IN
 from imagenet.dataloaders import constants as IN1K
 from imagenet.dataloaders.dataset import is_image_file
 from imagenet.dataloaders.transforms import device_transform, eval_transform
-from models.pretrained import load_pretrained, registry_name
+from models.pretrained import REGISTRY, load_pretrained, registry_name
 from models.vit import VisionTransformer
 from utils import hardware
 from utils.checkpoint import CheckpointError, read_checkpoint
 from utils.config import UsageError, parse_config
+from utils.images import load_image
 from utils.img2attn import explain
-from utils.plots import save_figure
+from utils.plots import figure_path, save_figure
 
 ROOT = Path(__file__).resolve().parents[1]
-CHELSEA = str(ROOT / "imgs" / "chelsea.jpg")  # "Chelsea the cat" by Stefan van der Walt, CC0 ("No copyright
-# restrictions"), scikit-image 0.26.0's skimage/data/chelsea.png (license in skimage/data/_fetchers.py), as JPEG
+CHELSEA = "imgs/chelsea.jpg"  # relative to the repo root (`shipped`); "Chelsea the cat" by Stefan van der Walt, CC0
+# ("No copyright restrictions"), scikit-image 0.26.0's skimage/data/chelsea.png (license in
+# skimage/data/_fetchers.py), as JPEG
 
 # ----------------------------------------------------------------------------------------------------------- config
 OPTIONS = {
-    "image": (CHELSEA, "photo to explain: any size or aspect, RGB or gray (JPEG, PNG, ...)"),
+    "image": (CHELSEA, "photo to explain (JPEG, PNG, ...): any size, aspect, colour mode or bit depth"),
     "model": ("deit_tiny_patch16_224", "a registry name (python -m models.pretrained --list; downloaded once), this "
                                        "repo's checkpoint or timm / DeiT / DINO / torchvision ViT weights"),
-    "output": (None, "where the figure goes (PNG; default imgs/imagenet_attention.png, with --inspect "
-                     "imgs/imagenet_inspect.png)"),
+    "output": (None, "the figure's file (.png, .pdf, .svg, ...; folders are made; default "
+                     "runs/imagenet/attention.png, with --inspect runs/imagenet/inspect.png)"),
     "img_size": (224, "shorter side of the model input, in pixels"),
     "target": ("", "class of the gradient map: index, WordNet id or name (\"tiger cat\"); empty = the top class"),
     "num_heads": (0, "attention heads of foreign weights (0: embed_dim // 64, right for DeiT / timm / torchvision)"),
@@ -67,7 +74,7 @@ OPTIONS = {
     "num_images": (32, "--inspect: photos taken from the folder, evenly spaced over its sorted names"),
 }
 ALIASES = {"image": ["--image-path"], "model": ["--model-path"], "output": ["--output-path", "--out"]}
-OUTPUTS = {False: "imgs/imagenet_attention.png", True: "imgs/imagenet_inspect.png"}
+OUTPUTS = {False: "runs/imagenet/attention.png", True: "runs/imagenet/inspect.png"}  # runs/ is git-ignored
 # -------------------------------------------------------------------------------------------------------------------
 
 
@@ -75,18 +82,27 @@ class InputError(UsageError):
     """A bad photo or option; one sentence."""
 
 
-def load_photo(path: str | Path) -> Image.Image:
-    """The photo as RGB, upright (EXIF orientation applied)."""
+def shipped(path: str | Path) -> Path:
+    """A path as given; the default photo (imgs/chelsea.jpg, relative to the repo) also from another folder."""
     path = Path(path)
-    if not path.is_file():
-        what = "is a folder, not an image file" if path.is_dir() else "does not exist"
-        raise InputError(f"image '{path}' {what}.")
-    try:
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise InputError(f"'{path}' is not an image that can be read ({type(e).__name__}: {e}).") from None
+    if str(path) == CHELSEA and not path.exists():
+        return ROOT / path
+    return path
+
+
+def true_class(path: str | Path, names: Sequence[str] | None, classes: Sequence[str] | None) -> int | None:
+    """The class of a photo whose file name starts with a WordNet id (n01440764_tench.JPEG) or whose folder is one
+    (val/n01440764/x.JPEG) -> its index among the model's classes (its saved class folders, else ImageNet-1k's),
+    or None when the path names no class of the model."""
+    path = Path(path)
+    for wnid in (path.name.split("_")[0].split(".")[0], path.parent.name):
+        if not IN.is_wnid(wnid):
+            continue
+        if classes is not None and wnid in classes:
+            return list(classes).index(wnid)
+        if classes is None and names is not None and list(names) == list(IN.NAMES):
+            return IN.wnid_to_index(wnid) if wnid in IN.WNIDS else None
+    return None
 
 
 def model_input(photo: Image.Image, size: int, patch: int) -> Image.Image:
@@ -118,32 +134,46 @@ def class_names_for(ckpt: dict, num_classes: int) -> list[str] | None:
     return None
 
 
+def _did_you_mean(value: str, choices: Sequence[str]) -> str:
+    """" (did you mean 'zebra'?)" for a near miss among `choices`, else ""."""
+    close = difflib.get_close_matches(value.lower(), [c.lower() for c in choices], n=1, cutoff=0.75)
+    return f" (did you mean {close[0]!r}?)" if close and close[0] != value.lower() else ""
+
+
 def resolve_target(value: str, names: Sequence[str] | None, num_classes: int) -> int | None:
+    """--target (a class index, a WordNet id or a class name; "" = the top class) -> the class index or None."""
     if not value:
         return None
-    if value.isdigit():
-        if int(value) >= num_classes:
+    if value.lstrip("+-").isdigit():
+        if not 0 <= int(value) < num_classes:
             raise InputError(f"--target {value} is out of range; the model has classes 0..{num_classes - 1}.")
         return int(value)
     if names is not None and list(names) == list(IN.NAMES):
         try:
             return IN.class_index(value)
         except ValueError as e:
-            raise InputError(f"--target: {e}") from None
+            hint = _did_you_mean(value, names)
+            raise InputError(f"--target {value!r} is not an ImageNet-1k class name{hint}." if hint else
+                             f"--target: {e}") from None
     lowered = [n.lower() for n in names or []]
     if value.lower() in lowered:
         return lowered.index(value.lower())
-    raise InputError(f"--target {value!r} is not a class of this model; give a class index 0..{num_classes - 1}"
-                     + (f" or a name such as {names[0]!r}." if names else "."))
+    raise InputError(f"--target {value!r} is not a class of this model{_did_you_mean(value, names or [])}; give a "
+                     f"class index 0..{num_classes - 1}" + (f" or a name such as {names[0]!r}." if names else "."))
 
 
 def load_model(path: str, heads: int, need_head: bool = True) -> tuple[VisionTransformer, dict]:
     """A registry name (downloaded once) or a checkpoint file -> (model, the checkpoint dict; {} for a name)."""
     name = None if Path(path).is_file() else registry_name(path)
+    if Path(path).is_dir():
+        inside = f" such as '{Path(path) / 'checkpoint.pth'}'" if (Path(path) / "checkpoint.pth").is_file() else ""
+        raise InputError(f"--model '{path}' is a folder; pass the checkpoint file in it{inside}, or a registry name.")
     if name is None and not Path(path).is_file():
-        raise InputError(f"checkpoint '{path}' does not exist and is not a registry name; pass --model "
-                         f"runs/imagenet/checkpoint.pth (what imagenet.train writes) or a name such as "
-                         f"deit_tiny_patch16_224 (python -m models.pretrained --list).")
+        close = difflib.get_close_matches(path, list(REGISTRY), n=1, cutoff=0.75)
+        hint = (f"did you mean {close[0]}? " if close else "") + (
+            "pass --model runs/imagenet/checkpoint.pth (what imagenet.train writes) or a name such as "
+            "deit_tiny_patch16_224 (python -m models.pretrained --list).")
+        raise InputError(f"checkpoint '{path}' does not exist and is not a registry name; {hint}")
     ckpt = {} if name else read_checkpoint(path)
     try:
         model = load_pretrained(name or ckpt, num_heads=heads or None)
@@ -163,13 +193,15 @@ def inspection_inputs(path: str | Path, count: int, size: int) -> Tensor:
     evaluation transform (shorter side to size / 0.875, center crop size x size) -> (n, 3, size, size)."""
     path = Path(path)
     files = [path]
+    if not path.exists():
+        raise InputError(f"--inspect-images '{path}' does not exist; pass a folder of photos or one photo.")
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.is_file() and is_image_file(p.name))
         if not files:
             raise InputError(f"folder '{path}' holds no images; pass a folder of photos or one photo.")
         files = [files[i] for i in sorted({round(v) for v in np.linspace(0, len(files) - 1, min(count, len(files)))})]
     tf = eval_transform(size)  # -> uint8; device_transform normalises
-    return device_transform()(torch.stack([tf(load_photo(f)) for f in files]))
+    return device_transform()(torch.stack([tf(load_image(f)) for f in files]))
 
 
 def inspect(cfg: dict) -> None:
@@ -180,11 +212,11 @@ def inspect(cfg: dict) -> None:
     model, _ = load_model(cfg["model"], cfg["num_heads"], need_head=False)
     if cfg["img_size"] % model.patch_size:
         raise InputError(f"--img-size {cfg['img_size']} is not a multiple of the patch size {model.patch_size}.")
-    x = inspection_inputs(cfg["inspect_images"], cfg["num_images"], cfg["img_size"]).to(dev)
+    x = inspection_inputs(shipped(cfg["inspect_images"]), cfg["num_images"], cfg["img_size"]).to(dev)
     model.eval().to(dev)
     inspection = inspect_model(model, x)
     print(f"{cfg['model']} ({model.weights_note}): {len(x)} photo(s) of {cfg['inspect_images']} at "
-          f"{cfg['img_size']}x{cfg['img_size']}")
+          f"{cfg['img_size']}x{cfg['img_size']} px")
     print(attention_table(inspection))
     save_figure(inspection_figure(inspection, name=Path(cfg["model"]).name), cfg["output"], dpi=100)
     print(f"saved {cfg['output']}")
@@ -198,11 +230,17 @@ def print_top5(probs: Tensor, names: Sequence[str] | None) -> None:
         print(f"{rank}. {100 * p:5.1f}%  {label} ({wnid}index {c})")
 
 
+def input_line(path: str | Path, photo: Image.Image, shown: Image.Image, grid: tuple[int, int]) -> str:
+    """"photo.jpg: 451x300 px (W x H) -> model input 336x224 px, 14 rows x 21 columns of patches"."""
+    return (f"{path}: {photo.size[0]}x{photo.size[1]} px (W x H) -> model input {shown.size[0]}x{shown.size[1]} px, "
+            f"{grid[0]} rows x {grid[1]} columns of patches")
+
+
 def run(cfg: dict) -> None:
     """The attention figure of one photo (or --inspect); prints the weights, the input size and the top-5."""
     if cfg["inspect"]:
         return inspect(cfg)
-    photo = load_photo(cfg["image"])  # the photo first: cheap to check
+    photo = load_image(shipped(cfg["image"]))  # the photo first: cheap to check
     dev = hardware.resolve_device(cfg["device"])
     model, ckpt = load_model(cfg["model"], cfg["num_heads"], need_head=False)
     model.eval().to(dev)
@@ -213,13 +251,15 @@ def run(cfg: dict) -> None:
                          f"such as DINO / DINOv2).")
     names = class_names_for(ckpt, num_classes)
     tgt = resolve_target(str(cfg["target"]), names, num_classes)
+    saved = ckpt.get("classes")
+    label = true_class(cfg["image"], names, [str(c) for c in saved] if isinstance(saved, list | tuple) else None)
     shown = model_input(photo, cfg["img_size"], model.patch_size)
     x = TF.normalize(TF.to_tensor(shown), IN1K.MEAN, IN1K.STD)[None].to(dev)  # (1, 3, H, W)
-    grid = model.patch_grid(*x.shape[-2:])
-    print(f"{cfg['image']}: {photo.size[0]}x{photo.size[1]} -> model input {shown.size[0]}x{shown.size[1]} "
-          f"({grid[0]}x{grid[1]} patches)")
+    print(input_line(cfg["image"], photo, shown, model.patch_grid(*x.shape[-2:])))
     ex = explain(model, x, tgt)
-    save_figure(attention_figure(ex, np.asarray(shown), class_names=names, topk=5), cfg["output"])
+    save_figure(attention_figure(ex, np.asarray(shown), class_names=names, topk=5, label=label), cfg["output"])
+    if label is not None:
+        print(f"true class (from the file name): {names[label] if names else label} (index {label})")
     if num_classes == 0:
         print(f"saved {cfg['output']} ({cfg['model']} has no classification head: maps only, no top-5)")
         return
@@ -233,13 +273,21 @@ def parse_args(argv: list[str] | None = None) -> dict:
     return {**cfg, "output": cfg["output"] or OUTPUTS[cfg["inspect"]]}
 
 
+def check_options(cfg: dict) -> None:
+    """The checks that need no file read."""
+    if cfg["img_size"] <= 0:
+        raise InputError(f"--img-size {cfg['img_size']} must be positive.")
+    if cfg["num_heads"] < 0:
+        raise InputError(f"--num-heads {cfg['num_heads']} must be 0 (embed_dim // 64) or a positive head count.")
+    figure_path(cfg["output"])
+
+
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(argv)
     try:
-        if cfg["img_size"] <= 0:
-            raise InputError(f"--img-size {cfg['img_size']} must be positive.")
+        check_options(cfg)
         run(cfg)
-    except (ValueError, FileNotFoundError) as e:  # InputError and CheckpointError are ValueErrors
+    except (ValueError, OSError) as e:  # InputError, CheckpointError and ImageError are ValueErrors
         sys.exit(f"error: {e}")
 
 

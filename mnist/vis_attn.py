@@ -2,12 +2,15 @@
 
 Shows a digit, the prediction and its probability, attention rollout and gradient rollout overlays, and the class
 token's attention in every layer x head (`attention.figures.attention_figure`). The digit is a test-set image
-(--index) or your own picture (--image): any size, colour or gray, dark-on-light or light-on-dark; it is brought
-to the MNIST form first (gray, light digit on black, scaled into a 20x20 box, centred by centre of mass in 28x28).
+(--index; its true label goes in the title) or your own picture (--image): any size, colour or gray, any bit depth
+(16-bit PNGs too), dark-on-light or light-on-dark, a phone photo turned upright by its EXIF orientation; it is
+brought to the MNIST form first (gray, light digit on black, scaled into a 20x20 box, centred by centre of mass in
+28x28). The figure goes to runs/mnist/attention.png unless --output names another file.
 
 `--inspect` draws how the model looks instead (`attention.figures.inspection_figure`): the principal components of its
 patch-embedding filters, the similarity of its position embeddings, and the mean attention distance and entropy of
-every head against depth over the first --num-images test digits; the table of those is printed.
+every head against depth over the first --num-images test digits; the table of those is printed and the figure goes
+to runs/mnist/inspect.png (or --output).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from attention.figures import attention_figure, inspection_figure
 from attention.inspection import attention_table, inspect_model
@@ -27,17 +30,19 @@ from models.vit import VisionTransformer
 from utils import hardware
 from utils.checkpoint import CheckpointError, read_checkpoint
 from utils.config import UsageError, parse_config
+from utils.images import load_image
 from utils.img2attn import explain
-from utils.plots import save_figure
+from utils.plots import figure_path, save_figure
 
 # ----------------------------------------------------------------------------------------------------------- config
 OPTIONS = {
-    "image": (None, "PNG/JPG of a digit (default: test-set digit number --index)"),
+    "image": (None, "picture of one digit (PNG, JPEG, ...; any size, colour, bit depth; default: test-set digit "
+                    "number --index)"),
     "index": (0, "test-set digit to show when no --image is given"),
     "model": ("runs/mnist/checkpoint.pth", "checkpoint written by python -m mnist.train (the weights its run "
                                            "reported)"),
-    "output": (None, "where to write the figure (PNG; default imgs/mnist_attention.png, with --inspect "
-                     "imgs/mnist_inspect.png)"),
+    "output": (None, "the figure's file (.png, .pdf, .svg, ...; folders are made; default runs/mnist/attention.png, "
+                     "with --inspect runs/mnist/inspect.png)"),
     "data_root": ("data", "MNIST root for the test-set digits, as for mnist.train --data-root"),
     "target": (None, "class (0-9) the gradient rollout explains (default: the predicted one)"),
     "device": ("auto", hardware.DEVICE_HELP + "; maps in fp32"),
@@ -46,8 +51,13 @@ OPTIONS = {
                        "the --image); prints the distance / entropy table"),
     "num_images": (256, "--inspect: the first N test digits"),
 }
-OUTPUTS = {False: "imgs/mnist_attention.png", True: "imgs/mnist_inspect.png"}
+ALIASES = {"output": ["--out"]}
+OUTPUTS = {False: "runs/mnist/attention.png", True: "runs/mnist/inspect.png"}  # runs/ is git-ignored
 # -------------------------------------------------------------------------------------------------------------------
+
+
+class NoDigitError(ValueError):
+    """A picture with nothing drawn on it."""
 
 
 def to_mnist(image: Image.Image) -> np.ndarray:
@@ -55,7 +65,7 @@ def to_mnist(image: Image.Image) -> np.ndarray:
     to fit 20x20 (aspect kept), placed so its centre of mass is at the centre of the 28x28 frame.
 
     The background is the median of the border pixels; a light background is inverted. Transparent pixels count
-    as background.
+    as background. Raises NoDigitError for a picture of (almost) one colour.
     """
     rgba = np.asarray(image.convert("RGBA"), dtype=np.float32)
     gray = rgba[..., :3] @ np.array([0.299, 0.587, 0.114], dtype=np.float32)  # (H, W) in [0, 255]
@@ -69,7 +79,7 @@ def to_mnist(image: Image.Image) -> np.ndarray:
     ink = np.abs(gray - background)  # distance from the background, whatever the polarity
     peak = float(ink.max())
     if peak < 32:
-        raise ValueError("the image has no digit: it is (almost) a single colour.")
+        raise NoDigitError("it is (almost) a single colour.")
     ink = np.clip((ink - 0.15 * peak) / (0.85 * peak), 0, 1)  # drop paper texture / noise, then stretch to [0, 1]
     rows, cols = np.nonzero(ink)
     ink = ink[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
@@ -88,22 +98,32 @@ def to_mnist(image: Image.Image) -> np.ndarray:
     return np.clip(out, 0, 255).round().astype(np.uint8)
 
 
-def load_image(path: str | Path) -> np.ndarray:
-    """Read a picture of a digit and bring it to the MNIST form -> (28, 28) uint8."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image {path} does not exist; pass the path of a PNG or JPG of a digit.")
+def load_digit(path: str | Path) -> np.ndarray:
+    """Read a picture of a digit (`utils.images.load_image`: any mode and bit depth, EXIF orientation applied,
+    transparency kept) and bring it to the MNIST form -> (28, 28) uint8.
+
+    Raises ImageError (missing file, a folder, not an image) or ValueError (no digit), one sentence naming the file."""
     try:
-        with Image.open(path) as im:
-            im.load()
-            return to_mnist(im)
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"{path} is not an image that PIL can read ({type(e).__name__}); pass a PNG or JPG.") from None
+        return to_mnist(load_image(path, "RGBA"))
+    except NoDigitError as e:
+        raise NoDigitError(f"image '{path}' has no digit: {e}") from None
+
+
+def check_model_path(path: str | Path) -> None:
+    """One sentence for a --model that is not a file: a folder, or no checkpoint yet (train one first)."""
+    path = Path(path)
+    if path.is_dir():
+        inside = f" such as '{path / 'checkpoint.pth'}'" if (path / "checkpoint.pth").is_file() else ""
+        raise CheckpointError(f"--model '{path}' is a folder; pass the checkpoint file in it{inside}.")
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at '{path}': train a model first with python -m mnist.train (it "
+                              f"writes runs/mnist/checkpoint.pth), or pass --model with the checkpoint of a run.")
 
 
 def load_model(path: str | Path) -> tuple[VisionTransformer, dict]:
     """A trained MNIST ViT (the weights its run reported, EMA or not: `model.weights_note` says which) and its
     input preparation {"mean", "std", "deskew"} from a checkpoint of mnist.train."""
+    check_model_path(path)
     ckpt = read_checkpoint(path)
     cfg = ckpt.get("model_config")
     model = load_pretrained(ckpt)
@@ -122,23 +142,30 @@ def load_model(path: str | Path) -> tuple[VisionTransformer, dict]:
 def digits_to_show(cfg: dict) -> tuple[np.ndarray, int | None]:
     """The digits asked for -> ((n, 28, 28) uint8, the label of a single test digit or None)."""
     if cfg["image"]:
-        return load_image(cfg["image"])[None], None
+        return load_digit(cfg["image"])[None], None
     test = load_mnist(cfg["data_root"], download=True, splits=("test",))
     n = len(test["test_x"])
     if cfg["inspect"]:
         return test["test_x"][:cfg["num_images"]].numpy(), None
     if not 0 <= cfg["index"] < n:
-        raise UsageError(f"--index {cfg['index']} is outside the test set (0..{n - 1}).")
+        raise UsageError(f"--index {cfg['index']} is outside the test set; pass 0..{n - 1}.")
     return test["test_x"][cfg["index"]:cfg["index"] + 1].numpy(), int(test["test_y"][cfg["index"]])
 
 
-def run(cfg: dict) -> None:
-    """Draw the figure asked for and print what the model predicted (or the inspection table)."""
+def check_options(cfg: dict) -> Path:
+    """The cheap checks, before any loading -> the figure's path."""
     if cfg["target"] is not None and not 0 <= cfg["target"] < NUM_CLASSES:
         raise UsageError(f"--target {cfg['target']} is not a digit; pass 0-9.")
     if cfg["num_images"] < 1:
         raise UsageError(f"--num-images {cfg['num_images']} must be at least 1.")
-    output = cfg["output"] or OUTPUTS[cfg["inspect"]]
+    if cfg["index"] < 0 and not cfg["image"] and not cfg["inspect"]:
+        raise UsageError(f"--index {cfg['index']} is negative; pass a test-set index from 0.")
+    return figure_path(cfg["output"] or OUTPUTS[cfg["inspect"]])
+
+
+def run(cfg: dict) -> None:
+    """Draw the figure asked for and print what the model predicted (or the inspection table)."""
+    output = check_options(cfg)
     dev = hardware.resolve_device(cfg["device"])
     model, prep = load_model(cfg["model"])
     model.to(dev)
@@ -153,18 +180,20 @@ def run(cfg: dict) -> None:
               f"wrote {output}")
         return
     ex = explain(model, x, cfg["target"])
-    save_figure(attention_figure(ex, digits[0], class_names=[str(i) for i in range(NUM_CLASSES)]), output)
+    figure = attention_figure(ex, digits[0], class_names=[str(i) for i in range(NUM_CLASSES)], label=label)
+    save_figure(figure, output)
     probs = ex.logits[0].softmax(-1)
-    truth = f" (label {label})" if label is not None else ""
+    truth = f" (true label {label})" if label is not None else ""
     print(f"{cfg['model']}: {model.weights_note}")
     print(f"predicted {int(probs.argmax())} ({float(probs.max()):.1%}){truth}; wrote {output}")
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg, _ = parse_config("python -m mnist.vis_attn", __doc__, {"options": OPTIONS}, argv, types={"target": int})
+    cfg, _ = parse_config("python -m mnist.vis_attn", __doc__, {"options": OPTIONS}, argv, types={"target": int},
+                          aliases=ALIASES)
     try:
         run(cfg)
-    except (ValueError, FileNotFoundError) as e:  # UsageError, CheckpointError and DataError are ValueErrors
+    except (ValueError, OSError) as e:  # UsageError, CheckpointError, DataError, ImageError are ValueErrors
         sys.exit(f"error: {e}")
 
 

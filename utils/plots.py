@@ -16,6 +16,26 @@ import numpy as np
 from utils.checkpoint import atomic_write
 
 
+def figure_path(path: str | os.PathLike, flag: str = "--output") -> Path:
+    """Check, before any work, that a figure can be written at `path` -> Path(path).
+
+    Raises ValueError (one sentence naming `flag` and the value) for a folder, a path under an existing file, or a
+    suffix matplotlib cannot write (none, .txt, ...); the missing parent folders are made by `save_figure`."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{flag} '{path}' is a folder; pass a file name such as '{path / 'attention.png'}'.")
+    blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise ValueError(f"{flag} '{path}' lies under '{blocker}', which is a file, not a folder.")
+    kinds = FigureCanvasBase.get_supported_filetypes()
+    if path.suffix[1:].lower() not in kinds:
+        raise ValueError(f"{flag} '{path}' needs a file type matplotlib writes: .png, or one of "
+                         f"{', '.join('.' + k for k in sorted(kinds) if k != 'png')}.")
+    return path
+
+
 def save_figure(fig, path: str | os.PathLike, dpi: int = 150) -> None:
     """Save a matplotlib Figure as PNG (or the suffix's format) at `dpi`, atomically (parent folders are
     created); a pyplot figure is closed afterwards."""
@@ -30,9 +50,17 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 150) -> None:
             plt.close(fig)
 
 
-def plot_curves(metrics: Sequence[dict[str, Any]], path: str | os.PathLike, title: str = "") -> None:
-    """Loss (left, log scale) and top-1 accuracy (right) against epoch, from rows with "epoch" and any of
-    train_loss / val_loss / test_loss and val_top1 / test_top1 / ema_val_top1 / ema_test_top1."""
+def _epoch_axis(ax) -> None:
+    """Label the x axis "epoch" with whole-number ticks only (two epochs: ticks 1 and 2, not 1.0, 1.2, ...)."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def curves_figure(metrics: Sequence[dict[str, Any]], title: str = ""):
+    """Loss (left, log scale) and top-1 accuracy (right) against epoch -> matplotlib Figure, from rows with
+    "epoch" and any of train_loss / val_loss / test_loss and val_top1 / test_top1 / ema_val_top1 / ema_test_top1."""
     from matplotlib.figure import Figure
 
     epochs = [m["epoch"] for m in metrics]
@@ -44,24 +72,31 @@ def plot_curves(metrics: Sequence[dict[str, Any]], path: str | os.PathLike, titl
             if any(key in m for m in metrics):
                 ax.plot(epochs, [m.get(key, float("nan")) for m in metrics], marker=".", label=key)
         ax.grid(alpha=0.3)
+        _epoch_axis(ax)
         if ax.lines:
             ax.legend(fontsize=8)
-    ax_loss.set(xlabel="epoch", ylabel="loss", yscale="log", title="loss")
-    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="top-1 accuracy")
+    ax_loss.set(ylabel="loss", yscale="log", title="loss")
+    ax_acc.set(ylabel="accuracy (%)", title="top-1 accuracy")
     if title:
         fig.suptitle(title, fontsize=9)
-    save_figure(fig, path, dpi=100)
+    return fig
 
 
-def plot_attention_curves(metrics: Sequence[dict[str, Any]], path: str | os.PathLike, title: str = "") -> None:
-    """Mean attention distance (left, px) and entropy (right, nats) of every layer against epoch, from the rows
-    that `attention.tracking.track_attention` filled ("attn_distance", "attn_entropy"); no such rows: no file."""
+def plot_curves(metrics: Sequence[dict[str, Any]], path: str | os.PathLike, title: str = "") -> None:
+    """`curves_figure` saved as PNG at `path`."""
+    save_figure(curves_figure(metrics, title), path, dpi=100)
+
+
+def attention_curves_figure(metrics: Sequence[dict[str, Any]], title: str = ""):
+    """Mean attention distance (left, px) and entropy (right, nats) of every layer against epoch -> matplotlib
+    Figure, from the rows that `attention.tracking.track_attention` filled ("attn_distance", "attn_entropy");
+    None when no row has them."""
     from matplotlib import colormaps
     from matplotlib.figure import Figure
 
     rows = [m for m in metrics if "attn_distance" in m]
     if not rows:
-        return
+        return None
     epochs = [m["epoch"] for m in rows]
     layers = len(rows[-1]["attn_distance"])
     colours = colormaps["viridis"](np.linspace(0, 0.9, layers))
@@ -72,10 +107,17 @@ def plot_attention_curves(metrics: Sequence[dict[str, Any]], path: str | os.Path
         for i in range(layers):
             ax.plot(epochs, [m[key][i] if len(m[key]) > i else np.nan for m in rows], marker=".", color=colours[i],
                     label=f"layer {i + 1}")
-        ax.set(xlabel="epoch", ylabel=label, title=label.split(" (")[0] + " per layer (mean over heads)")
+        ax.set(ylabel=label, title=label.split(" (")[0] + " per layer (mean over heads)")
+        _epoch_axis(ax)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7, ncol=1 + layers // 7)
     if title:
         fig.suptitle(title, fontsize=9)
-    save_figure(fig, path, dpi=100)
+    return fig
 
+
+def plot_attention_curves(metrics: Sequence[dict[str, Any]], path: str | os.PathLike, title: str = "") -> None:
+    """`attention_curves_figure` saved as PNG at `path`; no tracked rows: no file."""
+    fig = attention_curves_figure(metrics, title)
+    if fig is not None:
+        save_figure(fig, path, dpi=100)
