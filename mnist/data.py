@@ -3,7 +3,12 @@ grid_sample per batch), the model's input normalisation and shift test-time augm
 
 from __future__ import annotations
 
+import gzip
 import math
+import os
+import shutil
+import struct
+import zlib
 from pathlib import Path
 
 import torch
@@ -12,7 +17,9 @@ from torch import Tensor, nn
 
 MEAN, STD = 0.1307, 0.3081  # pixel statistics of the MNIST training set (in [0, 1])
 IMAGE_SIZE, NUM_CLASSES = 28, 10
-FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+FILES = {"train-images-idx3-ubyte": 0x803, "train-labels-idx1-ubyte": 0x801,  # name -> IDX magic (ubyte, 3 / 1 dims)
+         "t10k-images-idx3-ubyte": 0x803, "t10k-labels-idx1-ubyte": 0x801}
+KINDS = {0x803: "images", 0x801: "labels"}
 VAL_SPLIT_SEED = 1234  # the validation images do not change with --seed
 
 
@@ -20,22 +27,70 @@ class DataError(ValueError):
     """MNIST is missing or unreadable."""
 
 
+def idx_problem(path: Path, magic: int) -> str | None:
+    """Why `path` is not a complete IDX file of the kind `magic` (0x801 labels, 0x803 images: unsigned bytes, 1 or
+    3 dimensions), e.g. "0 bytes" or "12345 of 47040016 bytes"; None when its header and size agree."""
+    dims, size = magic & 0xFF, path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(4 + 4 * dims)
+    if len(head) < 4 + 4 * dims or int.from_bytes(head[:4], "big") != magic:
+        return f"{size} bytes, not an MNIST {KINDS[magic]} file" if size else "0 bytes"
+    want = len(head) + math.prod(struct.unpack(f">{dims}I", head[4:]))
+    return None if size == want else f"{size} of {want} bytes"
+
+
+def extract(gz: Path, out: Path, magic: int) -> None:
+    """Decompress `gz` to `out` through a temporary name in the same folder, renamed only once the whole file is
+    written and is a complete IDX file (`idx_problem`); DataError naming `gz` when it is cut short or corrupt."""
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")
+    try:
+        with gzip.open(gz, "rb") as src, tmp.open("wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+        problem = idx_problem(tmp, magic)
+        if problem:
+            raise DataError(f"{gz} does not hold an MNIST {KINDS[magic]} file (it unpacks to {problem}); put the "
+                            f"original {gz.name} there.")
+        os.replace(tmp, out)
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:  # cut short, not gzip, bad CRC or length
+        raise DataError(f"{gz} is cut short or corrupt ({type(e).__name__}: {e}); delete it and download it again "
+                        f"(the next run without --no-download does), or put a good copy there.") from None
+    except OSError as e:  # the folder: read-only, full
+        raise DataError(f"cannot extract {gz} into {out.parent}: {e.strerror or e}.") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def prepare_raw(raw: Path) -> list[str]:
+    """Make every extracted file in `raw` complete and current -> the names of FILES still missing.
+
+    An extracted file that is not a complete IDX file (an interrupted extraction or download) counts as missing
+    and is removed; one older than its .gz (the archive was replaced) is extracted again. Extraction replaces a
+    file only once the new one is complete (`extract`)."""
+    missing = []
+    for name, magic in FILES.items():
+        out, gz = raw / name, raw / f"{name}.gz"
+        if out.is_file() and idx_problem(out, magic):
+            out.unlink()
+        if gz.is_file() and (not out.is_file() or gz.stat().st_mtime > out.stat().st_mtime):
+            extract(gz, out, magic)
+        if not out.is_file():
+            missing.append(name)
+    return missing
+
+
 def load_mnist(root: str | Path, download: bool = True,
                splits: tuple[str, ...] = ("train", "test")) -> dict[str, Tensor]:
     """MNIST from `root`/MNIST/raw via torchvision -> {"train_x": (60000, 28, 28) uint8, "train_y": (60000,) int64,
     "test_x": (10000, 28, 28) uint8, "test_y": (10000,) int64} (the `splits` asked for).
 
-    Gzipped files already in raw/ are extracted here (torchvision would first re-download files whose checksum
-    differs); otherwise torchvision downloads them when `download` is set.
+    Gzipped files already in raw/ are extracted here (`prepare_raw`: atomically; an incomplete or stale extracted
+    file counts as missing); what is still missing torchvision downloads when `download` is set. Raises DataError
+    (one sentence naming the file) for missing, cut-short or inconsistent files.
     """
     from torchvision.datasets import MNIST
-    from torchvision.datasets.utils import extract_archive
 
     raw = Path(root) / "MNIST" / "raw"
-    for name in FILES:
-        if not (raw / name).exists() and (raw / f"{name}.gz").exists():
-            extract_archive(str(raw / f"{name}.gz"), str(raw))
-    missing = [n for n in FILES if not (raw / n).exists()]  # torchvision wants all four, whatever the split
+    missing = prepare_raw(raw) if raw.is_dir() else list(FILES)  # torchvision wants all four, whatever the split
     put = f"put {', '.join(f'{n}.gz' for n in FILES)} there"
     if missing and not download:
         raise DataError(f"MNIST is not in {raw} (no {missing[0]}); {put}, or drop --no-download to fetch it.")
@@ -46,7 +101,16 @@ def load_mnist(root: str | Path, download: bool = True,
         reason = lines[-1][:120] if lines else type(e).__name__
         what = "downloading it failed" if missing else "reading it failed"
         raise DataError(f"MNIST is not usable in {raw}: {what} ({reason}); {put}.") from None
-    return {f"{split}_{k}": v for split, ds in sets.items() for k, v in (("x", ds.data), ("y", ds.targets))}
+    out = {}
+    for split, ds in sets.items():
+        x, y = ds.data, ds.targets
+        if x.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE) or len(x) != len(y):
+            prefix = "train" if split == "train" else "t10k"
+            raise DataError(f"{raw / f'{prefix}-images-idx3-ubyte'} holds {len(x)} images of "
+                            f"{'x'.join(map(str, x.shape[1:]))} pixels and its labels file {len(y)} labels; MNIST "
+                            f"has one label per 28x28 image: {put}.")
+        out |= {f"{split}_x": x, f"{split}_y": y}
+    return out
 
 
 def deskew(images: Tensor, chunk: int = 10000) -> Tensor:
