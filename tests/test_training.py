@@ -230,3 +230,13 @@ def test_budget_epochs_decides_after_epoch_4_and_replans_both_ways():
     faster = walls + [58.0 + 8 * i for i in range(16)]  # 8 s now: 31 more would end at 438 s, before 80 %
     assert schedule.budget_epochs(faster, 179, 51, 600, 10) == 20 + (540 - 179 - 10) // 8
     assert schedule.budget_epochs(faster, 179, 51, 600, 10, cap=55) == 55  # --epochs given: at most that
+
+
+def test_early_epochs_decides_only_a_budget_too_short_to_wait():
+    # 60 s budget, 54 s usable; 3 s for the end
+    assert schedule.early_epochs(5, 20, 60, 3, done=1) is None  # 31 s left: 6 more epochs of 5 s, 7 > 4
+    assert schedule.early_epochs(10, 30, 60, 3, done=1) == 3  # 21 s left: 2 more of 10 s
+    assert schedule.early_epochs(10, 30, 60, 3, done=1, cap=2) == 2  # --epochs given: at most that
+    assert schedule.early_epochs(15, 50, 60, 3, done=1) == 2  # not even one more fits: still one more
+    assert schedule.early_epochs(1, 2, 60, 3, done=3, decide_after=4) is None  # plenty: budget_epochs decides
+    assert schedule.early_epochs(10, 44, 60, 3, done=3, cap=100) == 4  # 7 s left: one more, the fourth

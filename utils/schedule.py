@@ -52,6 +52,21 @@ def epochs_within(budget_s: float, elapsed_s: float, epoch_s: float, final_s: fl
     return max(done, fit if cap is None else min(cap, fit))
 
 
+def early_epochs(epoch_s: float, now: float, budget_s: float, final_s: float, done: int, cap: int | None = None,
+                 decide_after: int = 4) -> int | None:
+    """Before `budget_epochs` can decide (fewer than `decide_after` epochs done): the epoch count of a budget too
+    short to wait for it, or None when it is long enough.
+
+    epoch_s: the last epoch's time (seconds; a further one is taken to last as long); now: seconds since the start;
+    final_s: what the end adds. When fewer than decide_after + 1 epochs end within 90 % of `budget_s`
+    (`epochs_within`), the count is set now: what fits, never fewer than one more epoch, at most `cap`."""
+    fit = epochs_within(budget_s, now, epoch_s, final_s, done)
+    if fit > decide_after:
+        return None
+    fit = max(done + 1, fit)
+    return fit if cap is None else max(done + 1, min(cap, fit))
+
+
 def budget_epochs(wall_s: list[float], now: float, epochs: int, budget_s: float, final_s: float,
                   cap: int | None = None, decide_after: int = 4, band: tuple[float, float] = (0.8, 0.95)) -> int:
     """The epoch count of a run on a time budget, re-planned after every epoch from the `decide_after`-th on.
