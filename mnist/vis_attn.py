@@ -116,8 +116,8 @@ def check_model_path(path: str | Path) -> None:
         inside = f" such as '{path / 'checkpoint.pth'}'" if (path / "checkpoint.pth").is_file() else ""
         raise CheckpointError(f"--model '{path}' is a folder; pass the checkpoint file in it{inside}.")
     if not path.is_file():
-        raise CheckpointError(f"no checkpoint at '{path}': train a model first with python -m mnist.train (it "
-                              f"writes runs/mnist/checkpoint.pth), or pass --model with the checkpoint of a run.")
+        raise CheckpointError(f"checkpoint '{path}' does not exist: train a model first with python -m mnist.train "
+                              f"(it writes runs/mnist/checkpoint.pth), or pass --model with a run's checkpoint.")
 
 
 def load_model(path: str | Path) -> tuple[VisionTransformer, dict]:

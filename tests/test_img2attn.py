@@ -225,6 +225,40 @@ def test_attention_figure_png(tmp_path):
         assert png.size[0] > 1000 and png.size[1] > 500
 
 
+def test_attention_figure_colour_bars_span_each_map_and_title_names_the_true_class():
+    model = forced_vit()
+    x = bright_patch_image(1, 0)
+    ex = explain(model, x)
+    names = ["bright patch", "dark"]
+    fig = attention_figure(ex, x[0], class_names=names, topk=2, label=1)
+    upper = fig.subfigs[0]
+    assert "true: dark" in upper._suptitle.get_text() and upper._suptitle.get_text().startswith("predicted: ")
+    bars = {a.get_title(): c for a in upper.axes for c in a.child_axes}  # one colour bar under every map
+    maps = {"attention rollout": ex.rollout[0], f"gradient rollout: {names[int(ex.target[0])]}":
+            ex.gradient_rollout[0], f"token norm, layer {len(ex.attn)}": ex.token_norms[0, -1]}
+    assert set(bars) == set(maps)
+    for title, m in maps.items():
+        ticks = bars[title].get_xticks()
+        assert ticks[0] == pytest.approx(float(m.min())) and ticks[-1] == pytest.approx(float(m.max())), title
+        assert bars[title].get_xlabel()  # says what the values are
+    grid_bar = [a for a in fig.axes if a.get_ylabel() == "class-token attention"]
+    assert len(grid_bar) == 1 and [t.get_text() for t in grid_bar[0].get_yticklabels()] == ["panel\nminimum",
+                                                                                            "panel\nmaximum"]
+    top5 = [t.get_text() for a in upper.axes for t in a.texts]
+    assert "dark (true)" in top5  # the true class is marked among the top-k
+    unknown = attention_figure(ex, x[0], class_names=names, topk=2)
+    assert "true" not in unknown.subfigs[0]._suptitle.get_text()
+
+
+def test_attention_figure_without_a_head_names_the_true_class_too():
+    torch.manual_seed(0)
+    model = VisionTransformer(16, 32, 2, 2, 4, 3, 6, 0, grid_size=(2, 3)).eval()
+    ex = explain(model, torch.rand(1, 3, 8, 12))
+    fig = attention_figure(ex, torch.rand(8, 12, 3), class_names=["a", "b"], label=0)
+    assert fig.subfigs[0]._suptitle.get_text() == "no classification head: attention maps only   true: a"
+    assert len([c for a in fig.subfigs[0].axes for c in a.child_axes]) == 2  # rollout and token norm
+
+
 @pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
 def test_gradient_maps_under_no_grad_and_inference_mode(context):
     from utils.img2attn import explain

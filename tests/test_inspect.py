@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import re
 import struct
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from mnist import train as mnist_train
 from mnist import vis_attn as mnist_vis
 from models.pretrained import load_pretrained
 from models.vit import VisionTransformer
+from utils.images import load_image
 from utils.plots import plot_attention_curves, save_figure
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -326,7 +328,8 @@ def test_imagenet_tracks_attention_and_inspects(tmp_path, capsys):
     out = tmp_path / "run"
     imagenet_train.main(["--data-root", str(tmp_path / "data"), "--out", str(out), "--epochs", "1", "--device", "cpu",
                          "--embed-dim", "32", "--num-heads", "2", "--depth", "2", "--img-size", "32", "--patch-size",
-                         "8", "--batch-size", "4", "--workers", "0", "--warmup-epochs", "1", "--no-progress"])
+                         "8", "--batch-size", "4", "--workers", "0", "--warmup-epochs", "1", "--min-lr", "0",
+                         "--no-progress"])
     row = json.loads((out / "metrics.json").read_text())["epochs"][0]
     assert len(row["attn_distance"]) == 2 and len(row["attn_entropy_heads"][0]) == 2 and row["inspect_s"] > 0
     assert 0 <= min(row["attn_distance"]) and max(row["attn_entropy"]) <= math.log(17) + 1e-4
@@ -354,7 +357,7 @@ def test_deit_tiny_attention_distance_grows_with_depth():
     model = load_pretrained(DEIT).eval()
     files = sorted(SAMPLES.glob("*.JPEG"))[::63]  # 16 photos of 16 classes
     tf = eval_transform(224)
-    x = device_transform()(torch.stack([tf(imagenet_vis.load_photo(f)) for f in files]))  # uint8 -> normalised
+    x = device_transform()(torch.stack([tf(load_image(f)) for f in files]))  # uint8 -> normalised
     stats = attention_stats(model, x, batch_size=16)
     print(f"DeiT-tiny over {len(x)} sample photos (pytest -s shows it)\n{attention_table(stats)}")
     dist, ent = stats["distance"], stats["entropy"]
@@ -364,3 +367,233 @@ def test_deit_tiny_attention_distance_grows_with_depth():
     early = dist[:4]
     assert early.min() < 0.6 * early.max()  # early layers: both local and global heads
     assert torch.all(ent > 0) and torch.all(ent <= math.log(197) + 1e-4)
+
+
+# ------------------------------------------------------------------------------ the two vis_attn scripts (#20 newcomer)
+REPO = Path(__file__).resolve().parents[1]
+
+
+def digit_picture(size=(60, 40)) -> np.ndarray:
+    """A dark "7" on light paper, (H, W) uint8: not symmetric, so a turn shows."""
+    h, w = size
+    a = np.full((h, w), 235, np.uint8)
+    a[8:14, 6:34] = 20  # the bar at the top
+    for r in range(14, 52):  # the stroke down to the left
+        c = 30 - (r - 14) * 20 // 38
+        a[r, c:c + 6] = 20
+    return a
+
+
+def save_exif_rotated(upright: Image.Image, path: Path) -> None:
+    """Save the pixels as a phone would with the camera turned: stored 90° counter-clockwise, EXIF orientation 6
+    (the viewer turns it 90° clockwise)."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    upright.transpose(Image.Transpose.ROTATE_90).save(path, exif=exif)
+
+
+def test_mnist_digit_with_exif_orientation_or_16_bits_equals_the_upright_8_bit_one(tmp_path):
+    upright = Image.fromarray(digit_picture())
+    upright.save(tmp_path / "upright.png")
+    save_exif_rotated(upright, tmp_path / "exif6.png")
+    sixteen = Image.fromarray(digit_picture().astype(np.uint16) * 257)  # the same picture in 16 bits
+    assert sixteen.mode == "I;16"
+    sixteen.save(tmp_path / "sixteen.png")
+    with Image.open(tmp_path / "sixteen.png") as im:
+        assert im.mode.startswith("I")  # PNG kept the 16 bits
+    want = mnist_vis.load_digit(tmp_path / "upright.png")
+    assert want.shape == (28, 28) and want.max() == 255
+    np.testing.assert_array_equal(mnist_vis.load_digit(tmp_path / "exif6.png"), want)
+    np.testing.assert_array_equal(mnist_vis.load_digit(tmp_path / "sixteen.png"), want)
+    with Image.open(tmp_path / "exif6.png") as raw:  # the file's own pixels lie on their side
+        assert not np.array_equal(mnist_vis.to_mnist(raw), want)
+    rgba = np.zeros((60, 40, 4), np.uint8)  # a black 7 on a transparent background: alpha is the ink
+    rgba[..., 3] = 255 - digit_picture()
+    Image.fromarray(rgba).save(tmp_path / "alpha.png")
+    assert np.abs(mnist_vis.load_digit(tmp_path / "alpha.png").astype(int) - want).max() <= 8
+
+
+def tiny_mnist_checkpoint(path: Path) -> Path:
+    torch.manual_seed(0)
+    model = VisionTransformer(16, 32, 2, 2, 7, 1, 16, 10)
+    torch.save({"model_config": model.config, "model": model.state_dict()}, path)
+    return path
+
+
+def tiny_imagenet_weights(path: Path, classes: int = 1000) -> Path:
+    """Random ViT weights in timm's layout: patch 8, 4x4 grid, `classes` classes."""
+    torch.save(tiny_vit(grid=(4, 4)).state_dict() if classes == 5 else
+               VisionTransformer(16, 32, 2, 2, 8, 3, 16, classes).state_dict(), path)
+    return path
+
+
+def exit_line(main, argv) -> str:
+    """The message main exits with: one line, not a traceback."""
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in argv])
+    msg = str(e.value.code)
+    assert msg.startswith("error: ") and "\n" not in msg, msg
+    return msg
+
+
+def test_vis_scripts_write_under_runs_by_default_and_take_output_or_out(tmp_path, monkeypatch, capsys):
+    ckpt = tiny_mnist_checkpoint(tmp_path / "mnist.pth")
+    Image.fromarray(digit_picture()).save(tmp_path / "seven.png")
+    weights = tiny_imagenet_weights(tmp_path / "vit.pth")
+    work = tmp_path / "clone"
+    work.mkdir()
+    monkeypatch.chdir(work)  # a folder without imgs/: the default photo is still the repo's
+    mnist_vis.main(["--model", str(ckpt), "--image", str(tmp_path / "seven.png")])
+    mnist_vis.main(["--model", str(ckpt), "--image", str(tmp_path / "seven.png"), "--inspect"])
+    imagenet_vis.main(["--model", str(weights), "--img-size", "32"])
+    imagenet_vis.main(["--model", str(weights), "--img-size", "32", "--inspect"])
+    written = sorted(str(p.relative_to(work)) for p in work.rglob("*") if p.is_file())
+    assert written == ["runs/imagenet/attention.png", "runs/imagenet/inspect.png", "runs/mnist/attention.png",
+                       "runs/mnist/inspect.png"]
+    for flag in ("--output", "--out"):
+        for main, argv in ((mnist_vis.main, ["--model", ckpt, "--image", tmp_path / "seven.png"]),
+                           (imagenet_vis.main, ["--model", weights, "--img-size", "32"])):
+            out = tmp_path / flag[2:] / main.__module__ / "new" / "fig.png"  # folders that do not exist yet
+            main([*map(str, argv), flag, str(out)])
+            assert Image.open(out).format == "PNG"
+    assert "imgs" not in {p.parts[0] for p in work.rglob("*")}
+    capsys.readouterr()
+
+
+def test_vis_scripts_bad_inputs_are_one_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    ckpt = tiny_mnist_checkpoint(tmp_path / "mnist.pth")
+    weights = tiny_imagenet_weights(tmp_path / "vit.pth")
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "notes.png").write_text("not a picture")
+    (tmp_path / "run").mkdir()
+    tiny_mnist_checkpoint(tmp_path / "run" / "checkpoint.pth")
+    Image.fromarray(np.full((30, 30), 128, np.uint8)).save(tmp_path / "blank.png")
+    Image.fromarray(digit_picture()).save(tmp_path / "seven.png")
+    seven = ["--image", tmp_path / "seven.png"]
+    mnist_cases = [
+        ([], "train a model first with python -m mnist.train"),  # no runs/mnist/checkpoint.pth yet
+        (["--model", tmp_path / "run"], f"is a folder; pass the checkpoint file in it such as "
+                                        f"'{tmp_path / 'run' / 'checkpoint.pth'}'"),
+        (["--model", ckpt, "--image", tmp_path], "is a folder, not an image file"),
+        (["--model", ckpt, "--image", tmp_path / "empty.png"], "cannot be decoded"),
+        (["--model", ckpt, "--image", tmp_path / "notes.png"], "cannot be decoded"),
+        (["--model", ckpt, "--image", tmp_path / "blank.png"], "has no digit"),
+        (["--model", ckpt, "--index", "-1"], "--index -1 is negative"),
+        (["--model", ckpt, "--target", "11", *seven], "--target 11 is not a digit; pass 0-9"),
+        (["--model", ckpt, "--num-images", "0", "--inspect"], "--num-images 0"),
+        (["--model", weights, *seven], "not MNIST (1-channel 28x28, 10 classes)"),  # an RGB ImageNet model
+        (["--model", tmp_path / "notes.png", *seven], "not a readable PyTorch checkpoint"),
+        (["--model", ckpt, *seven, "--output", tmp_path], "is a folder; pass a file name"),
+        (["--model", ckpt, *seven, "--output", tmp_path / "fig.txt"], "needs a file type matplotlib writes"),
+        (["--model", ckpt, *seven, "--output", tmp_path / "notes.png" / "fig.png"], "which is a file, not a folder"),
+    ]
+    for argv, words in mnist_cases:
+        msg = exit_line(mnist_vis.main, argv)
+        assert words in msg, (argv, msg)
+        assert "registry" not in msg, msg  # the ImageNet hint does not belong here
+    photo = ["--image", tmp_path / "seven.png", "--img-size", "32"]
+    imagenet_cases = [
+        (["--model", tmp_path / "run"], "is a folder; pass the checkpoint file in it"),
+        (["--model", "deit_tiny_patch16_22"], "did you mean deit_tiny_patch16_224?"),
+        (["--model", weights, "--image", tmp_path], "is a folder, not an image file"),
+        (["--model", weights, "--image", tmp_path / "empty.png"], "cannot be decoded"),
+        (["--model", weights, *photo, "--target", "1000"], "--target 1000 is out of range"),
+        (["--model", weights, *photo, "--target", "-1"], "--target -1 is out of range"),
+        (["--model", weights, *photo, "--target", "zebr"], "did you mean 'zebra'?"),
+        (["--model", ckpt, *photo], "1-channel images, not RGB photos"),
+        (["--model", weights, *photo, "--output", tmp_path], "is a folder; pass a file name"),
+        (["--model", weights, *photo, "--num-heads", "-1"], "--num-heads -1"),
+        (["--model", weights, "--inspect", "--inspect-images", tmp_path / "none"], "does not exist"),
+    ]
+    for argv, words in imagenet_cases:
+        msg = exit_line(imagenet_vis.main, argv)
+        assert words in msg, (argv, msg)
+    assert not (tmp_path / "runs").exists()  # every bad input is refused before a figure is written
+
+
+def test_vis_scripts_bad_input_from_the_shell_is_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    for module, argv in (("mnist.vis_attn", ["--model", str(tmp_path)]),
+                         ("imagenet.vis_attn", ["--image", str(tmp_path / "none.png")])):
+        p = subprocess.run([sys.executable, "-m", module, *argv], cwd=REPO, capture_output=True, text=True)
+        assert p.returncode == 1 and p.stdout == "" and "Traceback" not in p.stderr, p.stderr
+        assert p.stderr.startswith("error: ") and p.stderr.strip().count("\n") == 0, p.stderr
+
+
+def test_mnist_vis_names_the_true_label_of_a_test_digit(mnist_root, tmp_path, capsys):
+    ckpt = tiny_mnist_checkpoint(tmp_path / "mnist.pth")
+    mnist_vis.main(["--model", str(ckpt), "--data-root", str(mnist_root), "--index", "5", "--output",
+                    str(tmp_path / "f.png")])
+    from mnist.data import load_mnist
+
+    label = int(load_mnist(mnist_root, download=False, splits=("test",))["test_y"][5])
+    assert f"(true label {label})" in capsys.readouterr().out
+    x = torch.zeros(1, 1, 28, 28)  # the same title the script draws, from the figure function it calls
+    from attention.figures import attention_figure
+    from utils.img2attn import explain
+
+    fig = attention_figure(explain(load_pretrained(str(ckpt)).eval(), x), x[0, 0],
+                           class_names=[str(i) for i in range(10)], label=label)
+    assert f"true: {label}" in fig.subfigs[0]._suptitle.get_text()
+
+
+def test_imagenet_vis_true_class_from_the_file_name_and_the_input_line(tmp_path, capsys):
+    from imagenet.dataloaders import classes as IN
+
+    assert imagenet_vis.true_class("s/n01440764_tench.JPEG", IN.NAMES, None) == 0
+    assert imagenet_vis.true_class("val/n01443537/ILSVRC2012_val_00000001.JPEG", IN.NAMES, None) == 1
+    assert imagenet_vis.true_class("photos/cat.jpg", IN.NAMES, None) is None
+    assert imagenet_vis.true_class("n01440764_tench.JPEG", None, None) is None  # a model of other classes
+    assert imagenet_vis.true_class("n01440764_tench.JPEG", None, ["n01443537", "n01440764"]) == 1  # saved folders
+    assert imagenet_vis.true_class("n09999999_x.JPEG", IN.NAMES, None) is None  # a WordNet id of no class
+    rng = np.random.default_rng(0)
+    photo = tmp_path / "n01443537_goldfish.png"
+    Image.fromarray(rng.integers(0, 255, (45, 70, 3), dtype=np.uint8)).save(photo)  # 70 wide, 45 high
+    imagenet_vis.main(["--image", str(photo), "--model", str(tiny_imagenet_weights(tmp_path / "vit.pth")),
+                       "--img-size", "32", "--output", str(tmp_path / "f.png")])
+    out = capsys.readouterr().out
+    # 70x45 -> shorter side 32: 50x32 -> cropped to multiples of 8: 48x32 = 4 patch rows x 6 patch columns
+    assert "70x45 px (W x H) -> model input 48x32 px, 4 rows x 6 columns of patches" in out
+    assert "true class (from the file name): goldfish (index 1)" in out
+
+
+def test_inspection_figure_says_rows_and_columns():
+    model = tiny_vit(grid=(2, 3))
+    fig = inspection_figure(inspect_model(model, torch.randn(2, 3, 8, 12)), name="tiny")
+    assert "2 rows x 3 columns of patches" in fig._suptitle.get_text()
+
+
+def test_curves_have_whole_epoch_ticks():
+    from utils.plots import attention_curves_figure, curves_figure
+
+    rows = [{"epoch": e, "train_loss": 1 / e, "test_top1": 50 + e, "attn_distance": [10.0 + e, 12.0],
+             "attn_entropy": [2.0, 2.5 - e / 10]} for e in (1, 2)]
+    for fig in (curves_figure(rows), attention_curves_figure(rows)):
+        fig.canvas.draw()
+        for ax in fig.axes:
+            ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+            assert ticks == [1, 2], ticks  # not 1.0, 1.2, 1.4, ...
+            assert ax.get_xlabel() == "epoch"
+    assert attention_curves_figure([{"epoch": 1}]) is None  # nothing tracked: no figure
+
+
+@pytest.mark.parametrize("module", [mnist_vis, imagenet_vis])
+def test_vis_help_usage_defaults_once_and_inside_the_repo(module, capsys):
+    with pytest.raises(SystemExit) as e:
+        module.main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"usage: python -m {module.__name__} ")
+    options = re.split(r"\n  (?=-)", text.split("options:", 1)[1])
+    assert len(options) > 5
+    for option in options:
+        assert option.count("default") <= 1, option  # said once, not "(default: X) (default: None)"
+    assert "edit the paths" not in text and "../" not in text and str(REPO.parent) not in text
+    for name, (default, _) in module.OPTIONS.items():
+        if isinstance(default, str) and "/" in default:
+            assert not Path(default).is_absolute() and ".." not in Path(default).parts, name
+            assert (REPO / default).exists() or Path(default).parts[0] == "runs", name  # shipped, or an output
+    assert all(out.startswith("runs/") for out in module.OUTPUTS.values())
