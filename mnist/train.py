@@ -2,15 +2,17 @@
 
 The data set lives on the device (`mnist.data`); every epoch's randomness comes from a generator seeded with
 (seed, epoch), so the same command run again continues bit for bit (on a CPU) where a run stopped (--fresh starts
-over). Each epoch writes <out>/checkpoint.pth (atomically) and <out>/metrics.json (curves.png every 5 epochs and at
-the end). By default the run fits a 10-minute budget (--minutes): after epoch 4 the epoch count is set from the
-measured speed, and re-planned when epochs get faster or slower. The last epoch's test score is reported for the
-single view and with shift test-time augmentation (--tta-shift).
+over; a finished run says so and exits; --minutes 0 --epochs N continues it to N epochs). Each epoch writes
+<output>/checkpoint.pth (atomically) and <output>/metrics.json (curves.png every 5 epochs and at the end). By default
+the run fits a 10-minute budget (--minutes): after epoch 4 the epoch count is set from the measured speed, and
+re-planned when epochs get faster or slower. The last epoch's test score is reported for the single view and with
+shift test-time augmentation (--tta-shift).
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -238,7 +240,19 @@ def decide_config(cfg: dict[str, Any], given: set[str]) -> tuple[dict[str, Any],
     check_config(cfg)
     if ckpt is not None:
         ckpt["train_config"] = continue_length(cfg, given, saved, int(ckpt["epoch"]), path)
+    check_output(path.parent)
     return cfg, ckpt
+
+
+def check_output(out: Path) -> None:
+    """UsageError unless `out` (--output) is a folder this process can write; it is created if missing."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file of that name, a read-only parent
+        raise UsageError(f"--output {out} cannot be a folder here ({e.strerror or e}); pass a folder you can "
+                         f"write.") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise UsageError(f"--output {out} is not writable here; pass a folder you can write.")
 
 
 def continue_length(cfg: dict[str, Any], given: set[str], saved: dict[str, Any], done: int, path: Path) -> dict:
@@ -305,9 +319,10 @@ def build_run(cfg: dict[str, Any], given: set[str], ckpt: dict[str, Any] | None,
               train_x: Tensor) -> Run:
     """Model, optimizer, schedule, EMA as configured, restored from `ckpt` when continuing, compiled if asked."""
     steps = len(train_x) // cfg["batch_size"]
-    if steps == 0:
-        raise UsageError(f"--batch-size {cfg['batch_size']} exceeds the {len(train_x)} training images "
-                         f"in {cfg['data_root']}{' left by --val-split' if cfg['val_split'] else ''}.")
+    if steps == 0:  # MNIST files smaller than MNIST's (check_config knows the real counts)
+        left = f" left after --val-split {cfg['val_split']}" if cfg["val_split"] else ""
+        raise UsageError(f"--batch-size {cfg['batch_size']} exceeds the {len(train_x)} training images in "
+                         f"{cfg['data_root']}{left}; pass a smaller --batch-size.")
     train_config = {k: cfg[k] for k in (*MODEL, *RECIPE)} | {"dataset": "mnist", "normalize": [MEAN, STD]}
     if ckpt is not None:  # what --minutes decided, and the changes of length
         train_config |= {k: ckpt["train_config"][k] for k in ("epochs_fit", "changes") if k in ckpt["train_config"]}

@@ -416,6 +416,19 @@ def test_bad_settings_are_refused_in_one_line_before_any_work(args, named, tmp_p
     assert msg.startswith(f"error: {named}"), msg
 
 
+def test_an_output_that_cannot_be_a_folder_is_refused_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setattr(mnist_train, "load_splits", not_here)
+    (tmp_path / "taken").write_text("a file")
+    msg = call(mnist_train.main, *TINY, "--output", tmp_path / "taken" / "run")
+    assert msg.startswith(f"error: --output {tmp_path / 'taken' / 'run'} cannot be a folder here")
+
+
+def test_files_smaller_than_mnist_name_the_batch_and_the_split(data_root, tmp_path):
+    msg = call(mnist_train.main, *TINY, "--data-root", data_root, "--output", tmp_path, "--val-split", "600")
+    assert msg == (f"error: --batch-size 64 exceeds the 40 training images in {data_root} left after --val-split "
+                   f"600; pass a smaller --batch-size.")
+
+
 def test_the_floor_message_names_both_rates_and_what_to_pass(tmp_path):
     msg = call(mnist_train.main, *TINY, "--output", tmp_path, "--lr", "1e-3", "--min-lr", "2e-3")
     assert msg == ("error: peak lr 0.001 (--lr) is below --min-lr 0.002; pass --min-lr 1e-05 (or anything up to "
