@@ -344,10 +344,11 @@ def stage_nccl(args: argparse.Namespace, logs: Path, timeout: float) -> list[Row
 def imagenet_command(args: argparse.Namespace, plan: Plan, data: Path, out: Path) -> list[str]:
     """torchrun, one process, of imagenet.train with the plan's model, precision and sizes."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m",
-            "imagenet.train", "--data-root", str(data), "--out", str(out), "--model", plan.model, *plan.arch,
+            "imagenet.train", "--data-root", str(data), "--output", str(out), "--model", plan.model, *plan.arch,
             "--device", args.device, "--amp", plan.amp, "--compile" if plan.compile else "--no-compile",
             "--epochs", str(plan.epochs), "--steps-per-epoch", str(plan.steps_per_epoch), "--batch-size",
-            str(plan.batch), "--workers", str(plan.workers), "--warmup-epochs", "1", "--no-progress"]
+            str(plan.batch), "--workers", str(plan.workers), "--warmup-epochs", "1", "--min-lr", "1e-6",
+            "--no-progress"]  # (--min-lr: the cpu variant's batch of 8 scales the peak lr to 7.8e-6)
 
 
 def wait_for_line(proc: subprocess.Popen, path: Path, pattern: str, timeout: float) -> re.Match | None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,10 +29,12 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from attention.tracking import track_attention
-from imagenet.dataloaders.dataset import DatasetError, ImageDataset, TrainSampler, build_datasets
+from imagenet.dataloaders.classes import WNIDS, is_wnid
+from imagenet.dataloaders.dataset import DatasetError, ImageDataset, TrainSampler, build_datasets, class_difference
 from imagenet.dataloaders.loader import BatchLog, DeviceBatches, eval_loader, make_loader, stop_workers
+from imagenet.dataloaders.randaugment import parse_timm_config
 from imagenet.dataloaders.transforms import device_transform, eval_transform, mixup_cutmix, train_transform
-from models.pretrained import load_pretrained
+from models.pretrained import load_pretrained, registry_name
 from models.vit import VisionTransformer
 from utils import hardware
 from utils.checkpoint import (
@@ -64,15 +67,19 @@ from utils.seed import epoch_seed, rng_states, seed_everything, set_rng_states
 from utils.training import NonFiniteLossError, evaluate, train_one_epoch
 
 # ----------------------------------------------------------------------------------------------------------- config
-# Every entry is a command-line flag (`batch_size` -> --batch-size, booleans also --no-...); (default, help).
+# Every entry is a command-line flag (`batch_size` -> --batch-size, booleans also --no-...); (default, help). Where
+# timm spells a setting, its spelling is the flag; this repo's earlier names stay as aliases (ALIASES below).
 MODEL = {  # DeiT shapes: patch 16, 12 blocks, MLP 4·D; sizes > 0 override the --model preset
-    "model": ("vit_ti", "preset: vit_ti (D=192, 3 heads) | vit_s (D=384, 6 heads) | vit_b (D=768, 12 heads)"),
+    "model": ("vit_ti", "preset: vit_ti (D=192, 3 heads) | vit_s (D=384, 6 heads) | vit_b (D=768, 12 heads) | vit_l "
+                        "(D=1024, 16 heads, 24 blocks), or a timm / DeiT name such as deit_tiny_patch16_224 or "
+                        "vit_small_patch16_384 (that preset, patch and size)"),
     "embed_dim": (0, "token width D (0: the preset's)"),
     "num_heads": (0, "attention heads (0: the preset's)"),
     "depth": (0, "transformer blocks (0: the preset's, 12)"),
     "mlp_ratio": (4.0, "MLP hidden width / D"),
-    "patch_size": (16, "patch side in pixels; --img-size must be a multiple"),
-    "img_size": (224, "training crop; evaluation resizes to img_size / 0.875, then center-crops img_size"),
+    "patch_size": (16, "patch side in pixels (default: 16, or the --model name's); --img-size must be a multiple"),
+    "img_size": (224, "training crop (default: 224, the --model name's, or the size the --pretrained weights were "
+                      "trained at); evaluation resizes to img_size / 0.875, then center-crops img_size"),
     "drop_path": (0.1, "stochastic depth of the last block, linear from 0 (DeiT: 0.1 for Ti, S and B)"),
     "dropout": (0.0, "dropout (DeiT: 0)"),
 }
@@ -80,34 +87,40 @@ RECIPE = {  # DeiT (Touvron et al. 2021, Table 9); per-step warm-up then cosine
     "epochs": (300, "training epochs"),
     "batch_size": (1024, "global batch over all ranks and accumulation steps (see --device-batch)"),
     "lr": (5e-4, "peak AdamW learning rate for a batch of 512; the run uses lr * batch_size / 512"),
-    "min_lr": (1e-5, "learning rate at the end of the cosine"),
+    "min_lr": (1e-5, "learning rate at the end of the cosine: an absolute floor, not scaled with the batch (timm's "
+                     "meaning); a peak below it is refused"),
     "warmup_epochs": (5, "linear warm-up epochs"),
     "weight_decay": (0.05, "AdamW weight decay (none on biases, norms, position embedding, class token)"),
-    "grad_clip": (0.0, "max gradient norm (0 = off; DeiT: off)"),
-    "label_smoothing": (0.1, "cross-entropy label smoothing (also on MixUp / CutMix targets)"),
-    "repeated_aug": (0, "repeated augmentation: every image this many times an epoch, each copy augmented "
-                        "differently, on different ranks (DeiT's RASampler); 0: 3 from scratch, 1 (off) with "
-                        "--pretrained"),
+    "clip_grad": (0.0, "max gradient norm (0 = off; DeiT: off)"),
+    "smoothing": (0.1, "cross-entropy label smoothing (also on MixUp / CutMix targets)"),
+    "repeated_aug": (0, "repeated augmentation k (DeiT's RASampler): an epoch still holds N samples (N training "
+                        "images), ~N/k distinct images each shown k times, each copy augmented differently and on "
+                        "another rank; 0: 3 from scratch, 1 (off) with --pretrained"),
+    "aa": ("", "timm's RandAugment string, e.g. DeiT's rand-m9-mstd0.5-inc1 or rand-m7-n3-mstd1-inc1: sets "
+               "--randaug-n / -m / -mstd (those given too win); none: off"),
     "randaug_n": (2, "RandAugment ops per image (0 = off)"),
-    "randaug_m": (9, "RandAugment magnitude of 10 (DeiT's rand-m9-mstd0.5-inc1: magnitude noise 0.5, each op "
-                     "with probability 0.5)"),
+    "randaug_m": (9, "RandAugment magnitude of 10 (DeiT's rand-m9-mstd0.5-inc1; each op with probability 0.5)"),
+    "randaug_mstd": (0.5, "std of the noise on the RandAugment magnitude, per op"),
     "mixup": (0.8, "MixUp alpha (0 = off); each batch gets MixUp or CutMix, 50/50"),
     "cutmix": (1.0, "CutMix alpha (0 = off)"),
     "reprob": (0.25, "RandomErasing probability (per-pixel noise, on the device)"),
-    "ema_decay": (0.0, "decay of an EMA of the weights (with warm-up), updated every step and evaluated too; the "
-                       "run reports it where it scores higher (0 = off; DeiT: 0.99996)"),
+    "model_ema_decay": (0.0, "decay of an EMA of the weights (with warm-up), updated every step and evaluated too; "
+                             "the run reports it where it scores higher (0 = off; DeiT: 0.99996)"),
     "seed": (0, "initial weights, data order, per-sample augmentation and per-rank dropout all derive from it"),
 }
 RUN = {
     "data_root": ("data/imagenet", "dataset: ROOT/train/<class>/<image> + ROOT/val/<class>/<image> (for the "
                                    "ILSVRC2012 archives run `python -m imagenet.dataloaders.imagenet-1k ROOT "
                                    "--prepare` once); --evaluate-only also takes a folder of <wnid>_<name>.JPEG"),
-    "out": ("runs/imagenet", "output folder, on storage every node shares: checkpoint.pth, metrics.json, "
-                             "curves.png; a run whose --out holds a checkpoint continues it"),
-    "fresh": (False, "start over even though --out holds a checkpoint (it is replaced after the first epoch)"),
-    "resume": (False, "continue --out's checkpoint (the default anyway); without one yet, start a new run"),
+    "output": ("runs/imagenet", "output folder, on storage every node shares: checkpoint.pth, metrics.json, "
+                                "curves.png; a run whose --output holds a checkpoint continues it"),
+    "fresh": (False, "start over even though --output holds a checkpoint (it is replaced after the first epoch)"),
+    "resume": ("", "--resume alone: continue --output's checkpoint (the default anyway; without one yet, start a "
+                   "new run); --resume PATH (timm's): continue that checkpoint or run folder, in its folder unless "
+                   "--output is given"),
     "pretrained": ("", "initial weights: a registry name (python -m models.pretrained --list; downloaded once), "
-                       "this repo's checkpoint or timm / DeiT / DINO / torchvision ViT weights; sets the model"),
+                       "this repo's checkpoint or timm / DeiT / DINO / torchvision ViT weights; sets the model and "
+                       "the size (timm's --model NAME --pretrained works too)"),
     "evaluate_only": (False, "only report top-1 / top-5 of the --pretrained weights on the validation images"),
     "device": ("auto", hardware.DEVICE_HELP + "; under torchrun / srun each rank takes cuda:<local rank>"),
     "amp": ("auto", hardware.AMP_HELP),
@@ -115,7 +128,9 @@ RUN = {
     "channels_last": (True, "NHWC input and patch-embedding conv on GPU (tensor-core layout); ignored on CPU"),
     "device_batch": (0, "images per rank in one forward / backward (0: batch_size / ranks); smaller values "
                         "accumulate gradients: the same recipe in less memory"),
-    "workers": (8, "data-loading processes per rank (uint8 batches, pinned memory, persistent workers)"),
+    "workers": (hardware.data_workers(), "data-loading processes per rank (uint8 batches, pinned memory, persistent "
+                                         "workers; default: the CPUs here / processes per node, at most 8: "
+                                         f"{hardware.data_workers()} here)"),
     "threads": (0, "CPU threads for torch (0: torch's default)"),
     "dist_timeout": (30.0, "minutes a collective waits for a slow or dead rank before the run fails"),
     "steps_per_epoch": (0, "0: the whole training split; N > 0: stop each epoch after N steps (smoke tests)"),
@@ -126,9 +141,24 @@ RUN = {
                               "the split): per-layer attention distance and entropy into metrics.json and "
                               "attention_curves.png (--no-track-attention: off)"),
 }
+ALIASES = {"output": ["--out"], "clip_grad": ["--grad-clip"], "smoothing": ["--label-smoothing"],
+           "model_ema_decay": ["--ema-decay"], "drop_path": ["--drop-path-rate"], "depth": ["--num-layers"],
+           "evaluate_only": ["--eval"]}
 PRESETS = {"vit_ti": dict(embed_dim=192, num_heads=3), "vit_s": dict(embed_dim=384, num_heads=6),
-           "vit_b": dict(embed_dim=768, num_heads=12)}
+           "vit_b": dict(embed_dim=768, num_heads=12), "vit_l": dict(embed_dim=1024, num_heads=16, depth=24)}
+TIMM_NAME = re.compile(r"(?:vit|deit3?)_(tiny|small|base|large)_patch(\d+)_(\d+)(?:\.\w+)?")  # + timm's ".tag"
+TIMM_SIZES = {"tiny": "vit_ti", "small": "vit_s", "base": "vit_b", "large": "vit_l"}
 ARCH = ("model", "embed_dim", "num_heads", "depth", "mlp_ratio", "patch_size")  # what --pretrained decides
+LIMITS = {  # flag: (lowest, highest, what it must be); None: no bound. Checked on the command line, before any work
+    **dict.fromkeys(("epochs", "batch_size", "patch_size", "img_size"), (1, None, "a positive whole number")),
+    **dict.fromkeys(("lr", "mlp_ratio", "dist_timeout"), (1e-300, None, "a positive number")),
+    **dict.fromkeys(("embed_dim", "num_heads", "depth", "repeated_aug", "randaug_n", "device_batch", "workers",
+                     "threads", "steps_per_epoch", "stop_after", "seed"), (0, None, "a whole number >= 0")),
+    **dict.fromkeys(("min_lr", "warmup_epochs", "weight_decay", "clip_grad", "randaug_mstd", "mixup", "cutmix"),
+                    (0, None, "a number >= 0")),
+    **dict.fromkeys(("drop_path", "dropout", "smoothing", "model_ema_decay"), (0, 1 - 1e-12, "in [0, 1)")),
+    "reprob": (0, 1, "in [0, 1]"), "randaug_m": (0, 10, "in [0, 10]"),
+}
 # -------------------------------------------------------------------------------------------------------------------
 
 
@@ -137,15 +167,83 @@ class Preempted(SystemExit):
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[dict[str, Any], set[str]]:
-    """-> (config: every MODEL / RECIPE / RUN entry, names of the flags given explicitly)."""
-    return parse_config("python -m imagenet.train", __doc__, {"model": MODEL, "recipe": RECIPE, "run": RUN}, argv,
-                        choices={"model": sorted(PRESETS), "amp": hardware.AMP_CHOICES})
+    """-> (config: every MODEL / RECIPE / RUN entry, names of the flags given explicitly). timm's ways are read
+    too: a timm model name, --aa, bare --pretrained / --resume. UsageError for a value out of range."""
+    argv = bare_flags(sys.argv[1:] if argv is None else list(argv), ("--resume", "--pretrained"))
+    cfg, given = parse_config("python -m imagenet.train", __doc__, {"model": MODEL, "recipe": RECIPE, "run": RUN},
+                              argv, choices={"amp": hardware.AMP_CHOICES}, aliases=ALIASES)
+    for k, (lo, hi, what) in LIMITS.items():
+        if k in given and not (lo <= cfg[k] and (hi is None or cfg[k] <= hi)):  # (NaN fails both)
+            raise UsageError(f"{flag(k)} {cfg[k]} is out of range: it must be {what}.")
+    if "pretrained" in given and not cfg["pretrained"]:  # timm: --model deit_tiny_patch16_224 --pretrained
+        if "model" not in given or registry_name(cfg["model"]) is None:
+            raise UsageError("--pretrained needs weights: --pretrained NAME_OR_PATH (a registry name, python -m "
+                             "models.pretrained --list, or a checkpoint), or --model <registry name> --pretrained.")
+        cfg["pretrained"] = cfg["model"]
+    if "model" in given and cfg["model"] != cfg["pretrained"]:
+        cfg = {**cfg, **model_name_sizes(cfg["model"], given)}
+    if cfg["aa"]:
+        try:
+            ra = parse_timm_config(cfg["aa"])
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        taken = {k: v for k, v in zip(("randaug_n", "randaug_m", "randaug_mstd"), ra.values(), strict=True)
+                 if k not in given}
+        cfg, given = {**cfg, **taken}, given | set(taken)  # as if given: a continued run takes them as changes
+    return cfg, given
+
+
+def bare_flags(argv: list[str], names: tuple[str, ...]) -> list[str]:
+    """timm's value-less `--pretrained` / `--resume` (last, or followed by another flag) -> `--name=` (empty)."""
+    ends = [i + 1 == len(argv) or argv[i + 1].startswith("-") for i in range(len(argv))]
+    return [f"{a}=" if a in names and end else a for a, end in zip(argv, ends, strict=True)]
+
+
+def model_name_sizes(name: str, given: set[str]) -> dict[str, int]:
+    """A preset -> {}; a timm name (vit_small_patch16_384) -> the patch and image size it names, where not given.
+    UsageError for anything else."""
+    if name in PRESETS:
+        return {}
+    m = TIMM_NAME.fullmatch(name)
+    if m is None:
+        raise UsageError(f"--model {name} is neither a preset ({', '.join(PRESETS)}) nor a timm ViT name like "
+                         f"deit_tiny_patch16_224 or vit_base_patch32_384 (tiny / small / base / large).")
+    sizes = {"patch_size": int(m.group(2)), "img_size": int(m.group(3))}
+    return {k: v for k, v in sizes.items() if k not in given}
+
+
+def preset_of(model: str) -> dict[str, int]:
+    """embed_dim, num_heads, depth of a preset or timm name."""
+    m = TIMM_NAME.fullmatch(model)
+    return dict(depth=12) | PRESETS[TIMM_SIZES[m.group(1)] if m else model]
 
 
 # ---------------------------------------------------------------------------------------------------- config, once
+def checkpoint_path(cfg: dict[str, Any], given: set[str]) -> tuple[Path, dict[str, Any]]:
+    """-> (the checkpoint this run continues if it exists, the config): --output's, or timm's --resume PATH (a
+    file or a run folder), whose folder becomes --output unless that was given."""
+    own = Path(cfg["output"]) / "checkpoint.pth"
+    if not cfg["resume"]:
+        return own, cfg
+    path = Path(cfg["resume"])
+    path = path / "checkpoint.pth" if path.is_dir() else path
+    if not path.is_file():
+        raise UsageError(f"--resume {cfg['resume']}: {path} does not exist; give a checkpoint file or a run folder "
+                         f"(or --resume alone to continue --output's checkpoint).")
+    if cfg["fresh"]:
+        raise UsageError(f"--resume {cfg['resume']} continues a run and --fresh starts over; drop one.")
+    if "output" not in given:
+        return path, {**cfg, "output": str(path.parent)}
+    if own.is_file() and not own.samefile(path):
+        raise UsageError(f"--output {cfg['output']} holds another run's checkpoint, which continuing --resume "
+                         f"{cfg['resume']} there would replace; choose another --output, or drop it to continue "
+                         f"in {path.parent}.")
+    return path, cfg
+
+
 def find_checkpoint(cfg: dict[str, Any], given: set[str], path: Path,
                     ctx: DistContext) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """-> (config, the checkpoint this run continues or None). A checkpoint in --out is continued unless --fresh
+    """-> (config, the checkpoint this run continues or None). A checkpoint at `path` is continued unless --fresh
     (ignored on a launcher's restart): a restarted or repeated command never overwrites a run. Every rank must
     find the same one. Continuing takes the model, recipe and data root the run was trained with; recipe flags
     given now apply from here on (a note each; train_config["changes"] records them); model flags and
@@ -157,18 +255,18 @@ def find_checkpoint(cfg: dict[str, Any], given: set[str], path: Path,
     ckpt = read_checkpoint(path) if path.is_file() and not cfg["fresh"] else None
     seen = all_gather_objects((int(ckpt["epoch"]), int(ckpt.get("step_in_epoch", 0))) if ckpt else None)
     if len(set(seen)) > 1:
-        raise UsageError(f"the ranks found different checkpoints in --out {path.parent} ((epoch, step) per rank: "
-                         f"{seen}); --out must be a folder that all nodes share.")
+        raise UsageError(f"the ranks found different checkpoints in --output {path.parent} ((epoch, step) per rank: "
+                         f"{seen}); --output must be a folder that all nodes share.")
     if cfg["fresh"] and path.is_file():
         ctx.print(f"note: --fresh: starting over; {path} is replaced after the first epoch")
-    elif ckpt is None and cfg["resume"]:
+    elif ckpt is None and "resume" in given:
         ctx.print(f"note: --resume: {path} does not exist yet, so this starts a new run")
     if ckpt is None:
         return {**cfg, "changes": []}, None
     saved = ckpt.get("train_config")
     if not isinstance(saved, dict) or saved.get("dataset") != "imagenet" or "model_config" not in ckpt:
         raise CheckpointError(f"{path} is not an imagenet.train checkpoint of this repo; cannot continue it (use "
-                              f"another --out, or --fresh to replace it).")
+                              f"another --output, or --fresh to replace it).")
     cfg, changed = continue_config(saved, cfg, given, path=path, fixed=[*MODEL, "batch_size", "pretrained"],
                                    adjustable=set(RECIPE) - {"batch_size"}, kept=["data_root"],
                                    why={"batch_size": " (it sets the steps per epoch; --device-batch saves memory "
@@ -180,53 +278,161 @@ def find_checkpoint(cfg: dict[str, Any], given: set[str], path: Path,
     return {**cfg, "changes": history}, ckpt
 
 
-def check_config(cfg: dict[str, Any], ctx: DistContext) -> int:
-    """UsageError for a setting that cannot work -> images per rank in one forward / backward."""
-    if cfg["img_size"] % cfg["patch_size"]:
-        raise UsageError(f"--img-size {cfg['img_size']} is not a multiple of --patch-size {cfg['patch_size']}; "
-                         f"use {max(1, cfg['img_size'] // cfg['patch_size']) * cfg['patch_size']}.")
-    if cfg["batch_size"] <= 0 or cfg["batch_size"] % ctx.world_size:
+def check_batches(cfg: dict[str, Any], ctx: DistContext) -> int:
+    """UsageError for a batch or learning rate that cannot work -> images per rank in one forward / backward."""
+    if cfg["batch_size"] % ctx.world_size:
         raise UsageError(f"--batch-size {cfg['batch_size']} does not split over {ctx.world_size} rank(s); use a "
                          f"positive multiple of {ctx.world_size}.")
     per_rank = cfg["batch_size"] // ctx.world_size
     micro = cfg["device_batch"] or per_rank
-    if micro <= 0 or per_rank % micro:
+    if per_rank % micro:
         raise UsageError(f"--device-batch {cfg['device_batch']} does not divide the {per_rank} images per rank "
                          f"(--batch-size {cfg['batch_size']} over {ctx.world_size} rank(s)); use a divisor of "
                          f"{per_rank}.")
     if cfg["evaluate_only"] and not cfg["pretrained"]:
         raise UsageError("--evaluate-only needs weights: --pretrained PATH (this repo's checkpoint or timm / DeiT / "
                          "torchvision weights).")
+    peak = cfg["lr"] * cfg["batch_size"] / 512
+    if peak < cfg["min_lr"] and not cfg["evaluate_only"]:  # the cosine would be flat at --min-lr all run
+        raise UsageError(f"peak lr {peak:.3g} (after batch scaling: --lr {cfg['lr']:g} x --batch-size "
+                         f"{cfg['batch_size']} / 512) is below --min-lr {cfg['min_lr']:g}; pass --min-lr "
+                         f"{peak / 100:.2g} (or anything up to {peak:.3g}) or a larger --lr.")
     return micro
+
+
+def check_shape(cfg: dict[str, Any]) -> None:
+    """UsageError for a model shape that cannot be built (the preset's sizes with the overrides)."""
+    if cfg["img_size"] % cfg["patch_size"]:
+        raise UsageError(f"--img-size {cfg['img_size']} is not a multiple of --patch-size {cfg['patch_size']}; "
+                         f"use {max(1, cfg['img_size'] // cfg['patch_size']) * cfg['patch_size']}.")
+    if cfg["model"] in PRESETS or TIMM_NAME.fullmatch(cfg["model"]):
+        sizes = preset_of(cfg["model"]) | {k: cfg[k] for k in ("embed_dim", "num_heads") if cfg[k] > 0}
+        if sizes["embed_dim"] % sizes["num_heads"]:
+            raise UsageError(f"--embed-dim {sizes['embed_dim']} does not split into --num-heads "
+                             f"{sizes['num_heads']}; use a divisor of {sizes['embed_dim']} (e.g. "
+                             f"{max(1, sizes['embed_dim'] // 64)}).")
+
+
+# ---------------------------------------------------------------------------------------------- --pretrained weights
+@dataclass
+class Weights:
+    """--pretrained, read once: the model, the class names of its head by index (None: unknown) and whether the
+    file names them (this repo's checkpoints) or they are assumed (a foreign 1000-class head: ImageNet-1k's
+    WordNet ids in the standard order, compared only with folders named by WordNet ids)."""
+
+    model: VisionTransformer
+    classes: list[str] | None
+    named: bool
+
+    def comparable(self, found: list[str]) -> bool:
+        """Whether the head's class names can be compared with the dataset's class folders `found`."""
+        return self.classes is not None and (self.named or all(is_wnid(c) for c in found))
+
+
+def read_weights(source: str) -> Weights:
+    """--pretrained's weights. CheckpointError / UsageError in one line, a model for other than RGB images too."""
+    try:
+        obj = read_checkpoint(source) if os.path.isfile(source) else source
+        model = load_pretrained(obj)
+    except CheckpointError as e:
+        raise CheckpointError(f"--pretrained {source}: {e}") from None
+    channels = model.config["num_channels"]
+    if channels != 3:
+        raise UsageError(f"--pretrained {source} takes {channels}-channel images{' (an MNIST model)' * (channels == 1)}"
+                         f", and imagenet.train feeds it RGB photos (3 channels); use RGB ViT weights (a registry "
+                         f"name, an imagenet.train checkpoint, timm / DeiT weights).")
+    stored = obj.get("classes") if isinstance(obj, dict) else None
+    if stored is not None and len(stored) == model.config["num_classes"]:
+        return Weights(model, [str(c) for c in stored], True)
+    return Weights(model, list(WNIDS) if model.config["num_classes"] == len(WNIDS) else None, False)
+
+
+def resample_grid(model: VisionTransformer, grid: tuple[int, int]) -> VisionTransformer:
+    """The same weights for images of grid[0] x grid[1] patches: the position table resampled once, by the rule the
+    model itself uses at another size (`VisionTransformer.position_embedding`)."""
+    resized = VisionTransformer(**dict(model.config, grid_size=list(grid), num_patches=grid[0] * grid[1]))
+    with torch.no_grad():
+        resized.load_state_dict(dict(model.state_dict(), pos_embed=model.position_embedding(tuple(grid))))
+    resized.weights_note = getattr(model, "weights_note", "as saved")
+    return resized
+
+
+def pretrained_config(cfg: dict[str, Any], given: set[str], ctx: DistContext) -> tuple[Weights, dict[str, Any]]:
+    """--pretrained's weights and the config they fix: the architecture and the size they were trained at, which
+    evaluation, fine-tuning and restarts use; a given --img-size instead resamples the position table (recorded)."""
+    ignored = sorted(given & set(ARCH) - ({"model"} if cfg["model"] == cfg["pretrained"] else set()))
+    if ignored:
+        raise UsageError(f"{flag(ignored[0])} has no effect with --pretrained, whose weights fix the "
+                         f"architecture; drop it.")
+    weights = read_weights(cfg["pretrained"])
+    c = weights.model.config
+    (gh, gw), p = c["grid_size"], c["patch_size"]
+    if "img_size" in given:
+        if cfg["img_size"] % p:
+            raise UsageError(f"--img-size {cfg['img_size']} is not a multiple of the --pretrained weights' patch size "
+                             f"{p}; use {max(1, cfg['img_size'] // p) * p}.")
+        grid = (cfg["img_size"] // p,) * 2
+        if grid != (gh, gw):
+            weights.model = resample_grid(weights.model, grid)
+            ctx.print(f"note: --img-size {cfg['img_size']}: the weights' position embedding ({gh}x{gw} patches, "
+                      f"trained at {gh * p}x{gw * p} px) is resampled to {grid[0]}x{grid[1]} patches")
+    elif gh != gw:
+        raise UsageError(f"the --pretrained weights were trained on {gh}x{gw} patches ({gh * p}x{gw * p} px, not "
+                         f"square); pass the --img-size to crop to (a multiple of {p}).")
+    else:
+        cfg = {**cfg, "img_size": gh * p}
+        if gh * p != MODEL["img_size"][0]:
+            ctx.print(f"note: {cfg['pretrained']} was trained at {gh * p} px, so this run uses {gh * p} px "
+                      f"(--img-size N chooses another)")
+    return weights, {**cfg, "model": cfg["pretrained"], "embed_dim": c["embed_dim"], "num_heads": c["num_heads"],
+                     "depth": c["num_layers"], "mlp_ratio": c["hidden_dim"] / c["embed_dim"], "patch_size": p}
 
 
 # ------------------------------------------------------------------------------------------------------------ model
 def model_from_config(cfg: dict[str, Any], num_classes: int) -> VisionTransformer:
-    """The preset, with the size overrides of `cfg`."""
-    sizes = dict(PRESETS[cfg["model"]], depth=12)
+    """The preset (or timm name), with the size overrides of `cfg`."""
+    sizes = preset_of(cfg["model"])
     sizes.update({k: cfg[k] for k in ("embed_dim", "num_heads", "depth") if cfg[k] > 0})
     return VisionTransformer(sizes["embed_dim"], round(sizes["embed_dim"] * cfg["mlp_ratio"]), sizes["num_heads"],
                              sizes["depth"], cfg["patch_size"], 3, (cfg["img_size"] // cfg["patch_size"]) ** 2,
                              num_classes, cfg["dropout"], drop_path_rate=cfg["drop_path"])
 
 
-def load_weights(path: str, **overrides: Any) -> VisionTransformer:
-    try:
-        return load_pretrained(path, **overrides)
-    except CheckpointError as e:
-        raise CheckpointError(f"--pretrained: {e}") from None
+def match_classes(sets: list[ImageDataset], stored: list[str], what: str, root: str, ctx: DistContext, *,
+                  subset: bool = False) -> None:
+    """Index the datasets by the class list stored with the weights, by name (the same names in another order, or
+    with `subset` some of them: a note); DatasetError naming the differences otherwise."""
+    found = sets[-1].classes
+    if not (set(found) == set(stored) or subset and set(found) <= set(stored)):
+        raise DatasetError(f"the class folders of {root} are not the classes {what} was trained on "
+                           f"({class_difference(found, stored)}); use folders named as its classes"
+                           f"{' (or some of them)' if subset else ''}.")
+    if len(found) < len(stored):
+        ctx.print(f"note: {len(found)} class folders, scored among the {len(stored)} classes of {what} by name")
+    elif found != list(stored):
+        ctx.print(f"note: the class folders are the classes of {what} in another order: matched by name")
+    for dataset in sets:
+        dataset.relabel(stored)
 
 
-def model_for_finetuning(path: str, cfg: dict[str, Any], num_classes: int, ctx: DistContext) -> VisionTransformer:
-    """The pretrained ViT with this run's dropout and stochastic depth; a head of another class count is re-made."""
-    source = load_weights(path)
-    config = dict(source.config, num_classes=num_classes, dropout=cfg["dropout"], drop_path_rate=cfg["drop_path"])
-    model = VisionTransformer(**config)
-    state = source.state_dict()
-    if source.config["num_classes"] != num_classes:
-        ctx.print(f"note: {path} has a {source.config['num_classes']}-class head and the dataset has {num_classes} "
-                  f"classes: the head is re-initialised, the rest is fine-tuned.")
-        state = {k: v for k, v in state.items() if not k.startswith("head.")}
+def finetune_model(weights: Weights, cfg: dict[str, Any], sets: list[ImageDataset],
+                   ctx: DistContext) -> VisionTransformer:
+    """The pretrained ViT with this run's dropout and stochastic depth. Its head is kept when it holds the dataset's
+    classes (by name where they can be compared: the datasets take the head's order) and re-made otherwise."""
+    source, found, path = weights.model, sets[-1].classes, cfg["pretrained"]
+    heads = source.config["num_classes"]
+    keep = heads == len(found) and (not weights.comparable(found) or set(found) == set(weights.classes))
+    if not keep:
+        why = (f"has a {heads}-class head and the dataset has {len(found)} classes" if heads != len(found) else
+               f"has a head for other classes than the dataset's ({class_difference(found, weights.classes)})")
+        ctx.print(f"note: {path} {why}: the head is re-initialised, the rest is fine-tuned.")
+    elif weights.comparable(found):
+        match_classes(sets, weights.classes, path, cfg["data_root"], ctx)
+    else:
+        ctx.print(f"note: {path} names no classes: class folder i fine-tunes its class i")
+    model = VisionTransformer(**dict(source.config, num_classes=len(found), dropout=cfg["dropout"],
+                                     drop_path_rate=cfg["drop_path"]))
+    state = {k: v for k, v in source.state_dict().items() if keep or not k.startswith("head.")}
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected and all(k.startswith("head.") for k in missing), (missing, unexpected)
     return model
@@ -240,35 +446,30 @@ def describe(model: VisionTransformer) -> str:
             f"({n / 1e6:.1f}M params)")
 
 
-def build_model(cfg: dict[str, Any], given: set[str], num_classes: int, ckpt: dict[str, Any] | None,
-                ctx: DistContext) -> tuple[VisionTransformer, dict[str, Any]]:
-    """-> (the model: the checkpoint's shape when continuing, --pretrained's weights, or the configured preset;
-    the config with the architecture it really has, which metrics.json and the plots record)."""
+def build_model(cfg: dict[str, Any], weights: Weights | None, sets: list[ImageDataset], ckpt: dict[str, Any] | None,
+                ctx: DistContext) -> VisionTransformer:
+    """The model: the checkpoint's shape when continuing, --pretrained's weights, or the configured preset. Where
+    a class list is stored with the weights, the datasets `sets` (train and val, or val) are indexed by it."""
+    n, root = len(sets[-1].classes), cfg["data_root"]
     if ckpt is not None:  # continuing: the saved shape (weights follow in restore_checkpoint)
         model = VisionTransformer(**ckpt["model_config"])
-    elif not cfg["pretrained"]:
-        model = model_from_config(cfg, num_classes)
+        if "classes" in ckpt:
+            match_classes(sets, list(ckpt["classes"]), "the run it continues", root, ctx)
+    elif weights is None:
+        model = model_from_config(cfg, n)
+    elif not cfg["evaluate_only"]:
+        model = finetune_model(weights, cfg, sets, ctx)
     else:
-        ignored = sorted(given & set(ARCH))
-        if ignored:
-            raise UsageError(f"{flag(ignored[0])} has no effect with --pretrained, whose weights fix the "
-                             f"architecture; drop it.")
-        model = (load_weights(cfg["pretrained"]) if cfg["evaluate_only"]
-                 else model_for_finetuning(cfg["pretrained"], cfg, num_classes, ctx))
-        grid = model.config.get("grid_size") or [round(model.config["num_patches"] ** 0.5)] * 2
-        img_size = grid[0] * model.config["patch_size"]
-        if "img_size" in given and cfg["img_size"] != img_size:
-            raise UsageError(f"--img-size {cfg['img_size']} does not fit the --pretrained weights, trained at "
-                             f"{img_size} px; drop it.")
-        c = model.config
-        cfg = {**cfg, "model": cfg["pretrained"], "img_size": img_size, "embed_dim": c["embed_dim"],
-               "num_heads": c["num_heads"], "depth": c["num_layers"], "mlp_ratio": c["hidden_dim"] / c["embed_dim"],
-               "patch_size": c["patch_size"]}
-    if model.config["num_classes"] != num_classes:
-        raise DatasetError(f"the dataset {cfg['data_root']} has {num_classes} classes but the model's head has "
+        model = weights.model
+        if weights.comparable(sets[-1].classes):
+            match_classes(sets, weights.classes, f"--pretrained {cfg['pretrained']}", root, ctx, subset=True)
+        elif model.config["num_classes"] == n:
+            ctx.print(f"note: {cfg['pretrained']} names no classes: class folder i is scored as its class i")
+    if model.config["num_classes"] != len(sets[-1].classes):
+        raise DatasetError(f"the dataset {root} has {len(sets[-1].classes)} classes but the model's head has "
                            f"{model.config['num_classes']}; use a dataset with the checkpoint's classes (or fine-tune "
                            f"with --pretrained, which re-initialises the head).")
-    return model, cfg
+    return model
 
 
 # ------------------------------------------------------------------------------------------------------- the run
@@ -316,7 +517,7 @@ class Trainer:
 
     @property
     def out(self) -> Path:
-        return Path(self.cfg["out"])
+        return Path(self.cfg["output"])
 
     def validate(self, net: nn.Module, desc: str) -> tuple[dict[str, float], int]:
         """Top-1 / top-5 / loss over the validation split (sharded over ranks) -> (results, skipped images)."""
@@ -347,27 +548,33 @@ def report_skipped(log: BatchLog, ctx: DistContext, what: str) -> int:
 
 
 def setup(cfg: dict[str, Any], given: set[str], ctx: DistContext) -> tuple[Trainer, dict[str, Any] | None]:
-    """Decide the config (a continued run's, --pretrained's architecture), then build the data and the model
-    -> (the trainer without its training objects, the checkpoint it continues or None)."""
-    cfg, ckpt = (cfg, None) if cfg["evaluate_only"] else find_checkpoint(cfg, given, Path(cfg["out"]) /
-                                                                         "checkpoint.pth", ctx)
+    """Decide the config (a continued run's; --pretrained's architecture and size) before anything is built from
+    it, then build the data and the model -> (the trainer without its training objects, its checkpoint or None)."""
+    ckpt = weights = None
+    if not cfg["evaluate_only"]:
+        path, cfg = checkpoint_path(cfg, given)
+        cfg, ckpt = find_checkpoint(cfg, given, path, ctx)
     if not cfg["repeated_aug"]:
         cfg = {**cfg, "repeated_aug": 1 if cfg["pretrained"] else 3}
     if cfg["threads"] > 0:
         torch.set_num_threads(cfg["threads"])
     hw = hardware.resolve(ctx.device, cfg["amp"], warn=lambda m: ctx.print(m, file=sys.stderr))
     ctx.print(f"{hw.summary}, {'compiled' if cfg['compile'] else 'eager'}")  # the first line of every run
-    micro = check_config(cfg, ctx)
+    micro = check_batches(cfg, ctx)
+    if ckpt is None and cfg["pretrained"]:
+        weights, cfg = pretrained_config(cfg, given, ctx)  # the weights' size, before the transforms
+    check_shape(cfg)
     if hw.device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 for what runs outside autocast
     seed_everything(cfg["seed"])  # the same on every rank: identical initial weights
-    tf_train = train_transform(cfg["img_size"], randaug_ops=cfg["randaug_n"], randaug_magnitude=cfg["randaug_m"])
+    tf_train = train_transform(cfg["img_size"], randaug_ops=cfg["randaug_n"], randaug_magnitude=cfg["randaug_m"],
+                               randaug_std=cfg["randaug_mstd"])
     train_set, val_set = build_datasets(cfg["data_root"], tf_train, eval_transform(cfg["img_size"]),
                                         eval_only=cfg["evaluate_only"])
-    model, cfg = build_model(cfg, given, len(val_set.classes), ckpt, ctx)
+    model = build_model(cfg, weights, [d for d in (train_set, val_set) if d is not None], ckpt, ctx)
     channels_last = cfg["channels_last"] and hw.device.type == "cuda"
     model.to(hw.device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
-    ctx.print(f"{describe(model)} on {ctx.world_size} x {hw.device.type}")
+    ctx.print(f"{describe(model)} at {cfg['img_size']} px on {ctx.world_size} x {hw.device.type}")
     tr = Trainer(cfg, ctx, hw, model, torch.compile(model) if cfg["compile"] else model, train_set,
                  eval_loader(val_set, micro, workers=cfg["workers"], seed=cfg["seed"], ctx=ctx), micro,
                  progress=cfg["progress"] and ctx.is_main and sys.stderr.isatty(),  # no bars in SLURM / nohup logs
@@ -392,16 +599,13 @@ def build_training(tr: Trainer, ckpt: dict[str, Any] | None) -> None:
     lr = cfg["lr"] * cfg["batch_size"] / 512
     tr.optimizer = adamw(tr.model, lr, cfg["weight_decay"], device)
     tr.scaler = tr.hw.grad_scaler()
-    tr.ema = ModelEma(tr.model, cfg["ema_decay"], warmup=True) if cfg["ema_decay"] > 0 else None
+    tr.ema = ModelEma(tr.model, cfg["model_ema_decay"], warmup=True) if cfg["model_ema_decay"] > 0 else None
     configured = [(g["lr"], g["weight_decay"]) for g in tr.optimizer.param_groups]
     if ckpt is not None:
         tr.start_epoch, tr.metrics = restore_checkpoint(ckpt, tr.model, tr.optimizer, ema=tr.ema, restore_rng=False,
                                                         scaler=tr.scaler if "scaler" in ckpt else None)
         tr.start_step, tr.partial = int(ckpt.get("step_in_epoch", 0)), ckpt.get("partial_epoch", {})
         tr.saved_rng = ckpt.get("rng_per_rank", []) if tr.start_step else []
-        if list(ckpt.get("classes", tr.train_set.classes)) != list(tr.train_set.classes):
-            raise DatasetError(f"the class folders of {cfg['data_root']} differ from those the run was trained on "
-                               f"(e.g. {list(ckpt['classes'])[:3]}); continue on the same dataset.")
         at = f"epoch {tr.start_epoch}" + (f" and step {tr.start_step} of epoch {tr.start_epoch + 1}"
                                           if tr.start_step else "")
         ctx.print(f"continuing {tr.out / 'checkpoint.pth'} after {at} (--fresh starts over)")
@@ -413,7 +617,7 @@ def build_training(tr: Trainer, ckpt: dict[str, Any] | None) -> None:
                                  start_step=tr.start_epoch * tr.steps + tr.start_step)
     tr.augment = device_transform(reprob=cfg["reprob"])
     tr.mix = mixup_cutmix(len(tr.train_set.classes), cfg["mixup"], cfg["cutmix"])
-    tr.loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg["label_smoothing"])
+    tr.loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg["smoothing"])
     tr.train_model = tr.eval_model  # (compiled once when single-process)
     if ctx.distributed:
         tr.train_model = DistributedDataParallel(tr.model, device_ids=[device] if device.type == "cuda" else None)
@@ -440,7 +644,7 @@ def train_epoch(tr: Trainer, epoch: int, stop: StopSignal) -> dict[str, Any]:
                             tr.scheduler, tr.loss_fn, device=device,
                             epoch=epoch + 1, step=epoch * tr.steps + first, total=(tr.steps - first) * tr.accum,
                             ema=tr.ema, amp_dtype=tr.hw.amp_dtype, scaler=tr.scaler,
-                            grad_clip=cfg["grad_clip"] or None, progress=tr.progress,
+                            grad_clip=cfg["clip_grad"] or None, progress=tr.progress,
                             desc=f"epoch {epoch + 1}/{cfg['epochs']}", accum_steps=tr.accum, should_stop=stop)
     sums = all_reduce_sum(torch.tensor([stats["train_loss"] * stats["images"], stats["images"]],
                                        dtype=torch.float64, device=device)).tolist()
@@ -543,20 +747,23 @@ def run(cfg: dict[str, Any], given: set[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg, given = parse_args(argv)
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+    try:
+        cfg, given = parse_args(argv)  # out-of-range values: before any work
+    except UsageError as e:
+        sys.exit(f"error: {e}" if rank == 0 else 1)
+    last = Path(cfg["resume"] if cfg["resume"] and "output" not in given else cfg["output"])  # (a run folder)
     try:
         run(cfg, given)
     except NonFiniteLossError as e:
-        sys.exit(f"error: {e} The last finished epoch is in {Path(cfg['out']) / 'checkpoint.pth'}." if rank == 0
-                 else 1)  # every rank stops at the same step: rank 0 says it
+        sys.exit(f"error: {e} The last finished epoch is in {last}." if rank == 0 else 1)  # every rank stops at
+        # the same step: rank 0 says it
     except (ValueError, FileNotFoundError) as e:  # UsageError, DatasetError, CheckpointError are ValueErrors
         sys.exit(f"error: {e}" if rank == 0 else f"error (rank {rank}): {e}")  # it may be this rank's alone
     except KeyboardInterrupt:
-        sys.exit(f"interrupted; the last finished epoch is in {Path(cfg['out']) / 'checkpoint.pth'}")
+        sys.exit(f"interrupted; the last finished epoch is in {last}")
     finally:
         close_distributed()
-
 
 if __name__ == "__main__":
     main()

@@ -2,15 +2,18 @@
 TrainSampler (sharding, repeated augmentation, resuming) and no archive extraction in build_datasets."""
 
 import random
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms import v2
 
 from imagenet.dataloaders import constants as IN1K
-from imagenet.dataloaders.dataset import DatasetError, TrainSampler, build_datasets
-from imagenet.dataloaders.randaugment import OPS, RESAMPLE, DeiTRandAugment
+from imagenet.dataloaders.dataset import DatasetError, TrainSampler, build_datasets, check_image
+from imagenet.dataloaders.randaugment import OPS, RESAMPLE, DeiTRandAugment, parse_timm_config
 from imagenet.dataloaders.transforms import device_transform, eval_transform, random_erasing, train_transform
 
 FILL = (124, 116, 104)
@@ -180,3 +183,43 @@ def test_build_datasets_does_not_extract_archives(tmp_path):
     with pytest.raises(DatasetError, match="--prepare"):
         build_datasets(tmp_path, None, None)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(IN1K.ARCHIVES.values())
+
+
+def write_ramps(folder: Path) -> tuple[Path, Path]:
+    """The same horizontal ramp as an 8-bit PNG and as a 16-bit grayscale PNG (I;16, values x 257)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    ramp = np.tile(np.linspace(0, 255, 40).round().astype(np.uint16), (30, 1))
+    Image.fromarray(ramp.astype(np.uint8)).save(folder / "8.png")
+    Image.fromarray(ramp * 257).save(folder / "16.png")  # uint16 -> mode I;16
+    assert Image.open(folder / "16.png").mode.startswith("I;16")
+    return folder / "8.png", folder / "16.png"
+
+
+def test_a_16_bit_png_trains_as_its_picture_and_the_checker_reads_it_so(tmp_path):
+    """#20 fault 2: training decodes through utils.images.load_image: a 16-bit PNG in an ImageFolder is its ramp
+    (the 8-bit ramp's pixels), not all white; the checker reads files the same way (a corrupt one: unreadable)."""
+    eight, sixteen = write_ramps(tmp_path / "train" / "ramp")
+    write_ramps(tmp_path / "val" / "ramp")
+    train_set, _ = build_datasets(tmp_path, v2.PILToTensor(), None)
+    images = {Path(train_set.samples[i][0]).name: train_set[i][0] for i in range(len(train_set))}
+    assert images["16.png"].shape == (3, 30, 40) and images["16.png"].float().mean() < 200  # not white
+    assert torch.equal(images["16.png"], images["8.png"])
+    assert check_image(str(sixteen)) == (str(sixteen), None)
+    (tmp_path / "cut.png").write_bytes(eight.read_bytes()[:60])
+    path, error = check_image(str(tmp_path / "cut.png"))
+    assert "cut.png" in error and "cannot be decoded" in error
+
+
+def test_timm_aa_strings_as_timm_reads_them():
+    assert parse_timm_config("rand-m9-mstd0.5-inc1") == {"num_ops": 2, "magnitude": 9.0, "magnitude_std": 0.5}
+    aa = pytest.importorskip("timm.data.auto_augment", reason="timm is the oracle for its strings")
+    for text in ("rand-m9-mstd0.5-inc1", "rand-m7-n3-mstd1-inc1", "rand-inc1", "rand-n1-m3-inc1-p0.5-mmax10"):
+        theirs = aa.rand_augment_transform(text, {})
+        ours = parse_timm_config(text)
+        assert ours["num_ops"] == theirs.num_layers, text
+        assert ours["magnitude"] == theirs.ops[0].magnitude, text
+        assert ours["magnitude_std"] == theirs.ops[0].magnitude_std, text
+    for text, words in (("rand-m9", "add -inc1"), ("v0", "not 'v0'"), ("rand-m9-inc1-p0.3", "p0.3"),
+                        ("rand-m9-inc1-tweights", "'tweights'"), ("rand-m12-inc1", "in [0, 10]")):
+        with pytest.raises(ValueError, match=re.escape(words)):
+            parse_timm_config(text)

@@ -95,3 +95,14 @@ def test_forced_bf16_where_emulated_warns_once_and_runs(fake, capsys):
 def test_fp16_gets_a_grad_scaler():
     assert hardware.Hardware(torch.device("cpu"), "none", "").grad_scaler() is None
     assert isinstance(hardware.Hardware(torch.device("cuda"), "fp16", "").grad_scaler(), torch.amp.GradScaler)
+
+
+SRUN = {"SLURM_STEP_NUM_TASKS": "16", "SLURM_STEP_TASKS_PER_NODE": "8(x2)"}
+
+
+@pytest.mark.parametrize("cpus, env, workers", [(2, {}, 2), (64, {}, 8), (8, {"LOCAL_WORLD_SIZE": "4"}, 2),
+                                                (8, SRUN, 1), (1, {"LOCAL_WORLD_SIZE": "2"}, 0)])
+def test_data_workers_follow_the_cpus(monkeypatch, cpus, env, workers):
+    """imagenet.train's --workers default: not 8 on a 2-core box (PyTorch warns it may freeze)."""
+    monkeypatch.setattr(hardware, "cpu_count", lambda: cpus)
+    assert hardware.data_workers(env=env) == workers

@@ -21,6 +21,7 @@ from imagenet.dataloaders import constants as IN1K
 from imagenet.dataloaders.dataset import DatasetError, build_datasets
 from imagenet.dataloaders.transforms import eval_transform, mixup_cutmix, train_transform
 from utils import distributed
+from utils.checkpoint import checkpoint_state
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -28,7 +29,8 @@ DEIT = SHARED / "weights" / "deit_tiny_patch16_224_lnq.pth"
 SAMPLES = SHARED / "imagenet-samples"
 needs_shared = pytest.mark.skipif(not DEIT.is_file() or not SAMPLES.is_dir(), reason="needs ../shared/data")
 TINY = ["--device", "cpu", "--embed-dim", "32", "--num-heads", "2", "--depth", "2", "--img-size", "32",
-        "--patch-size", "8", "--batch-size", "8", "--workers", "0", "--warmup-epochs", "1", "--no-progress"]
+        "--patch-size", "8", "--batch-size", "8", "--workers", "0", "--warmup-epochs", "1", "--no-progress",
+        "--min-lr", "1e-7"]
 
 
 def run_module(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -319,8 +321,9 @@ def test_pretrained_sets_the_model(tiny, trained, tmp_path, capsys):
     assert "--embed-dim has no effect with --pretrained" in msg
     out = tmp_path / "ft"
     train.main(["--data-root", str(tiny), "--out", str(out), "--pretrained", weights, "--epochs", "1",
-                "--batch-size", "8", "--device", "cpu", "--workers", "0", "--no-progress"])
-    assert "repeated augmentation x1" in capsys.readouterr().out  # off for fine-tuning
+                "--batch-size", "8", "--device", "cpu", "--workers", "0", "--no-progress", "--min-lr", "0"])
+    text = capsys.readouterr().out
+    assert "repeated augmentation x1" in text and "re-initialised" not in text  # off for fine-tuning; same classes
     config = json.loads((out / "metrics.json").read_text())["config"]
     assert config["model"] == weights and (config["embed_dim"], config["depth"], config["img_size"]) == (32, 2, 32)
     train.main(["--evaluate-only", "--pretrained", str(out / "checkpoint.pth"), "--data-root", str(tiny),
@@ -338,19 +341,169 @@ def test_train_bad_input_one_line_errors(tiny, trained, tmp_path):
     for split in ("train", "val"):
         for name in "ab":
             shutil.copytree(tiny / split / name, two / split / name)
-    msg = exit_message(train.main, ["--data-root", str(two), "--evaluate-only", "--pretrained",
-                                    str(trained / "checkpoint.pth"), "--device", "cpu", "--workers", "0"])
-    assert "has 2 classes but the model's head has 3" in msg
     msg = exit_message(train.main, ["--out", str(trained), "--data-root", str(two), "--epochs", "2", *TINY])
-    assert "has 2 classes but the model's head has 3" in msg
+    assert "are not the classes the run it continues was trained on (its classes without a folder here: c)" in msg
     for split in ("train", "val"):
         shutil.copytree(tiny / split / "c", two / split / "d")
     msg = exit_message(train.main, ["--out", str(trained), "--data-root", str(two), "--epochs", "2", *TINY])
-    assert "differ from those the run was trained on" in msg
+    assert "(folders not among its classes: d; its classes without a folder here: c)" in msg
     msg = exit_message(train.main, ["--data-root", str(tiny), *TINY, "--device-batch", "3"])
     assert "--device-batch 3 does not divide the 8 images per rank" in msg
     assert "--evaluate-only needs weights" in exit_message(train.main, ["--data-root", str(tiny), "--evaluate-only",
                                                                        *TINY])
+
+
+# ------------------------------------------------------------------------------------- #21: sizes, classes, flags
+def eval_top1(argv: list[str], capsys) -> tuple[float, str]:
+    train.main(["--evaluate-only", "--device", "cpu", "--workers", "0", "--batch-size", "4", "--no-progress", *argv])
+    out = capsys.readouterr().out
+    return float(re.search(r"top-1 ([\d.]+)%", out).group(1)), out
+
+
+def test_pretrained_weights_run_at_their_own_size(tiny, trained, tmp_path, capsys, monkeypatch):
+    """#21 fault 1: 32-px weights are evaluated, fine-tuned and continued at 32 px (not the default 224); a given
+    --img-size resamples the position table and is recorded."""
+    weights = str(trained / "checkpoint.pth")
+    seen = []
+    monkeypatch.setattr(train, "build_datasets", lambda *a, **k: seen.append(build_datasets(*a, **k)) or seen[-1])
+    _, text = eval_top1(["--pretrained", weights, "--data-root", str(tiny)], capsys)
+    assert "at 32 px" in text and seen[-1][1][0][0].shape == (3, 32, 32)  # what the model sees
+    common = ["--data-root", str(tiny), "--pretrained", weights, "--batch-size", "8", "--device", "cpu",
+              "--workers", "0", "--no-progress", "--min-lr", "0", "--steps-per-epoch", "1"]
+    train.main([*common, "--out", str(tmp_path / "ft"), "--epochs", "2", "--stop-after", "1"])
+    assert "at 32 px" in capsys.readouterr().out and seen[-1][0][0][0].shape == (3, 32, 32)
+    train.main([*common, "--out", str(tmp_path / "ft"), "--epochs", "2"])  # the restart: still 32 px
+    assert "continuing" in capsys.readouterr().out and seen[-1][0][0][0].shape == (3, 32, 32)
+    train.main([*common, "--out", str(tmp_path / "big"), "--epochs", "1", "--img-size", "48"])
+    assert "resampled to 6x6 patches" in capsys.readouterr().out and seen[-1][0][0][0].shape == (3, 48, 48)
+    ckpt = torch.load(tmp_path / "big" / "checkpoint.pth", weights_only=True)
+    assert ckpt["train_config"]["img_size"] == 48 and ckpt["model_config"]["grid_size"] == [6, 6]
+    assert "at 48 px" in eval_top1(["--pretrained", weights, "--data-root", str(tiny), "--img-size", "48"],
+                                   capsys)[1]
+
+
+def test_registry_weights_at_518_px_set_the_size(monkeypatch):
+    """dinov2_vits14 (518 px, patch 14), timm's way (--model NAME --pretrained): the config takes 518 px before
+    any transform is built; --img-size 224 resamples 37x37 -> 16x16."""
+    model = train.VisionTransformer(16, 32, 2, 1, 14, 3, 37 * 37, 0)
+    monkeypatch.setattr(train, "read_weights", lambda source: train.Weights(model, None, False))
+    cfg, given = train.parse_args(["--model", "dinov2_vits14", "--pretrained"])
+    assert cfg["pretrained"] == "dinov2_vits14"
+    weights, cfg = train.pretrained_config(cfg, given, train.DistContext())
+    assert (cfg["img_size"], cfg["patch_size"], cfg["model"]) == (518, 14, "dinov2_vits14")
+    cfg, given = train.parse_args(["--pretrained", "dinov2_vits14", "--img-size", "224"])
+    weights, cfg = train.pretrained_config(cfg, given, train.DistContext())
+    assert cfg["img_size"] == 224 and weights.model.grid_size == (16, 16)
+    torch.testing.assert_close(weights.model.pos_embed, model.position_embedding((16, 16)))
+
+
+def renamed_copy(tiny: Path, root: Path, names: dict[str, str], splits=("val",)) -> Path:
+    for split in splits:
+        for old, new in names.items():
+            shutil.copytree(tiny / split / old, root / split / new)
+    return root
+
+
+def test_stored_classes_meet_folders_by_name(tiny, trained, tmp_path, capsys):
+    """#21 fault 2: the same photos under other folder names are refused (naming them); the weights' classes in
+    another order or a subset of them are matched by name: the same scores as the right folders."""
+    weights = str(trained / "checkpoint.pth")
+    top1, _ = eval_top1(["--pretrained", weights, "--data-root", str(tiny)], capsys)
+    other = renamed_copy(tiny, tmp_path / "other", {"a": "x", "b": "y", "c": "z"})
+    msg = exit_message(train.main, ["--evaluate-only", "--pretrained", weights, "--data-root", str(other),
+                                    "--device", "cpu", "--workers", "0"])
+    assert "folders not among its classes: x, y, z; its classes without a folder here: a, b, c" in msg
+    ckpt = torch.load(weights, weights_only=True)  # the same model with its classes stored as c, b, a
+    ckpt["classes"] = ckpt["classes"][::-1]
+    for part in ("model", "ema_model"):
+        for k in ("head.weight", "head.bias"):
+            if part in ckpt:
+                ckpt[part][k] = ckpt[part][k].flip(0)
+    torch.save(ckpt, tmp_path / "reversed.pth")
+    top1_reversed, text = eval_top1(["--pretrained", str(tmp_path / "reversed.pth"), "--data-root", str(tiny)],
+                                    capsys)
+    assert top1_reversed == top1 and "in another order: matched by name" in text
+    two = renamed_copy(tiny, tmp_path / "two", {"c": "c", "a": "a"})
+    _, text = eval_top1(["--pretrained", str(tmp_path / "reversed.pth"), "--data-root", str(two)], capsys)
+    assert "2 class folders, scored among the 3 classes" in text
+    out = tmp_path / "ft"  # fine-tuning: the head is kept for the same classes, re-made for others
+    common = ["--batch-size", "8", "--device", "cpu", "--workers", "0", "--no-progress", "--min-lr", "0",
+              "--steps-per-epoch", "1", "--epochs", "1", "--track-attention", "--repeated-aug", "1"]
+    train.main(["--data-root", str(tiny), "--out", str(out), "--pretrained", str(tmp_path / "reversed.pth"), *common])
+    assert "in another order" in capsys.readouterr().out
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["classes"] == ["c", "b", "a"]
+    renamed_copy(tiny, other, {"a": "x", "b": "y", "c": "z"}, splits=("train",))
+    train.main(["--data-root", str(other), "--out", str(tmp_path / "ft2"), "--pretrained", weights, *common])
+    assert "has a head for other classes than the dataset's" in capsys.readouterr().out
+
+
+def test_timm_spellings_parse_to_the_same_config():
+    ours = ["--out", "o", "--grad-clip", "1", "--label-smoothing", "0.2", "--ema-decay", "0.99", "--drop-path-rate",
+            "0.2", "--num-layers", "6", "--evaluate-only", "--randaug-n", "2", "--randaug-m", "7", "--randaug-mstd",
+            "1", "--model", "vit_s", "--patch-size", "32", "--img-size", "384"]
+    timm = ["--output", "o", "--clip-grad", "1", "--smoothing", "0.2", "--model-ema-decay", "0.99", "--drop-path",
+            "0.2", "--depth", "6", "--eval", "--aa", "rand-m7-mstd1-inc1", "--model", "vit_small_patch32_384"]
+    a, b = train.parse_args(ours)[0], train.parse_args(timm)[0]
+    assert {k: v for k, v in a.items() if k not in ("aa", "model")} == \
+           {k: v for k, v in b.items() if k not in ("aa", "model")}
+    sizes = train.model_from_config(b, 10).config
+    assert (sizes["embed_dim"], sizes["num_heads"], sizes["patch_size"], sizes["grid_size"]) == (384, 6, 32, [12, 12])
+    assert train.parse_args(["--aa", "none"])[0]["randaug_n"] == 0
+    for argv, words in [(["--model", "deit_tiny_distilled_patch16_224"], "neither a preset"),
+                        (["--aa", "rand-m9-mstd0.5"], "add -inc1"), (["--aa", "augmix-m5"], "not 'augmix'"),
+                        (["--aa", "rand-m9-inc1-mmax5"], "mmax5 is not implemented")]:
+        assert words in exit_message(train.main, argv)
+
+
+def test_out_of_range_numbers_are_refused_before_any_work(tmp_path):
+    none = ["--data-root", str(tmp_path / "none"), "--output", str(tmp_path / "o")]  # work would fail on the data
+    for argv, words in [(["--epochs", "-5"], "--epochs -5 is out of range: it must be a positive whole number"),
+                        (["--batch-size", "-4"], "--batch-size -4 is out of range"),
+                        (["--lr", "0"], "--lr 0.0 is out of range"), (["--label-smoothing", "1.5"], "--smoothing 1.5"),
+                        (["--drop-path", "nan"], "--drop-path nan"), (["--workers", "-1"], "--workers -1"),
+                        (["--randaug-m", "11"], "in [0, 10]"), (["--img-size", "0"], "--img-size 0"),
+                        (["--embed-dim", "50", "--num-heads", "3", "--device", "cpu"], "does not split into"),
+                        (["--patch-size", "5", "--device", "cpu"], "224 is not a multiple of --patch-size 5")]:
+        assert words in exit_message(train.main, [*argv, *none]), argv
+    proc = run_module("imagenet.train", "--epochs", "-5")
+    assert_one_line_error(proc, "--epochs -5")
+
+
+def test_min_lr_above_the_batch_scaled_peak_names_both(tiny, tmp_path):
+    """#21 fault 4: the default lr at a batch of 8 is 7.81e-06, under the default --min-lr 1e-05: refused."""
+    msg = exit_message(train.main, ["--data-root", str(tiny), "--device", "cpu", "--batch-size", "8"])
+    assert "peak lr 7.81e-06 (after batch scaling: --lr 0.0005 x --batch-size 8 / 512) is below --min-lr 1e-05" in msg
+    assert "pass --min-lr 7.8e-08" in msg
+
+
+def test_mnist_weights_on_rgb_photos_one_line(tiny, tmp_path):
+    mnist_model = train.VisionTransformer(16, 32, 2, 1, 7, 1, 16, 10)
+    torch.save(checkpoint_state(mnist_model, epoch=1, metrics=[], train_config={"dataset": "mnist"}),
+               tmp_path / "mnist.pth")
+    assert_one_line_error(run_module("imagenet.train", "--pretrained", str(tmp_path / "mnist.pth"), "--data-root",
+                                     str(tiny), "--device", "cpu"), "takes 1-channel images (an MNIST model)")
+
+
+def test_resume_path_continues_that_checkpoint(tiny, trained, tmp_path, capsys):
+    """timm's --resume PATH: continues that run in its folder (or into a given empty --output)."""
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    args = ["--data-root", str(tiny), "--epochs", "2", "--repeated-aug", "1", *TINY, "--steps-per-epoch", "1"]
+    train.main([*args, "--resume", str(run / "checkpoint.pth")])
+    assert "continuing" in capsys.readouterr().out
+    assert torch.load(run / "checkpoint.pth", weights_only=True)["epoch"] == 2
+    train.main([*args, "--resume", str(trained), "--output", str(tmp_path / "branch")])
+    assert torch.load(tmp_path / "branch" / "checkpoint.pth", weights_only=True)["epoch"] == 2
+    assert "does not exist" in exit_message(train.main, [*args, "--resume", str(tmp_path / "none.pth")])
+    assert "holds another run's checkpoint" in exit_message(train.main, [*args, "--resume", str(trained),
+                                                                        "--output", str(run)])
+
+
+def test_help_says_what_repeated_augmentation_does():
+    proc = run_module("imagenet.train", "--help")
+    text = " ".join(proc.stdout.split())
+    assert "an epoch still holds N samples (N training images), ~N/k distinct images each shown k times" in text
+    assert f"{train.hardware.data_workers()} here" in text
 
 
 # ------------------------------------------------------------------------------------------------------ vis_attn
@@ -360,7 +513,7 @@ def test_vis_attn_on_repo_checkpoint_with_grayscale_non_square_photo(trained, tm
     vis_attn.main(["--image", str(photo), "--model", str(trained / "checkpoint.pth"), "--out",
                    str(tmp_path / "fig.png"), "--img-size", "32", "--target", "b"])
     out = capsys.readouterr().out
-    assert "model input 48x32 (4x6 patches)" in out  # 70x45 -> 50x32 -> crop to multiples of 8
+    assert "model input 48x32 px, 4 rows x 6 columns of patches" in out  # 70x45 -> 50x32 -> multiples of 8
     assert re.search(r"^1\. .*% +[abc] \(index \d\)$", out, re.M) and "gradient map for b" in out
     assert Image.open(tmp_path / "fig.png").size[0] > 500
 
@@ -373,7 +526,7 @@ def test_vis_attn_bad_input(trained, tmp_path):
     (tmp_path / "trunc.pth").write_bytes((trained / "checkpoint.pth").read_bytes()[:5000])
     torch.save({"weights": torch.zeros(3)}, tmp_path / "foreign.pth")
     cases = [(["--image", str(tmp_path / "none.jpg"), "--model", ckpt], "does not exist"),
-             (["--image", str(tmp_path / "text.jpg"), "--model", ckpt], "is not an image"),
+             (["--image", str(tmp_path / "text.jpg"), "--model", ckpt], "cannot be decoded"),
              (["--image", str(photo), "--model", str(tmp_path / "none.pth")], "does not exist"),
              (["--image", str(photo), "--model", str(tmp_path / "trunc.pth")], "not a readable PyTorch checkpoint"),
              (["--image", str(photo), "--model", str(tmp_path / "foreign.pth")], "not a ViT checkpoint"),
@@ -381,7 +534,7 @@ def test_vis_attn_bad_input(trained, tmp_path):
     for argv, words in cases:
         assert words in exit_message(vis_attn.main, [*argv, "--out", str(tmp_path / "f.png")])
     assert_one_line_error(run_module("imagenet.vis_attn", "--image", str(tmp_path / "text.jpg"), "--model", ckpt),
-                          "is not an image")
+                          "cannot be decoded")
 
 
 @needs_shared
@@ -409,7 +562,8 @@ def test_finetune_one_step_from_deit_tiny_and_evaluate_flat_folder(tmp_path, cap
                     os.symlink(f, data / split / wnid / f"{k}_{f.name}")
     out = tmp_path / "ft"
     train.main(["--data-root", str(data), "--out", str(out), "--pretrained", str(DEIT), "--epochs", "1",
-                "--batch-size", "4", "--device", "cpu", "--workers", "0", "--no-progress", "--lr", "1e-4"])
+                "--batch-size", "4", "--device", "cpu", "--workers", "0", "--no-progress", "--lr", "1e-4",
+                "--min-lr", "0"])
     text = capsys.readouterr().out
     assert "1000-class head and the dataset has 2 classes: the head is re-initialised" in text
     assert "D=192 heads=3 depth=12" in text and "1 steps per epoch" in text

@@ -57,6 +57,32 @@ def autocast(device: torch.device, amp_dtype: torch.dtype | None) -> contextlib.
     return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
 
 
+def cpu_count() -> int:
+    """CPUs this process may run on (its affinity mask under taskset / SLURM / containers), else os.cpu_count()."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def processes_per_node(env: dict[str, str] | None = None) -> int:
+    """Training processes sharing this node's CPUs: torchrun's LOCAL_WORLD_SIZE, srun's SLURM_NTASKS_PER_NODE
+    (for a step of several tasks), else 1."""
+    env = os.environ if env is None else env
+    if "LOCAL_WORLD_SIZE" in env:
+        return max(1, int(env["LOCAL_WORLD_SIZE"]))
+    if int(env.get("SLURM_STEP_NUM_TASKS", "1")) > 1:
+        per_node = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_NTASKS_PER_NODE") or "1"
+        return max(1, int(per_node.split("(")[0].split(",")[0]))  # "8(x2),4" -> 8
+    return 1
+
+
+def data_workers(most: int = 8, env: dict[str, str] | None = None) -> int:
+    """Data-loading processes per training process: the CPUs this process may use, shared by the processes of the
+    node, at most `most` (PyTorch warns that more workers than CPUs may freeze a DataLoader). 2 on a 2-core box."""
+    return max(0, min(most, cpu_count() // processes_per_node(env)))
+
+
 def cpu_isa() -> str:
     """The vector ISA torch's CPU kernels use here: "AVX2", "AVX512", "DEFAULT", ... (ATEN_CPU_CAPABILITY caps it)."""
     return torch.backends.cpu.get_cpu_capability()

@@ -1030,6 +1030,11 @@ for _i, _name in enumerate(NAMES):
 _WNID_RE = re.compile(r"n\d{8}")
 
 
+def is_wnid(name: str) -> bool:
+    """Whether `name` is spelled as a WordNet id ("n" and 8 digits), as ImageNet's class folders are."""
+    return _WNID_RE.fullmatch(name) is not None
+
+
 def wnid_to_index(wnid: str) -> int:
     """"n01440764" -> 0. ValueError for a WordNet id that is not an ImageNet-1k class."""
     try:

@@ -28,6 +28,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from imagenet.dataloaders import constants as IN1K
 from imagenet.dataloaders.classes import WNIDS, index_from_filename
+from utils.images import ImageError, load_image
 from utils.seed import epoch_generator, epoch_seed
 
 LAYOUT = ("ROOT/train/<class>/<image> and ROOT/val/<class>/<image> (ImageFolder), or the ILSVRC2012 archives "
@@ -105,20 +106,30 @@ def list_class_folder(directory: Path) -> tuple[list[str], list[str]]:
 
 
 def load_rgb(path: str) -> Image.Image:
-    """Decode an image file as RGB (grayscale, palette and RGBA images are converted)."""
-    with Image.open(path) as image:
-        return image.convert("RGB")
+    """Decode an image file as 8-bit RGB the one way every script does (`utils.images.load_image`: any PIL mode,
+    16-bit scans by their real range, EXIF orientation applied). ImageError (one sentence) when it cannot."""
+    return load_image(path, "RGB")
 
 
 def check_image(path: str) -> tuple[str, str | None]:
-    """(path, None) when the file decodes completely, else (path, reason)."""
+    """(path, None) when the file decodes as training will decode it (`load_rgb`), else (path, reason)."""
     try:
-        with Image.open(path) as image:
-            image.draft("RGB", (64, 64))  # JPEG: decode at reduced scale, still reading the whole stream
-            image.load()
+        load_rgb(path)
         return path, None
-    except Exception as e:  # noqa: BLE001  any decoder failure means unreadable
-        return path, f"{type(e).__name__}: {e}"
+    except ImageError as e:
+        return path, str(e)
+
+
+def class_difference(found: list[str], stored: list[str], limit: int = 5) -> str:
+    """How the class folders `found` differ from a stored class list, in words:
+    "folders not among its classes: d; its classes without a folder here: c" (at most `limit` names each)."""
+    def names(items: list[str]) -> str:
+        return ", ".join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
+    extra = [c for c in found if c not in set(stored)]
+    missing = [c for c in stored if c not in set(found)]
+    parts = ([f"folders not among its classes: {names(extra)}"] if extra else []) + \
+            ([f"its classes without a folder here: {names(missing)}"] if missing else [])
+    return "; ".join(parts) or "the same names"
 
 
 class ImageDataset(Dataset):
@@ -142,6 +153,17 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def relabel(self, classes: list[str]) -> None:
+        """Index the samples by `classes` (a stored class list, e.g. a checkpoint's), matching by name: every class
+        of this dataset must be among them (ValueError otherwise); they may be in another order or be more."""
+        index = {name: i for i, name in enumerate(classes)}
+        unknown = [c for c in self.classes if c not in index]
+        if unknown:
+            raise ValueError(f"classes {unknown[:5]} are not among {len(classes)} stored classes.")
+        new = [index[c] for c in self.classes]
+        self.samples = [(path, new[t]) for path, t in self.samples]
+        self.classes, self.targets = list(classes), [t for _, t in self.samples]
+
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[Tensor, int, int, str]:
         seed, index = key if isinstance(key, tuple) else (None, key)
         skipped = ""
@@ -149,7 +171,7 @@ class ImageDataset(Dataset):
             path, target = self.samples[(index + attempt) % len(self.samples)]
             try:
                 image = load_rgb(path)
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            except ImageError:
                 skipped = skipped or path  # report this index's own file; substitutes report theirs when visited
                 continue
             if self.transform is not None:

@@ -14,6 +14,8 @@ Only torch's RNG is used (not `random` or NumPy), so seeding torch per sample fi
 
 from __future__ import annotations
 
+import re
+
 import torch
 from PIL import Image, ImageEnhance, ImageOps
 
@@ -57,6 +59,43 @@ OPS = {
     "TranslateXRel": (True, True, lambda img, v, kw: _affine(img, (1, 0, v * 0.45 * img.width, 0, 1, 0), kw)),
     "TranslateYRel": (True, True, lambda img, v, kw: _affine(img, (1, 0, 0, 0, 1, v * 0.45 * img.height), kw)),
 }
+
+
+def parse_timm_config(text: str) -> dict[str, float]:
+    """timm's RandAugment string (its --aa) -> {"num_ops", "magnitude", "magnitude_std"} of `DeiTRandAugment`.
+
+    "rand-m9-mstd0.5-inc1" (DeiT's) -> {num_ops 2, magnitude 9, magnitude_std 0.5}; missing parts take timm's
+    defaults (n 2, m 10, mstd 0); "none" -> num_ops 0 (off). ValueError (one sentence) for what is not implemented
+    here: other policies (AutoAugment "original" / "v0", AugMix), timm's non-increasing op list (no inc1), mmax, p
+    and t other than 10, 0.5 and the default set, or a part timm does not know (timm's rand_augment_transform)."""
+    if text.strip().lower() in ("none", "off"):
+        return {"num_ops": 0, "magnitude": 0.0, "magnitude_std": 0.0}
+    name, *parts = text.strip().split("-")
+    if name != "rand":
+        raise ValueError(f"--aa {text}: only timm's RandAugment (rand-..., e.g. DeiT's rand-m9-mstd0.5-inc1) is "
+                         f"implemented here, not {name!r} (AutoAugment / AugMix); use a rand-... string or none.")
+    out, increasing = {"num_ops": 2, "magnitude": 10.0, "magnitude_std": 0.0}, False
+    for part in parts:
+        m = re.fullmatch(r"(mstd|mmax|inc|m|n|p)(\d+(?:\.\d*)?)", part)
+        if m is None:
+            raise ValueError(f"--aa {text}: {part!r} is not a RandAugment setting implemented here (m, n, mstd, inc; "
+                             f"mmax10 and p0.5 as timm's defaults).")
+        key, value = m.group(1), float(m.group(2))
+        if key in ("m", "n", "mstd"):
+            out[{"m": "magnitude", "n": "num_ops", "mstd": "magnitude_std"}[key]] = value
+        elif key == "inc":
+            increasing = value == 1
+        elif (key, value) not in (("mmax", 10.0), ("p", 0.5)):
+            raise ValueError(f"--aa {text}: {part} is not implemented here (only mmax10 and p0.5, timm's defaults); "
+                             f"drop it.")
+    if not increasing:
+        raise ValueError(f"--aa {text}: without inc1 timm draws from its older, non-increasing op list, which is not "
+                         f"implemented here; add -inc1 (as DeiT's rand-m9-mstd0.5-inc1).")
+    if out["magnitude_std"] > 100:
+        raise ValueError(f"--aa {text}: mstd above 100 (timm: uniform magnitudes) is not implemented here.")
+    if not 0 <= out["magnitude"] <= 10:
+        raise ValueError(f"--aa {text}: magnitude {out['magnitude']:g} must be in [0, 10].")
+    return {**out, "num_ops": int(out["num_ops"])}
 
 
 def _uniform() -> float:

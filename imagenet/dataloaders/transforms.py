@@ -24,13 +24,13 @@ def _interpolation(name: str) -> InterpolationMode:
 
 def train_transform(img_size: int = IN1K.IMAGE_SIZE, *, scale: tuple[float, float] = (0.08, 1.0),
                     hflip: float = 0.5, randaug_ops: int = 2, randaug_magnitude: float = 9,
-                    interpolation: str = IN1K.INTERPOLATION, mean=IN1K.MEAN) -> v2.Compose:
+                    randaug_std: float = 0.5, interpolation: str = IN1K.INTERPOLATION, mean=IN1K.MEAN) -> v2.Compose:
     """DeiT training augmentation: PIL image -> uint8 tensor (3, img_size, img_size).
 
     RandomResizedCrop (bicubic) -> flip -> DeiT's RandAugment (timm's rand-m9-mstd0.5-inc1: magnitude out of 10,
-    noise std 0.5, each op with probability 0.5, geometric ops with `interpolation` and the `mean` colour as fill).
-    randaug_magnitude=0 or randaug_ops=0 turn RandAugment off. Normalisation and random erasing happen on the
-    device (`device_transform`).
+    noise std `randaug_std` (0.5), each op with probability 0.5, geometric ops with `interpolation` and the `mean`
+    colour as fill). randaug_magnitude=0 or randaug_ops=0 turn RandAugment off. Normalisation and random erasing
+    happen on the device (`device_transform`).
     """
     mode = _interpolation(interpolation)
     steps = [v2.RandomResizedCrop(img_size, scale=scale, interpolation=mode, antialias=True)]
@@ -38,7 +38,7 @@ def train_transform(img_size: int = IN1K.IMAGE_SIZE, *, scale: tuple[float, floa
         steps.append(v2.RandomHorizontalFlip(hflip))
     if randaug_magnitude > 0 and randaug_ops > 0:
         fill = tuple(min(255, round(255 * m)) for m in mean)
-        steps.append(DeiTRandAugment(randaug_ops, randaug_magnitude, fill=fill, interpolation=mode.value))
+        steps.append(DeiTRandAugment(randaug_ops, randaug_magnitude, randaug_std, fill=fill, interpolation=mode.value))
     steps.append(v2.PILToTensor())
     return v2.Compose(steps)
 
