@@ -198,14 +198,18 @@ def test_loader_formats(tmp_path):
 
 @pytest.mark.parametrize("content, message", [
     (None, "does not exist"), (b"hello, I am a text file\n", "not a readable PyTorch checkpoint"),
+    (b"", "is empty"), ("folder", "is a folder, not a checkpoint file"),
     ("truncated", "not a readable PyTorch checkpoint"), ("list", "not a checkpoint dict"),
-    ("foreign", "not a ViT checkpoint"), ("distilled", "distilled DeiT")])
+    ("foreign", "not a ViT checkpoint: it has no patch_embed.proj.weight; its keys are such as conv1.weight"),
+    ("distilled", "distillation token .distilled DeiT.")])
 def test_loader_errors(tmp_path, content, message):
     path = tmp_path / "ckpt.pth"
     sd = small_vit().state_dict()
     if content == "truncated":
         torch.save(sd, path)
         path.write_bytes(path.read_bytes()[:5000])
+    elif content == "folder":
+        path.mkdir()
     elif content == "list":
         torch.save([1, 2], path)
     elif content == "foreign":
@@ -232,6 +236,7 @@ def test_loader_errors(tmp_path, content, message):
     (dict(drop_path_rate=1.5), r"drop_path_rate=1.5 must be in \[0, 1\)"),
     (dict(num_patches=60), "num_patches=60 is not a square number; pass grid_size"),
     (dict(num_patches=60, grid_size=(7, 8)), "grid_size=.7, 8. does not hold num_patches=60"),
+    (dict(pos_embed_interp="bilinear"), "pos_embed_interp='bilinear' must be one of timm, dino, dinov2"),
 ])
 def test_config_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):

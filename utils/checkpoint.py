@@ -8,15 +8,18 @@ with weights_only=True, and metrics.json.
 
 from __future__ import annotations
 
+import _compat_pickle
 import argparse
+import io
 import json
 import os
 import pickle
-import re
+import pickletools
 import tempfile
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from torch import nn
@@ -68,24 +71,71 @@ def save_metrics(metrics: list[dict[str, Any]], path: str | os.PathLike, **extra
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """torch.load(path, map_location="cpu", weights_only=True) -> the dict it holds.
 
-    Raises CheckpointError (one sentence) for a missing, truncated or foreign file, a non-dict, or a file that
-    pickles Python objects other than tensors and containers (a whole nn.Module, a custom class). Classes in
-    SAFE_GLOBALS are allowed."""
+    Raises CheckpointError (one sentence) for a missing file, a folder, an empty, truncated, damaged or foreign
+    file, a non-dict, or a file that pickles Python objects other than tensors and containers (a whole nn.Module,
+    a custom class, a function call planted in the pickle): weights_only loading refuses those, nothing runs.
+    Classes in SAFE_GLOBALS are allowed."""
+    if os.path.isdir(path):
+        inside = sorted(Path(path).glob("*.pt*")) + sorted(Path(path).glob("*.safetensors"))
+        raise CheckpointError(f"'{path}' is a folder, not a checkpoint file" + (
+            f"; pass a file in it, e.g. '{inside[0]}'." if inside else "."))
     if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint '{path}' does not exist and is not a registry name (python -m "
-                              f"models.pretrained --list).")
+        raise CheckpointError(f"checkpoint '{path}' does not exist.")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"'{path}' is empty (0 bytes), not a checkpoint.")
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # the unpickler raises anything on garbage: KeyError, EOFError, RuntimeError...
-        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        if isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in str(e) and refused:
-            raise CheckpointError(f"'{path}' pickles Python objects (e.g. {refused[1]}) that weights_only loading "
+        refused = refused_globals(path) if isinstance(e, pickle.UnpicklingError) else []
+        if refused:
+            raise CheckpointError(f"'{path}' pickles Python objects (e.g. {refused[0]}) that weights_only loading "
                                   f"refuses: they could run arbitrary code; load it only if you trust it, then "
                                   f"re-save its state dict.") from None
-        raise CheckpointError(f"'{path}' is not a readable PyTorch checkpoint: it is truncated or another kind "
-                              f"of file.") from None
+        raise CheckpointError(f"'{path}' is not a readable PyTorch checkpoint: it is truncated, damaged or another "
+                              f"kind of file.") from None
     return checkpoint_dict(obj, path)
+
+
+def refused_globals(path: str | os.PathLike) -> list[str]:
+    """The globals ("module.name") that the pickle of a checkpoint file calls or builds and weights_only loading
+    does not allow; [] when the file is not an intact pickle (truncated, a CRC error, garbage, another format).
+
+    This tells a refusal from damage without reading torch's message: torch.load raises pickle.UnpicklingError
+    both for a refused global and for some garbage, but only an intact pickle names globals. The pickle is
+    data.pkl of a torch.save zip (read with its CRC checked) or, for the legacy format and plain pickle files,
+    the pickles at the start of the file. It is only parsed (pickletools), never run."""
+    allowed = {f"{g.__module__}.{g.__qualname__}" for g in [*SAFE_GLOBALS, *torch.serialization.get_safe_globals()]
+               if hasattr(g, "__qualname__")}
+    allowed |= set(getattr(torch._weights_only_unpickler, "_get_allowed_globals", dict)())
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                found = _pickle_globals(io.BytesIO(z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))))
+        else:
+            with open(path, "rb") as f:
+                found = [g for _ in range(5) if f.peek(1) for g in _pickle_globals(f)]  # legacy: 5 pickles, data
+    except Exception:  # BadZipFile (truncated, CRC), StopIteration (no data.pkl), ValueError (not a pickle)
+        return []
+    return [g for g in dict.fromkeys(found) if g not in allowed]
+
+
+def _pickle_globals(f: BinaryIO) -> list[str]:
+    """The globals named by the one pickle read from `f` (up to its STOP); ValueError when it is not one."""
+    found, pushed, memo = [], [], {}
+    for op, arg, _ in pickletools.genops(f):
+        if op.name == "GLOBAL":  # protocols 0-3: "module name", Python 2's module names in protocols < 3
+            module, name = arg.split(" ", 1)
+            found.append(f"{_compat_pickle.IMPORT_MAPPING.get(module, module)}.{name}")
+        elif op.name == "STACK_GLOBAL":  # protocol 4+: the module and name pushed just before (or from the memo)
+            found.append(".".join(str(s) for s in pushed[-2:]))
+        if op.name in ("MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT"):
+            memo[len(memo) if op.name == "MEMOIZE" else arg] = pushed[-1] if pushed else None
+        elif op.name in ("GET", "BINGET", "LONG_BINGET"):
+            pushed.append(memo.get(arg))
+        elif op.name not in ("PROTO", "FRAME", "STOP"):
+            pushed.append(arg if isinstance(arg, str) else None)
+    return found
 
 
 def checkpoint_dict(obj: Any, path: str | os.PathLike) -> dict[str, Any]:
