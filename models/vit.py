@@ -3,6 +3,7 @@
 Parameter names and numerics are those of timm's `VisionTransformer` (class-token pooling, LayerNorm
 eps 1e-6, exact GELU, fused qkv), so timm / DeiT checkpoints load with `strict=True`; with timm's options
 init_values (LayerScale), reg_tokens and no_embed_class, so do DeiT III and DINOv2 (with or without registers).
+pos_embed_interp picks how the position table is resampled to another grid: timm's rule or DINO / DINOv2's.
 Token order: class token, R register tokens, then the N patches (row-major).
 """
 
@@ -16,6 +17,13 @@ from torch import Tensor, nn
 
 from models.attentionblock import AttentionBlock, AttnRequest
 from utils.img_to_patch import img_to_patch
+
+# How the patch part of the position table is resampled to another grid (bicubic in each case):
+#   "timm": to the output size, antialiased (timm's resample_abs_pos_embed, dynamic_img_size).
+#   "dino", "dinov2": by the scale factor (g + 0.1) / g0 per side, no antialiasing, as the official
+#       interpolate_pos_encoding of DINO (vision_transformer.py) and of DINOv2's torch.hub models
+#       (hub/backbones.py: interpolate_offset=0.1, interpolate_antialias=False); the 0.1 moves the sample points.
+POS_EMBED_INTERP = ("timm", "dino", "dinov2")
 
 
 def _check(ok: bool, message: str) -> None:
@@ -44,13 +52,15 @@ class VisionTransformer(nn.Module):
         reg_tokens: R register tokens (Darcet et al. 2024), `reg_token` (1, R, D), after the class token.
         no_embed_class: the position embedding covers the patches only, (1, N, D), and is added before the
             class / register tokens are prepended (DeiT III, timm's DINOv2 with registers); default (1, 1+R+N, D).
+        pos_embed_interp: how the position table is resampled for another input grid, one of POS_EMBED_INTERP:
+            "timm" (default) or the official rule of "dino" / "dinov2" (the same formula).
     """
 
     def __init__(self, embed_dim: int, hidden_dim: int, num_heads: int, num_layers: int, patch_size: int,
                  num_channels: int, num_patches: int, num_classes: int, dropout: float = 0.0, *,
                  grid_size: tuple[int, int] | None = None, attn_dropout: float = 0.0,
                  drop_path_rate: float = 0.0, init_values: float | None = None, reg_tokens: int = 0,
-                 no_embed_class: bool = False):
+                 no_embed_class: bool = False, pos_embed_interp: str = "timm"):
         super().__init__()
         sizes = dict(embed_dim=embed_dim, hidden_dim=hidden_dim, num_heads=num_heads, num_layers=num_layers,
                      patch_size=patch_size, num_channels=num_channels, num_patches=num_patches)
@@ -63,6 +73,8 @@ class VisionTransformer(nn.Module):
                f"divisors of embed_dim (e.g. embed_dim // 64).")
         _check(isinstance(reg_tokens, int) and reg_tokens >= 0,
                f"reg_tokens={reg_tokens!r} must be a non-negative integer.")
+        _check(pos_embed_interp in POS_EMBED_INTERP,
+               f"pos_embed_interp={pos_embed_interp!r} must be one of {', '.join(POS_EMBED_INTERP)}.")
         for name, p in dict(dropout=dropout, attn_dropout=attn_dropout, drop_path_rate=drop_path_rate).items():
             _check(0.0 <= p < 1.0, f"{name}={p!r} must be in [0, 1).")
         if grid_size is None:
@@ -78,12 +90,14 @@ class VisionTransformer(nn.Module):
 
         self.patch_size, self.grid_size, self.num_heads = patch_size, grid_size, num_heads
         self.num_prefix_tokens, self.no_embed_class = 1 + reg_tokens, no_embed_class  # class + register tokens
+        self.pos_embed_interp = pos_embed_interp
         # Constructor arguments as plain values: what a checkpoint needs to rebuild this model (the newer
         # options only when set, so the configs of earlier checkpoints stay equal).
-        options = dict(init_values=init_values, reg_tokens=reg_tokens, no_embed_class=no_embed_class)
+        options = dict(init_values=init_values, reg_tokens=reg_tokens, no_embed_class=no_embed_class,
+                       pos_embed_interp=pos_embed_interp)
         self.config = dict(sizes, num_classes=num_classes, dropout=dropout, grid_size=list(grid_size),
                            attn_dropout=attn_dropout, drop_path_rate=drop_path_rate,
-                           **{k: v for k, v in options.items() if v not in (None, 0, False)})
+                           **{k: v for k, v in options.items() if v not in (None, 0, False, "timm")})
         self.patch_embed = nn.Module()  # timm's key names: patch_embed.proj.{weight,bias}
         self.patch_embed.proj = nn.Conv2d(num_channels, embed_dim, patch_size, stride=patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -123,13 +137,18 @@ class VisionTransformer(nn.Module):
 
     def position_embedding(self, grid: tuple[int, int]) -> Tensor:
         """(1, 1 + R + gh·gw, D), or (1, gh·gw, D) when no_embed_class: the learned table, its patch part
-        bicubically resampled (antialiased, timm's rule) when `grid` differs from the training grid."""
+        resampled by the rule `pos_embed_interp` (see POS_EMBED_INTERP) when `grid` differs from the training grid."""
         if grid == self.grid_size:
             return self.pos_embed
         k = 0 if self.no_embed_class else self.num_prefix_tokens
         cls_pos, patch_pos = self.pos_embed[:, :k], self.pos_embed[:, k:]
-        patch_pos = patch_pos.reshape(1, *self.grid_size, -1).permute(0, 3, 1, 2)
-        patch_pos = F.interpolate(patch_pos.float(), size=grid, mode="bicubic", antialias=True)
+        compute = torch.promote_types(patch_pos.dtype, torch.float32)  # float32 for half / bfloat16 weights
+        patch_pos = patch_pos.reshape(1, *self.grid_size, -1).permute(0, 3, 1, 2).to(compute)
+        if self.pos_embed_interp == "timm":
+            patch_pos = F.interpolate(patch_pos, size=grid, mode="bicubic", antialias=True)
+        else:  # the output size is floor(g0 · (g + 0.1) / g0) = g; the scale factor sets the sample points
+            scale = tuple((g + 0.1) / g0 for g, g0 in zip(grid, self.grid_size, strict=True))
+            patch_pos = F.interpolate(patch_pos, scale_factor=scale, mode="bicubic")
         patch_pos = patch_pos.to(self.pos_embed.dtype).flatten(2).transpose(1, 2)
         return torch.cat([cls_pos, patch_pos], dim=1)
 
