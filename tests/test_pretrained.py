@@ -1,9 +1,15 @@
 """Named pretrained weights: DeiT III / DINO / DINOv2 (registers) parity with timm, the registry, the download;
-which weights a repo checkpoint gives (the EMA only when its run reported it); files that pickle Python objects."""
+which weights a repo checkpoint gives (the EMA only when its run reported it); files that pickle Python objects,
+damaged files, unknown names; architectures the built-in model cannot build; DINO / DINOv2's own resampling of the
+position table under their project's names; DINOv2 training dumps with block chunks."""
 
 import argparse
 import hashlib
 import http.server
+import math
+import os
+import pickle
+import re
 import shutil
 import threading
 from pathlib import Path
@@ -89,8 +95,18 @@ def test_official_releases_match_timm(name, family, sizes):
 
 
 def test_registry_architectures_match_timm():
-    """Every registry entry builds timm's model of the same name (shapes of every tensor), on the meta device."""
+    """Every registry entry builds timm's model of the same name (shapes of every tensor), on the meta device;
+    DINO / DINOv2 also under their torch.hub name: the same file and model, resampled by their own rule."""
+    project_names = {n: r for n, r in pretrained.REGISTRY.items() if n.startswith("dino")}
+    assert sorted(project_names) == sorted(["dino_vits16", "dino_vits8", "dino_vitb16", "dino_vitb8"] + [
+        f"dinov2_vit{s}14{r}" for s in "sbl" for r in ("", "_reg")])
+    for name, release in project_names.items():
+        twin = next(n for n, r in pretrained.REGISTRY.items() if r.url == release.url and n != name)
+        assert release.arch == dict(pretrained.REGISTRY[twin].arch, pos_embed_interp=release.family.lower()), name
+        assert "pos_embed_interp" not in pretrained.REGISTRY[twin].arch and release.family in ("DINO", "DINOv2")
     for name, release in pretrained.REGISTRY.items():
+        if name in project_names:
+            continue
         with torch.device("meta"):
             ours = VisionTransformer(**release.arch)
             if name == "vit_b_16":
@@ -100,9 +116,7 @@ def test_registry_architectures_match_timm():
                 theirs = timm.create_model(name, pretrained=False).state_dict()
         assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.items()}, name
         assert release.img_size == release.arch["patch_size"] * release.arch["grid_size"][0]
-    for alias, name in pretrained.ALIASES.items():
-        assert pretrained.registry_name(alias) == name
-    assert pretrained.registry_name("dinov2_vits14_reg") == "vit_small_patch14_reg4_dinov2"
+    assert pretrained.registry_name("dinov2_vits14_reg") == "dinov2_vits14_reg"
 
 
 def test_defaults_change_nothing():
@@ -122,6 +136,9 @@ def test_cli_list(capsys):
     assert pretrained.main(["--list"]) == 0
     out = capsys.readouterr().out
     assert "vit_small_patch14_reg4_dinov2" in out and "dinov2_vits14_reg" in out and "deit_3_small_224_1k.pth" in out
+    rows = {line.split()[0]: line.split()[2] for line in out.splitlines()[1:] if "https://" in line}
+    assert rows["dinov2_vits14"] == "dinov2" and rows["dino_vits16"] == "dino"
+    assert rows["vit_small_patch14_dinov2"] == rows["vit_small_patch16_224.dino"] == "timm"
 
 
 # The download: a local HTTP server stands in for the release host; TORCH_HOME is a temporary folder.
@@ -364,9 +381,310 @@ def test_pickled_objects_named_as_such(tmp_path, obj, named):
     assert message.endswith("load it only if you trust it, then re-save its state dict.")
     torch.save({"model": {}, "args": argparse.Namespace(lr=0.1)}, tmp_path / "dino.pth")  # DINO's: allowed
     assert pretrained.read_checkpoint(tmp_path / "dino.pth")["args"].lr == 0.1
-    torch.save(torch.nn.Linear(2, 3).state_dict(), tmp_path / "t.pth")
-    for garbage in ((tmp_path / "t.pth").read_bytes()[:300], b"hello, I am a text file\n"):  # truncated, foreign
-        (tmp_path / "g.pth").write_bytes(garbage)
-        with pytest.raises(CheckpointError, match=r"is not a readable PyTorch checkpoint: it is truncated or another "
-                                                  r"kind of file\.$"):
-            pretrained.read_checkpoint(tmp_path / "g.pth")
+
+
+
+# Malicious and damaged files (#20 fault 5): a refusal is told from damage by the exception and the file itself.
+class Planted:
+    """Unpickling it would call os.mkdir(path) (or any function): the classic malicious checkpoint."""
+
+    def __init__(self, path, call=os.mkdir):
+        self.path, self.call = str(path), call
+
+    def __reduce__(self):
+        return self.call, (self.path,)
+
+
+def malicious_files(tmp_path):
+    """(file, the global it plants): torch.save (zip and legacy format) and plain pickle of every protocol."""
+    ran = tmp_path / "ran"
+    payload = {"weight": torch.zeros(2), "x": Planted(ran)}
+    torch.save(payload, tmp_path / "zip.pth")
+    torch.save(payload, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    yield tmp_path / "zip.pth", f"{os.mkdir.__module__}.mkdir"
+    yield tmp_path / "legacy.pth", f"{os.mkdir.__module__}.mkdir"
+    for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
+        (tmp_path / f"p{protocol}.pkl").write_bytes(pickle.dumps({"x": Planted(ran)}, protocol=protocol))
+        yield tmp_path / f"p{protocol}.pkl", f"{os.mkdir.__module__}.mkdir"
+    torch.save({"x": Planted("hi", print)}, tmp_path / "print.pth")
+    yield tmp_path / "print.pth", "builtins.print"
+    torch.save({"x": Planted(ran, os.getpid)}, tmp_path / "getpid.pth")  # the reported case (getpid takes no
+    yield tmp_path / "getpid.pth", f"{os.getpid.__module__}.getpid"     # argument, but it is refused before)
+
+
+def test_malicious_pickle_is_refused_not_called_truncated(tmp_path):
+    for path, planted in malicious_files(tmp_path):
+        with pytest.raises(CheckpointError) as err:
+            load_pretrained(path)
+        assert str(err.value) == (f"'{path}' pickles Python objects (e.g. {planted}) that weights_only loading "
+                                  f"refuses: they could run arbitrary code; load it only if you trust it, then "
+                                  f"re-save its state dict."), path
+        assert not (tmp_path / "ran").exists()  # nothing ran
+
+
+def test_damaged_files_are_called_damaged(tmp_path):
+    good = tmp_path / "good.pth"
+    torch.save(VisionTransformer(**TINY).state_dict(), good)
+    data = good.read_bytes()
+    torch.save(VisionTransformer(**TINY).state_dict(), tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    at = data.find(b"_rebuild_tensor_v2")  # a byte flipped inside the pickle: the zip's CRC tells
+    damaged = {"truncated.pth": data[:len(data) // 2], "tail.pth": data[:-40], "flipped.pth": data[:at] + b"X"
+               + data[at + 1:], "legacy_truncated.pth": (tmp_path / "legacy.pth").read_bytes()[:3000],
+               "text.pth": b"hello, I am a text file\n", "random.pth": torch.randint(0, 256, (4096,),
+               generator=torch.Generator().manual_seed(0), dtype=torch.uint8).numpy().tobytes()}
+    import zipfile
+    with zipfile.ZipFile(tmp_path / "other.zip", "w") as z:
+        z.writestr("notes.txt", "not a checkpoint")
+    for name, content in damaged.items():
+        (tmp_path / name).write_bytes(content)
+    for path in [*(tmp_path / name for name in damaged), tmp_path / "other.zip"]:
+        with pytest.raises(CheckpointError) as err:
+            pretrained.read_checkpoint(path)
+        assert str(err.value) == (f"'{path}' is not a readable PyTorch checkpoint: it is truncated, damaged or "
+                                  f"another kind of file."), path
+    (tmp_path / "empty.pth").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"'.*empty.pth' is empty \(0 bytes\), not a checkpoint\.$"):
+        pretrained.read_checkpoint(tmp_path / "empty.pth")
+    assert set(pretrained.read_checkpoint(good)) == set(VisionTransformer(**TINY).state_dict())
+
+
+def test_folders_missing_files_and_registry_typos(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    run.mkdir()
+    with pytest.raises(CheckpointError, match=r"^'.*run' is a folder, not a checkpoint file\.$"):
+        load_pretrained(run)
+    torch.save(VisionTransformer(**TINY).state_dict(), run / "checkpoint.pth")
+    with pytest.raises(CheckpointError, match=r"^'.*run' is a folder, not a checkpoint file; pass a file in it, e\.g\. "
+                                              r"'.*run/checkpoint\.pth'\.$"):
+        load_pretrained(str(run))
+    for path in (tmp_path / "nope.pth", str(tmp_path / "nope.pth"), "runs/x/checkpoint.pth"):
+        with pytest.raises(CheckpointError, match=r"^checkpoint '.*nope.pth' does not exist\.$|^checkpoint "
+                                                  r"'runs/x/checkpoint.pth' does not exist\.$"):
+            load_pretrained(path)
+    for typo, meant in [("dinov2_vits41", "dinov2_vits14"), ("deit_tiny_patch16_244", "deit_tiny_patch16_224"),
+                        ("DINOv2_ViTS14_reg", "dinov2_vits14_reg"), ("vit_small_patch14_dinov2.lvd142m",
+                                                                       "vit_small_patch14_dinov2")]:
+        with pytest.raises(CheckpointError) as err:
+            load_pretrained(typo)
+        assert str(err.value) == (f"'{typo}' is neither a file nor a registry name; did you mean '{meant}'? "
+                                  f"(python -m models.pretrained --list)")
+    with pytest.raises(CheckpointError, match=r"^checkpoint 'my_model' does not exist and is not a registry name "
+                                              r"\(python -m models\.pretrained --list\)\.$"):
+        load_pretrained("my_model")
+    monkeypatch.chdir(tmp_path)
+    torch.save(VisionTransformer(**TINY).state_dict(), tmp_path / "deit_tiny_patch16_224")
+    assert pretrained.resolve("deit_tiny_patch16_224") is None  # a file of that name wins: nothing is downloaded
+
+
+# Checkpoints of architectures the built-in model cannot build (#20 fault 3): one line naming what they hold.
+def per_block(**shapes) -> dict:
+    """Random tensors for both blocks of TINY: per_block(**{"mlp.w3.weight": (48, 96)})."""
+    return {f"blocks.{i}.{key}": torch.randn(shape) for i in range(2) for key, shape in shapes.items()}
+
+
+def without(sd: dict, *patterns: str) -> dict:
+    return {k: v for k, v in sd.items() if not any(re.search(p, k) for p in patterns)}
+
+
+def chunked(sd: dict, chunks: int = 2) -> dict:
+    """DINOv2's block_chunks layout: blocks.<chunk>.<i>.* with the global block index i."""
+    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    per = depth // chunks
+    return {re.sub(r"^blocks\.(\d+)\.", lambda m: f"blocks.{int(m[1]) // per}.{m[1]}.", k): v for k, v in sd.items()}
+
+
+def torchvision_pre_logits(sd: dict) -> dict:
+    from torchvision.models.vision_transformer import VisionTransformer as TorchvisionViT
+    return TorchvisionViT(image_size=32, patch_size=8, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=32,
+                          num_classes=5, representation_size=8).state_dict()
+
+
+SWIGLU_G = {"mlp.w12.weight": (192, 48), "mlp.w12.bias": (192,), "mlp.w3.weight": (48, 96), "mlp.w3.bias": (48,)}
+POOL = {"attn_pool.latent": (1, 1, 48), "attn_pool.q.weight": (48, 48), "attn_pool.kv.weight": (96, 48)}
+T = torch.randn
+UNSUPPORTED = [  # (file, what it holds -> its keys, fragments the message must have)
+    ("DINOv2 ViT-g, official chunked", lambda sd: chunked(without(sd, r"\.mlp\.") | per_block(**SWIGLU_G))
+     | {"mask_token": T(1, 48)}, ["a ViT with a SwiGLU MLP", "blocks.N.mlp.w12.weight", "vit_giant_patch14_dinov2"]),
+    ("timm SwiGLU", lambda sd: without(sd, r"\.mlp\.fc1") | per_block(**{"mlp.fc1_g.weight": (96, 48),
+     "mlp.fc1_x.weight": (96, 48)}), ["a SwiGLU MLP (timm's SwiGLU, EVA-02) (blocks.N.mlp.fc1_g.weight)", "eva02_*"]),
+    ("timm SwiGLUPacked / GluMlp", lambda sd: without(sd, r"\.mlp\.fc1") | per_block(
+        **{"mlp.fc1.weight": (192, 48), "mlp.fc1.bias": (192,)}), ["a gated MLP packed in mlp.fc1"]),
+    ("DINOv3, official", lambda sd: without(sd, "pos_embed") | {"rope_embed.periods": T(6), "storage_tokens":
+     T(1, 4, 48)}, ["rotary position embedding (rope_embed.periods)", "storage tokens", "no position table",
+                    "load it with timm (vit_*_dinov3"]),
+    ("DINOv3, timm", lambda sd: without(sd, "pos_embed", r"qkv\.bias"), ["no position table (no pos_embed",
+                                                                         "no qkv bias", "vit_*_dinov3"]),
+    ("EVA-02", lambda sd: sd | {"rope.freqs_cos": T(64, 16)}, ["rotary position embedding (rope.freqs_cos)"]),
+    ("q/k norm", lambda sd: sd | per_block(**{"attn.q_norm.weight": (16,), "attn.k_norm.weight": (16,)}),
+     ["q/k normalisation (blocks.N.attn.q_norm.weight)", "qk_norm=True"]),
+    ("average pooling, no class token", lambda sd: without(sd, "cls_token") | {"pos_embed": T(1, 64, 48),
+     "fc_norm.weight": T(48)}, ["no class token (no cls_token", "fc_norm", "class_token=False"]),
+    ("SigLIP", lambda sd: without(sd, "cls_token") | {"pos_embed": T(1, 64, 48)} | {k: T(s) for k, s in POOL.items()},
+     ["attention-pool head (SigLIP) (attn_pool.latent)", "no class token", "vit_*_siglip_*"]),
+    ("distilled DeiT", lambda sd: sd | {"dist_token": T(1, 1, 48), "head_dist.weight": T(5, 48)},
+     ["distillation token (distilled DeiT) (dist_token)", "deit_*_distilled_patch16_224"]),
+    ("BEiT", lambda sd: without(sd, r"qkv\.bias") | per_block(**{"attn.q_bias": (48,), "attn.v_bias": (48,),
+     "attn.relative_position_bias_table": (100, 3)}), ["relative position bias (BEiT)", "beit_*"]),
+    ("CaiT", lambda sd: sd | {"blocks_token_only.0.attn.q.weight": T(48, 48)}, ["class-attention blocks (CaiT)"]),
+    ("CLIP image tower, timm", lambda sd: sd | {"norm_pre.weight": T(48)}, ["a norm before the blocks (CLIP)"]),
+    ("torchvision with pre-logits", torchvision_pre_logits, ["pre-logits layer", "heads.pre_logits.weight"]),
+    ("ConvNeXt", lambda sd: {"stem.0.weight": T(8, 3, 4, 4), "stages.0.blocks.0.conv_dw.weight": T(8, 1, 7, 7)},
+     ["a ConvNeXt (keys such as stages.N.blocks.N.conv_dw.weight)", "convnext_*"]),
+    ("ResNet", lambda sd: {"conv1.weight": T(8, 3, 7, 7), "layer1.0.conv1.weight": T(8, 8, 3, 3), "fc.weight": T(5, 8)},
+     ["a ResNet (keys such as layer1.N.conv1.weight)", "resnet*"]),
+    ("Swin", lambda sd: {"patch_embed.proj.weight": T(8, 3, 4, 4), "layers.0.blocks.0.attn.qkv.weight": T(24, 8),
+                         "layers.0.blocks.0.attn.relative_position_bias_table": T(169, 2)}, ["a Swin Transformer"]),
+    ("CLIP text tower", lambda sd: {"token_embedding.weight": T(100, 8), "positional_embedding": T(77, 8)},
+     ["a text model (keys such as token_embedding.weight)"]),
+    ("BERT", lambda sd: {"bert.embeddings.word_embeddings.weight": T(100, 8)}, ["a text model"]),
+    ("OpenAI CLIP", lambda sd: {"visual.conv1.weight": T(8, 3, 4, 4), "visual.class_embedding": T(8),
+                                "token_embedding.weight": T(100, 8)}, ["a CLIP model", "load it with open_clip"]),
+    ("transformers ViT", lambda sd: {"vit.embeddings.cls_token": T(1, 1, 8), "vit.embeddings.patch_embeddings."
+                                     "projection.weight": T(8, 3, 4, 4)}, ["Hugging Face transformers model"]),
+    ("no ViT at all", lambda sd: {"foo.weight": T(3), "bar": T(2)}, ["not a ViT checkpoint: it has no "
+                                                                      "patch_embed.proj.weight", "foo.weight"]),
+]
+
+
+@pytest.mark.parametrize("label, make, fragments", UNSUPPORTED, ids=[c[0] for c in UNSUPPORTED])
+def test_unsupported_architectures_named_in_one_line(tmp_path, label, make, fragments):
+    torch.manual_seed(0)
+    torch.save(make(VisionTransformer(**TINY).state_dict()), tmp_path / "c.pth")
+    with pytest.raises(CheckpointError) as err:
+        load_pretrained(tmp_path / "c.pth")
+    message = str(err.value)
+    assert "\n" not in message and message.endswith("."), message
+    for fragment in fragments:
+        assert fragment in message, (fragment, message)
+    if "not a ViT checkpoint" not in message:
+        assert "which the built-in VisionTransformer does not support" in message
+    if label == "torchvision with pre-logits":
+        assert "timm" not in message  # timm has no model for torchvision's file
+
+
+def test_unsupported_file_through_the_script(tmp_path):
+    """--model of imagenet.vis_attn: one line, exit != 0, no traceback."""
+    from imagenet import vis_attn
+
+    sd = VisionTransformer(**TINY).state_dict()
+    torch.save(without(sd, r"\.mlp\.") | per_block(**SWIGLU_G), tmp_path / "g.pth")
+    with pytest.raises(SystemExit, match=r"error: .*g\.pth: the checkpoint holds a ViT with a SwiGLU MLP"):
+        vis_attn.main(["--model", str(tmp_path / "g.pth"), "--img-size", "32"])
+
+
+def test_any_dict_of_tensors_gives_a_checkpoint_error():
+    """Every key of a good state dict dropped, or replaced by a tensor of the wrong number of dimensions: a
+    CheckpointError (never a KeyError / IndexError / RuntimeError). Without reg_token the register model is a
+    whole model without registers (DeiT III's layout), and loads as one."""
+    for options in (TINY, REG):
+        sd = VisionTransformer(**options).state_dict()
+        for key in sd:
+            for broken in (without(sd, f"^{re.escape(key)}$"), sd | {key: torch.zeros(())},
+                           sd | {key: torch.zeros(2, 2, 2, 2, 2)}):
+                if "reg_token" in sd and broken.keys() == sd.keys() - {"reg_token"}:
+                    assert load_pretrained(broken).num_prefix_tokens == 1
+                    continue
+                with pytest.raises(CheckpointError):
+                    load_pretrained(broken)
+    for odd in ({}, {"x": torch.zeros(())}, {"patch_embed.proj.weight": torch.zeros(8, 3, 4, 4)},
+                {"patch_embed.proj.weight": torch.zeros(8, 3, 4, 2), "pos_embed": torch.zeros(1, 5, 8)},
+                {"patch_embed.proj.weight": torch.zeros(8, 3, 4, 4), "cls_token": torch.zeros(1, 1, 8),
+                 "pos_embed": torch.zeros(1, 1, 8), "blocks.0.mlp.fc1.weight": torch.zeros(16, 8)}):
+        with pytest.raises(CheckpointError):
+            load_pretrained(odd)
+
+
+@pytest.mark.parametrize("name", ["vit_small_patch16_dinov3", "vit_giant_patch14_dinov2", "eva02_tiny_patch14_224",
+                                  "vit_base_patch16_siglip_224", "vit_medium_patch16_gap_256", "beit_base_patch16_224",
+                                  "cait_xxs24_224", "convnext_atto", "resnet18", "swin_tiny_patch4_window7_224",
+                                  "deit_tiny_distilled_patch16_224", "vit_base_patch16_clip_224",
+                                  "vit_base_patch16_rope_reg1_gap_256", "vit_small_patch16_18x2_224"])
+def test_timm_architectures_named(name):
+    """timm's own state dicts of other architectures (shapes only, on the meta device) are refused by name."""
+    with torch.device("meta"):
+        sd = timm.create_model(name, pretrained=False).state_dict()
+    with pytest.raises(CheckpointError, match="does not support|not a ViT checkpoint|which the built-in ViT needs"):
+        sd, _ = pretrained.to_timm_state_dict(sd)
+        pretrained.infer_config(sd)
+
+
+# DINO / DINOv2 under their project's name resample the position table as their official code does (#20 fault 6).
+def official_resample(table: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """(g0h, g0w, D) -> (gh, gw, D) in float64, written from the description of DINO's and DINOv2's
+    interpolate_pos_encoding: bicubic (Keys' kernel, a = -0.75, edge samples repeated), no antialiasing, with the
+    scale factor (g + 0.1) / g0 per side: output pixel i samples the table at x = (i + 0.5) · g0 / (g + 0.1) - 0.5."""
+    def cubic(d: float, a: float = -0.75) -> float:
+        d = abs(d)
+        return (a + 2) * d**3 - (a + 3) * d**2 + 1 if d <= 1 else a * d**3 - 5 * a * d**2 + 8 * a * d - 4 * a
+
+    def weights(g0: int, g: int) -> torch.Tensor:
+        w = torch.zeros(g, g0, dtype=torch.float64)
+        for i in range(g):
+            x = (i + 0.5) * g0 / (g + 0.1) - 0.5
+            left = math.floor(x)
+            for j in range(left - 1, left + 3):
+                w[i, min(max(j, 0), g0 - 1)] += cubic(x - j)
+        return w
+
+    return torch.einsum("ia,abd,jb->ijd", weights(table.shape[0], grid[0]), table.double(),
+                        weights(table.shape[1], grid[1]))
+
+
+@pytest.mark.parametrize("rule", ["dino", "dinov2"])
+@pytest.mark.parametrize("grid0, grids", [((37, 37), [(16, 16), (16, 12), (24, 40), (40, 37), (5, 3)]),
+                                          ((14, 14), [(16, 16), (9, 16), (28, 28), (7, 11)]),
+                                          ((6, 8), [(8, 6), (9, 12), (3, 4)])])
+def test_project_rule_equals_the_official_formula(rule, grid0, grids):
+    """In float64 the formula itself (to 1e-9); in float32, at the scale of a trained table (std 0.02), to 1e-6."""
+    options = dict(TINY, num_patches=grid0[0] * grid0[1], grid_size=grid0, reg_tokens=4, no_embed_class=True)
+    model = VisionTransformer(**options, pos_embed_interp=rule)
+    timm_rule = VisionTransformer(**options)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        timm_rule.pos_embed.copy_(model.pos_embed)
+        for dtype, tol in ((torch.float64, 1e-9), (torch.float32, 1e-6)):
+            model.to(dtype)
+            for grid in grids:
+                ours = model.position_embedding(grid)[0].reshape(*grid, -1)
+                expected = official_resample(model.pos_embed[0].reshape(*grid0, -1), grid)
+                assert ours.dtype == dtype
+                torch.testing.assert_close(ours.double(), expected, atol=tol, rtol=0)
+                assert (timm_rule.position_embedding(grid)[0].reshape(*grid, -1) - ours.float()).abs().max() > 1e-3
+    assert model.config["pos_embed_interp"] == rule and "pos_embed_interp" not in timm_rule.config
+    rebuilt = VisionTransformer(**model.config)
+    assert rebuilt.pos_embed_interp == rule and rebuilt.config == model.config
+
+
+def test_project_name_loads_with_its_rule(host, monkeypatch):
+    served, url, requests = host
+    model = randomized(VisionTransformer(**TINY))
+    torch.save(model.state_dict(), served / "tiny.pth")
+    register(monkeypatch, "tiny_timm_name", f"{url}/tiny.pth")
+    monkeypatch.setitem(pretrained.REGISTRY, "tiny_hub_name",
+                        Release(f"{url}/tiny.pth", "DINOv2", dict(TINY, pos_embed_interp="dinov2"), 32))
+    by_hub, by_timm = load_pretrained("tiny_hub_name").eval(), load_pretrained("tiny_timm_name").eval()
+    assert len(requests) == 1  # one file for both names
+    assert by_hub.pos_embed_interp == "dinov2" and by_timm.pos_embed_interp == "timm"
+    x = torch.randn(1, 3, 48, 36)
+    with torch.no_grad():
+        assert not torch.allclose(by_hub(x), by_timm(x), atol=1e-4)
+        torch.testing.assert_close(by_hub(x[..., :32, :32]), by_timm(x[..., :32, :32]), atol=0, rtol=0)
+    assert load_pretrained(model.state_dict(), pos_embed_interp="dino").pos_embed_interp == "dino"
+
+
+def test_dinov2_training_dump_with_block_chunks():
+    """A DINOv2 training checkpoint: {"model": teacher.backbone.* / student.backbone.* / heads}, blocks in
+    chunks (blocks.<chunk>.<i>.*), registers as register_tokens: the teacher's backbone, all 4 blocks in order."""
+    teacher = randomized(VisionTransformer(**dict(REG, num_layers=4, num_classes=0)))
+    official = official_keys(teacher.state_dict(), "dinov2")
+    student = {k: v + 1 for k, v in official.items()}
+    dump = {"model": {f"teacher.backbone.{k}": v for k, v in chunked(official).items()}
+            | {f"student.backbone.{k}": v for k, v in chunked(student).items()}
+            | {"teacher.dino_head.mlp.0.weight": torch.randn(8, 48), "student.ibot_head.last_layer.weight": T(9, 8)},
+            "iteration": 1250}
+    assert "teacher.backbone.blocks.1.3.norm1.weight" in dump["model"]
+    loaded = load_pretrained(dump, num_heads=3).eval()
+    assert loaded.config["num_layers"] == 4 and loaded.num_prefix_tokens == 5
+    x = torch.randn(2, 3, 32, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), teacher(x), **TOL)
