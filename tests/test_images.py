@@ -103,7 +103,7 @@ def test_errors_are_one_sentence_naming_the_file(tmp_path):
     (tmp_path / "cut.png").write_bytes((tmp_path / "good.png").read_bytes()[:6000])
     Image.fromarray(np.stack([RAMP] * 3, -1)).resize((256, 256)).save(tmp_path / "good.jpg", quality=90)
     (tmp_path / "cut.jpg").write_bytes((tmp_path / "good.jpg").read_bytes()[:400])
-    cases = {"missing.png": "does not exist", ".": "is a folder", "empty.png": "cannot be decoded",
+    cases = {"missing.png": "does not exist", ".": "is a folder", "empty.png": r"is empty \(0 bytes\)",
              "notes.png": "cannot be decoded", "cut.png": "cannot be decoded", "cut.jpg": "cannot be decoded"}
     for name, words in cases.items():
         with pytest.raises(ImageError, match=words) as info:

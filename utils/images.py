@@ -70,6 +70,8 @@ def load_image(path: str | os.PathLike, mode: str = "RGB") -> Image.Image:
     if not path.is_file():
         what = "is a folder, not an image file" if path.is_dir() else "does not exist"
         raise ImageError(f"image '{path}' {what}.")
+    if path.stat().st_size == 0:
+        raise ImageError(f"image '{path}' is empty (0 bytes).")
     try:
         with Image.open(path) as image:
             return convert(ImageOps.exif_transpose(image), mode)
