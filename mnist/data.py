@@ -52,8 +52,8 @@ def extract(gz: Path, out: Path, magic: int) -> None:
                             f"original {gz.name} there.")
         os.replace(tmp, out)
     except (EOFError, gzip.BadGzipFile, zlib.error) as e:  # cut short, not gzip, bad CRC or length
-        raise DataError(f"{gz} is cut short or corrupt ({type(e).__name__}: {e}); delete it and download it again "
-                        f"(the next run without --no-download does), or put a good copy there.") from None
+        raise DataError(f"{gz} is cut short or corrupt ({type(e).__name__}: {e}); delete it (the next run downloads "
+                        f"it again, unless --no-download) or put a good copy there.") from None
     except OSError as e:  # the folder: read-only, full
         raise DataError(f"cannot extract {gz} into {out.parent}: {e.strerror or e}.") from None
     finally:

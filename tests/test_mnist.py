@@ -327,7 +327,7 @@ def test_a_cut_short_archive_is_named_and_the_good_one_works_after(tmp_path):
     good = gz.read_bytes()
     gz.write_bytes(good[:len(good) // 2])  # a download cut short
     msg = call(mnist_train.main, *TINY, "--data-root", root, "--output", tmp_path / "out", "--epochs", "1")
-    assert f"{gz} is cut short or corrupt (EOFError" in msg and "download it again" in msg
+    assert f"{gz} is cut short or corrupt (EOFError" in msg and "delete it (the next run downloads it again" in msg
     assert not (raw / "train-images-idx3-ubyte").exists()  # nothing half-written under the real name
     assert not [p.name for p in raw.iterdir() if p.name.startswith(".")]  # nor a temporary file left
     gz.write_bytes(b"not gzip at all")
