@@ -6,11 +6,12 @@
     python -m imagenet.train --data-root my_data --pretrained deit_tiny_patch16_224 --epochs 30 --lr 1e-4
     python -m imagenet.train --evaluate-only --pretrained deit_tiny.pth --data-root imagenet-samples
 
-Restarts are safe: a run whose --out holds a checkpoint continues it exactly (the same command again, a torchrun
+Restarts are safe: a run whose --output holds a checkpoint continues it exactly (the same command again, a torchrun
 restart, a requeued SLURM job), with the model, recipe and data root it was trained with; recipe flags given then
-apply from there on (--batch-size excepted) and metrics.json records them. --fresh starts over. SIGTERM / SIGUSR1
-(time limit, preemption) write a checkpoint at the next step and exit. Anchors (DeiT paper, 300 epochs, 224 px,
-top-1): DeiT-Ti 72.2, DeiT-S 79.9, DeiT-B 81.8.
+apply from there on (--batch-size excepted) and metrics.json records them; timm's --resume PATH continues PATH.
+--fresh starts over. --pretrained weights run at the size they were trained at (--img-size to change it).
+SIGTERM / SIGUSR1 (time limit, preemption) write a checkpoint at the next step and exit. Anchors (DeiT paper, 300
+epochs, 224 px, top-1): DeiT-Ti 72.2, DeiT-S 79.9, DeiT-B 81.8.
 """
 
 from __future__ import annotations

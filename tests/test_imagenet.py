@@ -499,6 +499,22 @@ def test_resume_path_continues_that_checkpoint(tiny, trained, tmp_path, capsys):
                                                                         "--output", str(run)])
 
 
+def test_checkpoints_with_the_old_key_names_continue(tiny, trained, tmp_path):
+    run = tmp_path / "old"
+    shutil.copytree(trained, run)
+    ckpt = torch.load(run / "checkpoint.pth", weights_only=True)
+    config = ckpt["train_config"]
+    for new, old in (("smoothing", "label_smoothing"), ("clip_grad", "grad_clip"), ("model_ema_decay", "ema_decay")):
+        config[old] = config.pop(new)
+    config["label_smoothing"] = 0.3
+    del config["aa"], config["randaug_mstd"]  # written before they existed
+    torch.save(ckpt, run / "checkpoint.pth")
+    train.main(["--data-root", str(tiny), "--out", str(run), "--epochs", "2", "--repeated-aug", "1", *TINY,
+                "--steps-per-epoch", "1"])
+    config = torch.load(run / "checkpoint.pth", weights_only=True)["train_config"]
+    assert config["smoothing"] == 0.3 and "label_smoothing" not in config and config["randaug_mstd"] == 0.5
+
+
 def test_help_says_what_repeated_augmentation_does():
     proc = run_module("imagenet.train", "--help")
     text = " ".join(proc.stdout.split())
