@@ -1,7 +1,7 @@
 """One prepared check of the GPU paths (bf16, torch.compile, fused AdamW, NCCL, the trainers' speed), on synthetic data.
 
     python -m bench.gpu_check                                   # one GPU, ~8 minutes (--budget-minutes)
-    python -m bench.gpu_check --out $OUT/gpu_check.md           # where the table (and <stem>_logs/) should go
+    python -m bench.gpu_check --output $OUT/gpu_check.md        # where the table (and <stem>_logs/) should go
     python -m bench.gpu_check --device cpu                      # the small variant: tiny sizes, ~1 minute on 2 cores
     python -m bench.gpu_check --stages imagenet speed           # some stages only
 
@@ -16,7 +16,7 @@ Stages, each in its own subprocess with its own timeout (a failing stage is repo
   mnist     `python -m mnist.train --minutes 2` on a synthetic MNIST in the idx format (or --mnist-root)
 
 Writes one markdown table (stage, status, seconds, img/s, detail; torch, device and date above it) to stdout and to
---out (default: gpu_check.md in the temp dir), the tail of each failed stage's log below it, and every stage's log in
+--output (default: runs/gpu_check.md), the tail of each failed stage's log below it, and every stage's log in
 <out stem>_logs/. Exit status 1 when any stage failed. Data, checkpoints and runs live in a temp dir, removed at the
 end (--keep keeps it). Linux only (/proc finds torchrun's worker).
 """
@@ -45,6 +45,8 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+
+from utils.config import HelpFormatter
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("nccl", "imagenet", "speed", "mnist")
@@ -667,19 +669,21 @@ def render(head: str, rows: list[Row]) -> str:
 # ------------------------------------------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--device", default="cuda", help="cuda | cuda:N | cpu (cpu: the small variant)")
-    parser.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "gpu_check.md"),
+    parser.add_argument("--output", "--out", default="runs/gpu_check.md",
                         help="the markdown table; the stages' logs go to <stem>_logs/ beside it")
     parser.add_argument("--budget-minutes", type=float, default=8.0, help="all stages together (each has a share)")
     parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES), help="stages to run")
-    parser.add_argument("--mnist-root", default="", help="a real MNIST (ROOT/MNIST/raw/...) instead of synthetic")
+    parser.add_argument("--mnist-root", default="",
+                        help="a real MNIST (ROOT/MNIST/raw/...) instead of synthetic data (the default)")
     parser.add_argument("--mnist-minutes", type=float, default=2.0, help="mnist.train --minutes (cpu: 1 epoch)")
     parser.add_argument("--batch-size", type=int, default=0, help="imagenet.train batch (0: 256; cpu 8)")
     parser.add_argument("--steps-per-epoch", type=int, default=0, help="imagenet.train steps an epoch (0: 70; cpu 3)")
     parser.add_argument("--epochs", type=int, default=0, help="imagenet.train epochs, >= 3 (0: 3)")
     parser.add_argument("--workers", type=int, default=-1, help="imagenet.train data workers (-1: 8; cpu 0)")
-    parser.add_argument("--speed-models", nargs="+", choices=sorted(TIMM_NAMES), help="(default: all; cpu vit_ti)")
+    parser.add_argument("--speed-models", nargs="+", choices=sorted(TIMM_NAMES),
+                        help="models of the speed stage (default: all; cpu: vit_ti)")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir of data, checkpoints and runs")
     parser.add_argument("--worker", choices=("nccl", "speed"), help=argparse.SUPPRESS)  # a stage's subprocess
     args = parser.parse_args(argv)
@@ -724,7 +728,7 @@ def main(argv: list[str] | None = None) -> None:
     plan = make_plan(args)
     if args.worker:
         return worker_nccl(args) if args.worker == "nccl" else worker_speed(args, plan)
-    out = Path(args.out)
+    out = Path(args.output)
     logs = out.with_name(out.stem + "_logs")
     logs.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="gpu_check_"))

@@ -26,7 +26,7 @@ class UsageError(ValueError):
     """A bad setting or combination of settings; the message names it and says what would be right."""
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Appends "(default: X)" only where the help does not already say the default and X is a value."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
@@ -47,7 +47,7 @@ def build_parser(prog: str, description: str, tables: Mapping[str, Table], *, de
     """An ArgumentParser with one group per table ("model", "recipe", "run", ...); `defaults` override the
     tables' (a preset); `aliases` add flags for the same key; a table named "hidden" is not shown in --help."""
     parser = argparse.ArgumentParser(prog=prog, description=description.strip().split("\n\n")[0], epilog=epilog,
-                                     formatter_class=_HelpFormatter)
+                                     formatter_class=HelpFormatter)
     for title, table in tables.items():
         group = parser if title == "options" else parser.add_argument_group(title)
         for name, (default, help_text) in table.items():
