@@ -7,7 +7,7 @@
 `--device auto` is cuda, then mps, then cpu. `--amp auto` is bf16 where the device computes in bf16 natively
 (CUDA compute capability >= 8.0; CPUs with AVX512-BF16 or AMX, as torch and oneDNN are allowed to use them),
 fp16 with a GradScaler on older GPUs and on Apple GPUs, and fp32 elsewhere: bf16 autocast on a CPU without
-native bf16 is emulated, and ~36x slower than fp32 on an AVX2 CPU (bench.machine).
+native bf16 is emulated: on an AVX2 CPU it trains ~10x slower than fp32, its matmuls ~100x (docs/mnist.md).
 """
 
 from __future__ import annotations
