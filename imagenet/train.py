@@ -78,6 +78,7 @@ MODEL = {  # DeiT shapes: patch 16, 12 blocks, MLP 4·D; sizes > 0 override the 
     "num_heads": (0, "attention heads (0: the preset's)"),
     "depth": (0, "transformer blocks (0: the preset's, 12)"),
     "mlp_ratio": (4.0, "MLP hidden width / D"),
+    "hidden_dim": (0, "MLP hidden width, as mnist.train says it (0: mlp_ratio x D)"),
     "patch_size": (16, "patch side in pixels (default: 16, or the --model name's); --img-size must be a multiple"),
     "img_size": (224, "training crop (default: 224, the --model name's, or the size the --pretrained weights were "
                       "trained at); evaluation resizes to img_size / 0.875, then center-crops img_size"),
@@ -149,12 +150,12 @@ PRESETS = {"vit_ti": dict(embed_dim=192, num_heads=3), "vit_s": dict(embed_dim=3
            "vit_b": dict(embed_dim=768, num_heads=12), "vit_l": dict(embed_dim=1024, num_heads=16, depth=24)}
 TIMM_NAME = re.compile(r"(?:vit|deit3?)_(tiny|small|base|large)_patch(\d+)_(\d+)(?:\.\w+)?")  # + timm's ".tag"
 TIMM_SIZES = {"tiny": "vit_ti", "small": "vit_s", "base": "vit_b", "large": "vit_l"}
-ARCH = ("model", "embed_dim", "num_heads", "depth", "mlp_ratio", "patch_size")  # what --pretrained decides
+ARCH = ("model", "embed_dim", "num_heads", "depth", "mlp_ratio", "hidden_dim", "patch_size")  # --pretrained decides
 LIMITS = {  # flag: (lowest, highest, what it must be); None: no bound. Checked on the command line, before any work
     **dict.fromkeys(("epochs", "batch_size", "patch_size", "img_size"), (1, None, "a positive whole number")),
     **dict.fromkeys(("lr", "mlp_ratio", "dist_timeout"), (1e-300, None, "a positive number")),
-    **dict.fromkeys(("embed_dim", "num_heads", "depth", "repeated_aug", "randaug_n", "device_batch", "workers",
-                     "threads", "steps_per_epoch", "stop_after", "seed"), (0, None, "a whole number >= 0")),
+    **dict.fromkeys(("embed_dim", "hidden_dim", "num_heads", "depth", "repeated_aug", "randaug_n", "device_batch",
+                     "workers", "threads", "steps_per_epoch", "stop_after", "seed"), (0, None, "a whole number >= 0")),
     **dict.fromkeys(("min_lr", "warmup_epochs", "weight_decay", "clip_grad", "randaug_mstd", "mixup", "cutmix"),
                     (0, None, "a number >= 0")),
     **dict.fromkeys(("drop_path", "dropout", "smoothing", "model_ema_decay"), (0, 1 - 1e-12, "in [0, 1)")),
@@ -386,7 +387,8 @@ def pretrained_config(cfg: dict[str, Any], given: set[str], ctx: DistContext) ->
             ctx.print(f"note: {cfg['pretrained']} was trained at {gh * p} px, so this run uses {gh * p} px "
                       f"(--img-size N chooses another)")
     return weights, {**cfg, "model": cfg["pretrained"], "embed_dim": c["embed_dim"], "num_heads": c["num_heads"],
-                     "depth": c["num_layers"], "mlp_ratio": c["hidden_dim"] / c["embed_dim"], "patch_size": p}
+                     "depth": c["num_layers"], "mlp_ratio": c["hidden_dim"] / c["embed_dim"], "hidden_dim": 0,
+                     "patch_size": p}
 
 
 # ------------------------------------------------------------------------------------------------------------ model
@@ -394,7 +396,8 @@ def model_from_config(cfg: dict[str, Any], num_classes: int) -> VisionTransforme
     """The preset (or timm name), with the size overrides of `cfg`."""
     sizes = preset_of(cfg["model"])
     sizes.update({k: cfg[k] for k in ("embed_dim", "num_heads", "depth") if cfg[k] > 0})
-    return VisionTransformer(sizes["embed_dim"], round(sizes["embed_dim"] * cfg["mlp_ratio"]), sizes["num_heads"],
+    hidden = cfg.get("hidden_dim") or round(sizes["embed_dim"] * cfg["mlp_ratio"])  # older configs: no hidden_dim
+    return VisionTransformer(sizes["embed_dim"], hidden, sizes["num_heads"],
                              sizes["depth"], cfg["patch_size"], 3, (cfg["img_size"] // cfg["patch_size"]) ** 2,
                              num_classes, cfg["dropout"], drop_path_rate=cfg["drop_path"])
 

@@ -60,6 +60,8 @@ MODEL = {  # VisionTransformer arguments; num_channels=1, num_patches=(28/patch_
     "dropout": (0.0, "dropout after position embedding, attention projection and MLP"),
     "drop_path": (0.0, "stochastic depth of the last block (linear from 0)"),
 }
+TIMM_MODEL = {"mlp_ratio": (0.0, "MLP hidden width as a multiple of D, as imagenet.train and timm say it: sets "
+                                  "--hidden-dim to mlp_ratio x D (0: unused)")}
 VIT_ARGS = {"drop_path": "drop_path_rate"}  # config key -> VisionTransformer argument, where they differ
 RECIPE = {
     "epochs": (64, "epochs to train; with --minutes, when given, the most the budget may set (else only the "
@@ -128,8 +130,9 @@ MNIST_TRAIN = 60000  # training images in MNIST: what --limit-train, --val-split
 def parse_args(argv: list[str] | None = None) -> tuple[dict[str, Any], set[str]]:
     """-> (config: every MODEL / RECIPE / RUN entry, names of the flags given explicitly). The old --min-lr-ratio R
     becomes --min-lr R x --lr (UsageError when both are given)."""
-    cfg, given = parse_config("python -m mnist.train", __doc__, {"model": MODEL, "recipe": RECIPE, "run": RUN,
-                                                                 "hidden": HIDDEN}, argv, presets=PRESETS,
+    cfg, given = parse_config("python -m mnist.train", __doc__, {"model": MODEL, "model, as timm says it": TIMM_MODEL,
+                                                                 "recipe": RECIPE, "run": RUN, "hidden": HIDDEN},
+                              argv, presets=PRESETS,
                               choices={"amp": hardware.AMP_CHOICES, "optimizer": OPTIMIZERS}, aliases=ALIASES)
     if "min_lr_ratio" in given:
         if "min_lr" in given:
@@ -138,6 +141,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[dict[str, Any], set[str]]
         cfg["min_lr"] = cfg["min_lr_ratio"] * cfg["lr"]
         given = given - {"min_lr_ratio"} | {"min_lr"}
         print(f"note: --min-lr-ratio {cfg['min_lr_ratio']:g} is now --min-lr {cfg['min_lr']:g} (an absolute floor)")
+    if "mlp_ratio" in given:
+        if "hidden_dim" in given or cfg["mlp_ratio"] <= 0:
+            raise UsageError(f"--mlp-ratio {cfg['mlp_ratio']:g} must be positive and sets the MLP width that "
+                             f"--hidden-dim also sets; pass only one of them.")
+        cfg["hidden_dim"] = round(cfg["mlp_ratio"] * cfg["embed_dim"])
+        given = given - {"mlp_ratio"} | {"hidden_dim"}
     return cfg, given
 
 

@@ -449,6 +449,8 @@ def test_timm_spellings_parse_to_the_same_config():
     sizes = train.model_from_config(b, 10).config
     assert (sizes["embed_dim"], sizes["num_heads"], sizes["patch_size"], sizes["grid_size"]) == (384, 6, 32, [12, 12])
     assert train.parse_args(["--aa", "none"])[0]["randaug_n"] == 0
+    for argv, hidden in ((["--hidden-dim", "100"], 100), (["--mlp-ratio", "2"], 384), ([], 768)):  # as mnist.train
+        assert train.model_from_config(train.parse_args(argv)[0], 10).config["hidden_dim"] == hidden
     for argv, words in [(["--model", "deit_tiny_distilled_patch16_224"], "neither a preset"),
                         (["--aa", "rand-m9-mstd0.5"], "add -inc1"), (["--aa", "augmix-m5"], "not 'augmix'"),
                         (["--aa", "rand-m9-inc1-mmax5"], "mmax5 is not implemented")]:

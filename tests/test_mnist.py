@@ -22,6 +22,7 @@ from mnist import train as mnist_train
 from mnist import vis_attn
 from models.vit import VisionTransformer
 from utils import checkpoint, hardware, schedule, training
+from utils.config import UsageError
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "MNIST"
@@ -584,6 +585,15 @@ def test_timm_spellings_parse_to_the_same_config_as_ours(capsys):
                   "--output OUTPUT, --out OUTPUT", "--min-lr MIN_LR", "--clip-grad CLIP_GRAD, --grad-clip"):
         assert shown in text
     assert "--min-lr-ratio" not in text  # the old flag still converts, unlisted
+
+
+def test_mlp_ratio_sets_the_hidden_width_as_imagenet_train_does():
+    cfg, given = mnist_train.parse_args(["--embed-dim", "96", "--mlp-ratio", "2.5"])
+    assert cfg["hidden_dim"] == 240 and "hidden_dim" in given
+    assert mnist_train.build_model(cfg).blocks[0].mlp.fc1.out_features == 240
+    for argv in (["--mlp-ratio", "2", "--hidden-dim", "64"], ["--mlp-ratio", "-1"]):
+        with pytest.raises(UsageError, match="--mlp-ratio"):
+            mnist_train.parse_args(argv)
 
 
 def test_clip_grad_reaches_the_optimizer_step(data_root, tmp_path, monkeypatch):
