@@ -85,10 +85,10 @@ def resolve(source: str | os.PathLike) -> str | None:
 
     Neither: CheckpointError, with "did you mean" when `source` is close to a registry name (difflib)."""
     text = os.fspath(source)
-    if os.path.exists(text) or not isinstance(source, str):
+    if os.path.isfile(text) or not isinstance(source, str):
         return None
-    if text in REGISTRY:
-        return text
+    if text in REGISTRY or os.path.isdir(text):
+        return text if text in REGISTRY else None
     close = difflib.get_close_matches(text.lower(), list(REGISTRY), n=1, cutoff=0.75)
     if close:
         raise CheckpointError(f"'{text}' is neither a file nor a registry name; did you mean '{close[0]}'? "
@@ -126,6 +126,9 @@ def download(name: str, progress: bool = True) -> dict[str, Any]:
     return checkpoint_dict(obj, path)
 
 
+_WRAPPERS = {"module", "_orig_mod", "backbone", "teacher", "student", "model", "model_ema", "ema", "encoder"}
+
+
 def _backbone(sd: Mapping[str, Tensor]) -> StateDict:
     """The ViT's own keys: a wrapper prefix before patch_embed.* / conv_proj.* is stripped and the keys without it
     dropped (DDP's module., torch.compile's _orig_mod., DINO's backbone., a DINOv2 training dump's teacher.backbone.
@@ -137,9 +140,6 @@ def _backbone(sd: Mapping[str, Tensor]) -> StateDict:
         return dict(sd)
     prefix = next((p for p in prefixes if "teacher" in p), prefixes[0])
     return {k.removeprefix(prefix): v for k, v in sd.items() if k.startswith(prefix)}
-
-
-_WRAPPERS = {"module", "_orig_mod", "backbone", "teacher", "student", "model", "model_ema", "ema", "encoder"}
 
 
 def _from_torchvision(sd: Mapping[str, Tensor]) -> StateDict:
@@ -198,7 +198,10 @@ _VIT_PARTS = [
     (r"^blocks_token_only\.", "class-attention blocks (CaiT)", "cait_*"),
     (r"^fc_norm\.", "a norm after average pooling (fc_norm)", "global_pool='avg'"),
     (r"^norm_pre\.", "a norm before the blocks (CLIP)", "vit_*_clip_*"),
-    (r"^heads\.pre_logits\.", "a pre-logits layer (torchvision's representation_size)", "")]
+    (r"^heads\.pre_logits\.", "a pre-logits layer (torchvision's representation_size)", ""),
+    (r"^patch_embed\.backbone\.", "a convolutional stem (a hybrid ViT)", "vit_*_r50_*, vit_*_resnet*"),
+    (r"\.attn\.(gating_param|pos_proj\.)", "gated positional self-attention (ConViT)", "convit_*"),
+    (r"^blocks\.\d+\.(attns|ffns)\.", "parallel attention / MLP branches", "vit_*_18x2_224")]
 
 
 def _names(keys: Iterable[str], n: int = 4) -> str:
@@ -301,9 +304,12 @@ def _tensor(sd: Mapping[str, Tensor], key: str, dims: int) -> Tensor:
     return sd[key]
 
 
-def infer_config(sd: Mapping[str, Tensor], num_heads: int | None = None) -> dict[str, Any]:
+def infer_config(sd: Mapping[str, Tensor], num_heads: int | None = None,
+                 no_embed_class: bool | None = None) -> dict[str, Any]:
     """VisionTransformer kwargs from the shapes of a timm-keyed state dict; CheckpointError when a part is missing
-    or has the wrong number of dimensions (any dict of tensors gives one or the other)."""
+    or has the wrong number of dimensions (any dict of tensors gives one or the other). no_embed_class: whether the
+    position table skips the class / register tokens; None: inferred (ambiguous only for a table of square length
+    without LayerScale or registers, read as 1 + a non-square grid)."""
     embed_dim, num_channels, patch_size, patch_w = _tensor(sd, "patch_embed.proj.weight", 4).shape
     if patch_w != patch_size:
         raise CheckpointError(f"the checkpoint's patches are {patch_size}x{patch_w} pixels; the built-in "
@@ -313,7 +319,8 @@ def infer_config(sd: Mapping[str, Tensor], num_heads: int | None = None) -> dict
     layer_scale = "blocks.0.ls1.gamma" in sd
     # A table of the patches only (DeiT III, DINOv2 with registers): a square length, in a LayerScale or register
     # model (a plain ViT's 1 + N may be square for a non-square grid, e.g. 1 + 6·8).
-    no_embed_class = math.isqrt(length) ** 2 == length and (layer_scale or reg_tokens > 0)
+    if no_embed_class is None:
+        no_embed_class = math.isqrt(length) ** 2 == length and (layer_scale or reg_tokens > 0)
     num_patches = length if no_embed_class else length - 1 - reg_tokens
     if num_patches < 1:
         raise CheckpointError(f"the checkpoint's pos_embed has {length} rows, no more than its {1 + reg_tokens} "
@@ -354,12 +361,15 @@ def load_pretrained(source: str | os.PathLike | Mapping[str, Any], *, num_heads:
     sd, config = to_timm_state_dict(obj, prefer_ema)
     note = weights_choice(obj, prefer_ema)[1]
     if config is None:
-        config = infer_config(sd, num_heads)
+        config = infer_config(sd, num_heads, overrides.get("no_embed_class"))
         if name:
             config.update(REGISTRY[name].arch)
         if config["grid_size"] is None and "grid_size" not in overrides:
+            rows = sd["pos_embed"].shape[1]
+            either = (f" or {rows} patches without a row for the class token (pass no_embed_class=True)"
+                      if math.isqrt(rows) ** 2 == rows else "")
             raise CheckpointError(f"the position embedding holds {config['num_patches']} patches, not a square "
-                                  f"grid; pass grid_size=(grid_h, grid_w).")
+                                  f"grid (pass grid_size=(grid_h, grid_w)){either}.")
     try:
         model = VisionTransformer(**{**config, **overrides})
     except ValueError as e:

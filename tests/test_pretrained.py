@@ -527,6 +527,9 @@ UNSUPPORTED = [  # (file, what it holds -> its keys, fragments the message must 
      "attn.relative_position_bias_table": (100, 3)}), ["relative position bias (BEiT)", "beit_*"]),
     ("CaiT", lambda sd: sd | {"blocks_token_only.0.attn.q.weight": T(48, 48)}, ["class-attention blocks (CaiT)"]),
     ("CLIP image tower, timm", lambda sd: sd | {"norm_pre.weight": T(48)}, ["a norm before the blocks (CLIP)"]),
+    ("hybrid ViT", lambda sd: sd | {"patch_embed.backbone.stem.conv.weight": T(8, 3, 7, 7)},
+     ["a convolutional stem (a hybrid ViT) (patch_embed.backbone.stem.conv.weight)", "vit_*_r50_*"]),
+    ("ConViT", lambda sd: sd | per_block(**{"attn.gating_param": (3,)}), ["gated positional self-attention"]),
     ("torchvision with pre-logits", torchvision_pre_logits, ["pre-logits layer", "heads.pre_logits.weight"]),
     ("ConvNeXt", lambda sd: {"stem.0.weight": T(8, 3, 4, 4), "stages.0.blocks.0.conv_dw.weight": T(8, 1, 7, 7)},
      ["a ConvNeXt (keys such as stages.N.blocks.N.conv_dw.weight)", "convnext_*"]),
@@ -594,16 +597,31 @@ def test_any_dict_of_tensors_gives_a_checkpoint_error():
             load_pretrained(odd)
 
 
+def test_table_without_class_row_and_no_layer_scale():
+    """A position table of 64 rows in a model without LayerScale or registers: 63 patches after the class token's
+    row (not a grid) or 8 x 8 without one (FlexiViT's layout); the message offers both, no_embed_class=True loads."""
+    model = randomized(VisionTransformer(**TINY, no_embed_class=True))
+    with pytest.raises(CheckpointError, match=r"holds 63 patches, not a square grid \(pass grid_size=\(grid_h, "
+                                              r"grid_w\)\) or 64 patches without a row for the class token \(pass "
+                                              r"no_embed_class=True\)\.$"):
+        load_pretrained(model.state_dict())
+    loaded = load_pretrained(model.state_dict(), num_heads=3, no_embed_class=True).eval()
+    x = torch.randn(1, 3, 32, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("name", ["vit_small_patch16_dinov3", "vit_giant_patch14_dinov2", "eva02_tiny_patch14_224",
                                   "vit_base_patch16_siglip_224", "vit_medium_patch16_gap_256", "beit_base_patch16_224",
                                   "cait_xxs24_224", "convnext_atto", "resnet18", "swin_tiny_patch4_window7_224",
                                   "deit_tiny_distilled_patch16_224", "vit_base_patch16_clip_224",
-                                  "vit_base_patch16_rope_reg1_gap_256", "vit_small_patch16_18x2_224"])
+                                  "vit_base_patch16_rope_reg1_gap_256", "vit_small_patch16_18x2_224",
+                                  "convit_tiny", "vit_small_r26_s32_224", "volo_d1_224"])
 def test_timm_architectures_named(name):
     """timm's own state dicts of other architectures (shapes only, on the meta device) are refused by name."""
     with torch.device("meta"):
         sd = timm.create_model(name, pretrained=False).state_dict()
-    with pytest.raises(CheckpointError, match="does not support|not a ViT checkpoint|which the built-in ViT needs"):
+    with pytest.raises(CheckpointError, match="does not support|not a ViT checkpoint|a ViT's has 3 dimensions"):
         sd, _ = pretrained.to_timm_state_dict(sd)
         pretrained.infer_config(sd)
 
@@ -688,3 +706,14 @@ def test_dinov2_training_dump_with_block_chunks():
     x = torch.randn(2, 3, 32, 40)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), teacher(x), **TOL)
+
+
+def test_mae_pretraining_file_gives_its_encoder():
+    """MAE's pre-training checkpoint ({"model": encoder + mask_token + decoder_*}): the encoder."""
+    encoder = randomized(VisionTransformer(**dict(TINY, num_classes=0)))
+    mae = {"model": encoder.state_dict() | {"mask_token": T(1, 1, 48), "decoder_embed.weight": T(32, 48),
+                                            "decoder_blocks.0.norm1.weight": T(32), "decoder_pred.weight": T(48, 32)}}
+    loaded = load_pretrained(mae, num_heads=3).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), encoder(x), atol=0, rtol=0)
