@@ -476,7 +476,7 @@ def test_vis_scripts_bad_inputs_are_one_line(tmp_path, monkeypatch):
         (["--model", tmp_path / "run"], f"is a folder; pass the checkpoint file in it such as "
                                         f"'{tmp_path / 'run' / 'checkpoint.pth'}'"),
         (["--model", ckpt, "--image", tmp_path], "is a folder, not an image file"),
-        (["--model", ckpt, "--image", tmp_path / "empty.png"], "cannot be decoded"),
+        (["--model", ckpt, "--image", tmp_path / "empty.png"], "is empty (0 bytes)"),
         (["--model", ckpt, "--image", tmp_path / "notes.png"], "cannot be decoded"),
         (["--model", ckpt, "--image", tmp_path / "blank.png"], "has no digit"),
         (["--model", ckpt, "--index", "-1"], "--index -1 is negative"),
@@ -497,7 +497,7 @@ def test_vis_scripts_bad_inputs_are_one_line(tmp_path, monkeypatch):
         (["--model", tmp_path / "run"], "is a folder; pass the checkpoint file in it"),
         (["--model", "deit_tiny_patch16_22"], "did you mean deit_tiny_patch16_224?"),
         (["--model", weights, "--image", tmp_path], "is a folder, not an image file"),
-        (["--model", weights, "--image", tmp_path / "empty.png"], "cannot be decoded"),
+        (["--model", weights, "--image", tmp_path / "empty.png"], "is empty (0 bytes)"),
         (["--model", weights, *photo, "--target", "1000"], "--target 1000 is out of range"),
         (["--model", weights, *photo, "--target", "-1"], "--target -1 is out of range"),
         (["--model", weights, *photo, "--target", "zebr"], "did you mean 'zebra'?"),
