@@ -1,0 +1,110 @@
+"""Any library's ViT behind the interface of `models.vit.VisionTransformer`, so every map, statistic and figure of
+this repo works on it unchanged.
+
+    model = wrap(timm.create_model("vit_base_patch16_clip_224.openai"))   # or load_pretrained("timm/...")
+    logits, attn = model(x, return_attn=True)    # attn: num_layers tensors (B, heads, T, T), in the autograd graph
+
+The interface (what utils.img2attn, attention.* and the scripts use):
+    forward(x, return_attn=False | True | "cls") -> logits (B, K) [, per-layer attention (B, h, T, T) | (B, h, T)]
+    forward_features(x, return_attn=False) -> (tokens (B, T, D), attention list); forward_head(tokens) -> (B, K)
+    blocks                       the transformer blocks; a forward hook sees each one's output tokens (B, T', D)
+    patch_size, patch_grid(H, W), num_prefix_tokens, config (embed_dim, num_heads, num_layers, patch_size,
+    num_channels, num_classes [0: no head], grid_size, reg_tokens), data_config (timm's resolve_data_config keys:
+    input_size, mean, std, interpolation, crop_pct), weights_note.
+T = num_prefix_tokens + grid_h * grid_w. The attention is the softmax the model really used (after q/k norms,
+rotary embeddings, masks), taken from the library's own explicit (non-fused) attention path.
+
+A model that pools its patches with an attention-pool head and has no class token (SigLIP's "map" head) gets one
+pseudo token in front: in every block it attends only to itself and nothing attends to it, and one extra last
+"layer" holds the pool query's attention over the patches in its row. So the class-token row of the last layer is
+the pool's attention, rollout / gradient rollout use the pool as the query, and num_prefix_tokens counts it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+PIP = {"timm": "timm", "transformers": "transformers", "open_clip": "open_clip_torch"}
+
+
+class MissingLibraryError(ImportError):
+    """An optional library is not installed; the message names the `pip install` to run."""
+
+
+def optional_import(name: str) -> Any:
+    """import `name` (timm, transformers, open_clip) or raise MissingLibraryError naming the pip install."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise MissingLibraryError(f"this needs {name}, which is not installed: pip install "
+                                  f"{PIP.get(name, name)}") from None
+
+
+def with_pool_query(attn: list[Tensor], pool: Tensor) -> list[Tensor]:
+    """Block attention over the patches (B, h, N, N) per layer + the pool query's attention pool (B, h', 1, N)
+    -> L + 1 matrices (B, h, 1 + N, 1 + N) with a pseudo token 0 (see the module docstring); pool's heads are
+    averaged into every head of the extra layer when h' != h."""
+    def pad(a: Tensor) -> Tensor:
+        out = a.new_zeros(*a.shape[:2], a.shape[-1] + 1, a.shape[-1] + 1)
+        out[..., 0, 0] = 1
+        out[..., 1:, 1:] = a
+        return out
+
+    heads = attn[0].shape[1] if attn else pool.shape[1]
+    p = pool if pool.shape[1] == heads else pool.mean(1, keepdim=True).expand(-1, heads, -1, -1)
+    last = torch.eye(p.shape[-1] + 1, dtype=p.dtype, device=p.device).repeat(p.shape[0], heads, 1, 1)
+    last = torch.cat([torch.cat([p.new_zeros(*p.shape[:2], 1, 1), p], -1), last[..., 1:, :]], -2)
+    return [pad(a) for a in attn] + [last]
+
+
+class ViTAdapter(nn.Module):
+    """The VisionTransformer interface around another library's model (subclasses: one per library).
+
+    Subclasses set `model`, `blocks`, `patch_size`, `num_prefix_tokens`, `config`, `data_config` and implement
+    `_features(x, want_attn) -> (tokens (B, T, D), attention list)` and `forward_head(tokens)`."""
+
+    model: nn.Module
+    blocks: nn.ModuleList
+    patch_size: int
+    num_prefix_tokens: int
+    config: dict[str, Any]
+    data_config: dict[str, Any]
+    weights_note: str = "the wrapped model's weights"
+
+    def patch_grid(self, height: int, width: int) -> tuple[int, int]:
+        """(grid_h, grid_w) of an image of height x width pixels; ValueError when not multiples of patch_size."""
+        p = self.patch_size
+        if height % p or width % p:
+            raise ValueError(f"image size {height}x{width} is not a multiple of patch_size={p}; resize or crop it "
+                             f"to {height // p * p}x{width // p * p}.")
+        return height // p, width // p
+
+    def _features(self, x: Tensor, want_attn: bool) -> tuple[Tensor, list[Tensor]]:
+        raise NotImplementedError
+
+    def forward_head(self, tokens: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward_features(self, x: Tensor, return_attn: bool | str = False) -> tuple[Tensor, list[Tensor]]:
+        """x: (B, C, H, W) -> (tokens (B, T, D) as the head reads them, every layer's attention (B, h, T, T) when
+        return_attn, else [])."""
+        c = self.config["num_channels"]
+        if x.dim() != 4 or x.shape[1] != c:
+            raise ValueError(f"input of shape {tuple(x.shape)} is not a batch (B, {c}, H, W) of {c}-channel images.")
+        self.patch_grid(*x.shape[-2:])
+        return self._features(x, bool(return_attn))
+
+    def forward(self, x: Tensor, return_attn: bool | str = False) -> Tensor | tuple[Tensor, list[Tensor]]:
+        """As VisionTransformer.forward: logits (B, K) (features when there is no head); return_attn=True adds
+        every layer's attention (B, h, T, T), "cls" its row 0 (B, h, T)."""
+        if return_attn not in (False, True, "cls"):
+            raise ValueError(f"return_attn={return_attn!r} must be False, True or 'cls'.")
+        tokens, attn = self.forward_features(x, return_attn)
+        logits = self.forward_head(tokens)
+        if return_attn == "cls":
+            attn = [a[:, :, 0] for a in attn]
+        return (logits, attn) if return_attn else logits
