@@ -4,8 +4,10 @@ rollout, token norms), all of them from one forward / backward (`explain`), and 
 `attn` below is what `model(x, return_attn=True)` returns: a list of num_layers tensors (B, heads, T, T) of
 softmax probabilities, T = P + N: P prefix tokens (`model.num_prefix_tokens`: the class token 0, then any
 register tokens, which are tokens, not places in the image), then the N patches in row-major order on a
-(grid_h, grid_w) grid (`model.patch_grid(H, W)`); the maps cover the N patches only. Every map comes back
-as (B, grid_h, grid_w); `grid` omitted means a square grid. Rows stay rows: a map's [i, j] is the patch at
+(grid_h, grid_w) grid (`model.patch_grid(H, W)`); the maps cover the N patches only. Given a grid, a function
+takes P = T - grid_h·grid_w (so registers need no `prefix_tokens`; an explicit `prefix_tokens` must agree); without
+one, P = `prefix_tokens` (default 1: the class token) and the N = T - P patches make a square grid. Every map comes
+back as (B, grid_h, grid_w). Rows stay rows: a map's [i, j] is the patch at
 rows i·p.., columns j·p... The model functions need only that protocol (plus `forward_features` /
 `forward_head` / `blocks` for `explain` and `token_norms`), as this repo's VisionTransformer has it.
 """
@@ -42,6 +44,25 @@ def grid_shape(n: int, grid: tuple[int, int] | None) -> tuple[int, int]:
 
 
 
+def prefix_count(tokens: int, grid: tuple[int, int] | None, prefix_tokens: int | None = None) -> int:
+    """The P prefix tokens (class token, registers, a pool query) of T = `tokens`: T - grid_h·grid_w when a grid is
+    given (checked against an explicit `prefix_tokens`), else `prefix_tokens` (None: 1). ValueError when they
+    disagree or the grid holds more patches than there are tokens."""
+    if grid is None:
+        p = 1 if prefix_tokens is None else prefix_tokens
+        if not 0 <= p < tokens:
+            raise ValueError(f"prefix_tokens={p} must be in [0, {tokens - 1}] for {tokens} tokens.")
+        return p
+    p = tokens - grid[0] * grid[1]
+    if p < 0:
+        raise ValueError(f"{tokens} tokens cannot hold a {grid[0]}x{grid[1]} grid of patches ({grid[0] * grid[1]}); "
+                         f"pass grid=model.patch_grid(H, W) of the input the maps come from.")
+    if prefix_tokens is not None and prefix_tokens != p:
+        raise ValueError(f"prefix_tokens={prefix_tokens} does not fit {tokens} tokens on a {grid[0]}x{grid[1]} grid, "
+                         f"which leave {p} prefix tokens; omit prefix_tokens or pass {p}.")
+    return p
+
+
 def _patch_map(scores: Tensor, grid: tuple[int, int] | None) -> Tensor:
     """scores: (B, N) per patch -> (B, grid_h, grid_w); grid None: square."""
     return patch_to_img(scores, grid_shape(scores.shape[1], grid))
@@ -62,28 +83,28 @@ def _check_layers(attn: Sequence[Tensor], start_layer: int) -> None:
 
 
 def cls_attention(attn: Sequence[Tensor], layer: int = -1, head: int | None = None,
-                  grid: tuple[int, int] | None = None, *, prefix_tokens: int = 1) -> Tensor:
-    """The class token's attention to every patch in one layer -> (B, grid_h, grid_w).
+                  grid: tuple[int, int] | None = None, *, prefix_tokens: int | None = None) -> Tensor:
+    """The class token's (token 0's) attention to every patch in one layer -> (B, grid_h, grid_w).
 
     attn: full maps (B, heads, T, T) per layer, or the class-token rows (B, heads, T) of return_attn="cls".
-    head: one head's map; None averages the heads.
+    head: one head's map; None averages the heads. prefix_tokens: see the module docstring (from the grid).
     """
     a = attn[layer]
     a = a[:, :, 0] if a.dim() == 4 else a  # (B, heads, T)
     a = a.mean(1) if head is None else a[:, head]
-    return _patch_map(a[:, prefix_tokens:], grid)
+    return _patch_map(a[:, prefix_count(a.shape[-1], grid, prefix_tokens):], grid)
 
 
 def attention_rollout(attn: Sequence[Tensor], head_fusion: str = "mean", discard_ratio: float = 0.0,
                       start_layer: int = 0, grid: tuple[int, int] | None = None, *,
-                      prefix_tokens: int = 1) -> Tensor:
+                      prefix_tokens: int | None = None) -> Tensor:
     """Attention rollout (Abnar & Zuidema 2020) -> (B, grid_h, grid_w), the class-token row over the patches.
 
     attn: full maps, list of (B, heads, T, T). Per layer l >= start_layer:
       1. fuse the heads: A = mean / max / min over heads -> (B, T, T);
       2. discard: in every row, of the N entries in the patch columns P..P+N-1, the floor(discard_ratio·N)
-         smallest are set to 0. The prefix columns (class token, registers: P = prefix_tokens) are never
-         touched;
+         smallest are set to 0. The prefix columns (class token, registers: P = T - grid_h·grid_w, or
+         prefix_tokens without a grid; see the module docstring) are never touched;
       3. Â = (A + I) / row sums: every row sums to 1 (also for max / min fusion and after discarding).
     Rollout = Â_L-1 @ ... @ Â_start_layer; its class-token row over the patch columns is the map (not rescaled).
     """
@@ -92,6 +113,7 @@ def attention_rollout(attn: Sequence[Tensor], head_fusion: str = "mean", discard
     if not 0.0 <= discard_ratio < 1.0:
         raise ValueError(f"discard_ratio={discard_ratio!r} must be in [0, 1).")
     _check_layers(attn, start_layer)
+    prefix_tokens = prefix_count(attn[0].shape[-1], grid, prefix_tokens)
     mats = []
     for a in attn[start_layer:]:
         if a.dim() != 4:
@@ -138,34 +160,45 @@ def gradient_rollout(model: nn.Module, x: Tensor, target: int | Tensor | None = 
         t = logits.argmax(-1) if target is None else per_image_targets(target, len(x), x.device)
         grads = torch.autograd.grad(logits.gather(1, t[:, None]).sum(), attn[start_layer:])
     grid = model.patch_grid(*x.shape[-2:])
-    return _relevance(attn[start_layer:], grads, getattr(model, "num_prefix_tokens", 1), grid)
+    return _relevance(attn[start_layer:], grads, _model_prefix(model), grid)
 
 
-def _relevance(attn: Sequence[Tensor], grads: Sequence[Tensor], prefix_tokens: int, grid: tuple[int, int]) -> Tensor:
+def _model_prefix(model: nn.Module) -> int | None:
+    """model.num_prefix_tokens, checked against the grid by prefix_count; None when the model does not say."""
+    return getattr(model, "num_prefix_tokens", None)
+
+
+def _relevance(attn: Sequence[Tensor], grads: Sequence[Tensor], prefix_tokens: int | None,
+               grid: tuple[int, int]) -> Tensor:
     """Chefer et al.'s rule over (attention, its gradient) pairs of the layers used -> (B, grid_h, grid_w)."""
     eye = torch.eye(attn[0].shape[-1], dtype=attn[0].dtype, device=attn[0].device)
     mats = [eye + (g * a.detach()).clamp(min=0).mean(1) for g, a in zip(grads, attn, strict=True)]
-    return _patch_map(_cls_row(mats)[:, prefix_tokens:], grid)
+    return _patch_map(_cls_row(mats)[:, prefix_count(eye.shape[0], grid, prefix_tokens):], grid)
 
 
 @torch.no_grad()
 def token_norms(model: nn.Module, x: Tensor) -> Tensor:
     """The L2 norm of every patch token's output, per layer -> (B, L, grid_h, grid_w), in eval mode (restored).
 
-    x: (B, C, H, W). Layer l's map is ||block_l(...)|| of each patch token (prefix tokens left out), before the
-    final norm. High-norm outlier patches in the later layers are the artifacts of Darcet et al. 2024 ("Vision
-    Transformers Need Registers"), which register tokens absorb.
+    x: (B, C, H, W). Layer l's map is ||block_l(...)|| of each patch token (the T - grid_h·grid_w prefix tokens of
+    the block's output left out), before the final norm. High-norm outlier patches in the later layers are the
+    artifacts of Darcet et al. 2024 ("Vision Transformers Need Registers"), which register tokens absorb.
     """
     with eval_mode(model), _block_outputs(model) as outs:
         model.forward_features(x)  # every token through every block (forward() shortcuts the last one)
-    return _norm_maps(outs, getattr(model, "num_prefix_tokens", 1), model.patch_grid(*x.shape[-2:]))
+    return _norm_maps(outs, model.patch_grid(*x.shape[-2:]))
 
 
 @contextlib.contextmanager
 def _block_outputs(model: nn.Module) -> Iterator[list[Tensor]]:
-    """A list that collects every block's output tokens (B, T, D), detached, while the block runs."""
+    """A list that collects every block's output tokens (B, T, D), detached, while the block runs. A block returns
+    the tokens (timm, transformers' newer layers) or a tuple whose first item they are (this repo's blocks)."""
     outs: list[Tensor] = []
-    hooks = [b.register_forward_hook(lambda m, inp, out: outs.append(out[0].detach())) for b in model.blocks]
+
+    def keep(module: nn.Module, inputs: object, out: Tensor | tuple[Tensor, ...]) -> None:
+        outs.append((out if isinstance(out, Tensor) else out[0]).detach())
+
+    hooks = [b.register_forward_hook(keep) for b in model.blocks]
     try:
         yield outs
     finally:
@@ -173,9 +206,10 @@ def _block_outputs(model: nn.Module) -> Iterator[list[Tensor]]:
             h.remove()
 
 
-def _norm_maps(outs: Sequence[Tensor], prefix_tokens: int, grid: tuple[int, int]) -> Tensor:
-    """Block outputs (B, T, D) per layer -> the L2 norm of every patch token, (B, layers, grid_h, grid_w)."""
-    return torch.stack([_patch_map(o[:, prefix_tokens:].float().norm(dim=-1), grid) for o in outs], 1)
+def _norm_maps(outs: Sequence[Tensor], grid: tuple[int, int]) -> Tensor:
+    """Block outputs (B, T, D) per layer -> the L2 norm of every patch token (the last grid_h·grid_w tokens: a
+    wrapper's pool-query token is not in the blocks' output), (B, layers, grid_h, grid_w)."""
+    return torch.stack([_patch_map(o[:, prefix_count(o.shape[1], grid):].float().norm(dim=-1), grid) for o in outs], 1)
 
 
 @dataclass
@@ -206,9 +240,10 @@ def explain(model: nn.Module, x: Tensor, target: int | Tensor | None = None) -> 
             logits = model.forward_head(tokens)
             t = logits.argmax(-1) if target is None else per_image_targets(target, len(x), x.device)
             grads = torch.autograd.grad(logits.gather(1, t[:, None]).sum(), attn)
-    grid, prefix = model.patch_grid(*x.shape[-2:]), getattr(model, "num_prefix_tokens", 1)
+    grid = model.patch_grid(*x.shape[-2:])
+    prefix = prefix_count(attn[0].shape[-1], grid, _model_prefix(model))
     attn = [a.detach() for a in attn]
-    norms = _norm_maps(outs, prefix, grid)
+    norms = _norm_maps(outs, grid)
     return Explanation(attn, grid, prefix, attention_rollout(attn, grid=grid, prefix_tokens=prefix), norms,
                        logits.detach() if has_head else None, t,
                        _relevance(attn, grads, prefix, grid) if has_head else None)
