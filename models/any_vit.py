@@ -28,11 +28,19 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from utils.checkpoint import CheckpointError
+
 PIP = {"timm": "timm", "transformers": "transformers", "open_clip": "open_clip_torch"}
 
 
 class MissingLibraryError(ImportError):
     """An optional library is not installed; the message names the `pip install` to run."""
+
+
+class UnsupportedModelError(CheckpointError):
+    """A model of a supported library that the wrapper cannot give the interface (one attention matrix per block,
+    one query the head reads); the message names the family and why. A CheckpointError, so the scripts report it
+    in one line as they report a bad checkpoint."""
 
 
 def optional_import(name: str) -> Any:
@@ -44,21 +52,44 @@ def optional_import(name: str) -> Any:
                                   f"{PIP.get(name, name)}") from None
 
 
-def with_pool_query(attn: list[Tensor], pool: Tensor) -> list[Tensor]:
-    """Block attention over the patches (B, h, N, N) per layer + the pool query's attention pool (B, h', 1, N)
-    -> L + 1 matrices (B, h, 1 + N, 1 + N) with a pseudo token 0 (see the module docstring); pool's heads are
-    averaged into every head of the extra layer when h' != h."""
-    def pad(a: Tensor) -> Tensor:
-        out = a.new_zeros(*a.shape[:2], a.shape[-1] + 1, a.shape[-1] + 1)
-        out[..., 0, 0] = 1
-        out[..., 1:, 1:] = a
-        return out
+def pad_pseudo(a: Tensor) -> Tensor:
+    """A block's attention over T tokens (B, h, T, T) -> (B, h, 1 + T, 1 + T) with the pool-query pseudo token 0,
+    which attends only to itself and which nothing attends to."""
+    out = a.new_zeros(*a.shape[:2], a.shape[-1] + 1, a.shape[-1] + 1)
+    out[..., 0, 0] = 1
+    out[..., 1:, 1:] = a
+    return out
 
+
+def pool_layer(pool: Tensor, heads: int) -> Tensor:
+    """The pool query's attention (B, h', L, T) over the T tokens (L queries: their mean) -> the extra last layer
+    (B, heads, 1 + T, 1 + T): row 0 is the query's row over the tokens (column 0: 0), the other rows the identity.
+    h' != heads: every head holds the mean over the pool's heads."""
+    p = pool.mean(2, keepdim=True)
+    p = p if p.shape[1] == heads else p.mean(1, keepdim=True).expand(-1, heads, -1, -1)
+    eye = torch.eye(p.shape[-1] + 1, dtype=p.dtype, device=p.device).expand(p.shape[0], heads, -1, -1)
+    return torch.cat([torch.cat([p.new_zeros(*p.shape[:2], 1, 1), p], -1), eye[..., 1:, :]], -2)
+
+
+def pool_through(full: Tensor, pool: Tensor) -> Tensor:
+    """What the pool must use in place of its probabilities `pool` (B, h', L, T) so that its output is computed
+    through `full` = pool_layer(pool, heads): the same values, and the gradient w.r.t. full's row 0 is the sum
+    over the L queries (and, when h' != heads, the mean over the pool's heads) of the gradient w.r.t. pool."""
+    row = full[:, :, :1, 1:]
+    row = row if row.shape[1] == pool.shape[1] else row.mean(1, keepdim=True)
+    return pool + (row - row.detach())
+
+
+def with_pool_query(attn: list[Tensor], pool: Tensor) -> list[Tensor]:
+    """Block attention over the tokens (B, h, N, N) per layer + the pool query's attention pool (B, h', L, N)
+    -> L + 1 matrices (B, h, 1 + N, 1 + N) with a pseudo token 0 (see the module docstring).
+
+    Made after the forward, these maps are not in the graph the logits came from (no gradient rollout through
+    them). For that, make them during the forward: a block uses pad_pseudo(a)[..., 1:, 1:] in place of its
+    probabilities a (a forward hook can return it), the pool uses pool_through(pool_layer(p, heads), p) in place
+    of p (models.timm_vit does so)."""
     heads = attn[0].shape[1] if attn else pool.shape[1]
-    p = pool if pool.shape[1] == heads else pool.mean(1, keepdim=True).expand(-1, heads, -1, -1)
-    last = torch.eye(p.shape[-1] + 1, dtype=p.dtype, device=p.device).repeat(p.shape[0], heads, 1, 1)
-    last = torch.cat([torch.cat([p.new_zeros(*p.shape[:2], 1, 1), p], -1), last[..., 1:, :]], -2)
-    return [pad(a) for a in attn] + [last]
+    return [pad_pseudo(a) for a in attn] + [pool_layer(pool, heads)]
 
 
 class ViTAdapter(nn.Module):
@@ -108,3 +139,25 @@ class ViTAdapter(nn.Module):
         if return_attn == "cls":
             attn = [a[:, :, 0] for a in attn]
         return (logits, attn) if return_attn else logits
+
+
+def wrap(model: nn.Module) -> nn.Module:
+    """The interface for a model object: this repo's ViTs and adapters as they are; timm's ViT family ->
+    models.timm_vit.TimmViT; open_clip models -> models.clip.wrap_open_clip; transformers models ->
+    models.hf_vit.wrap_hf. UnsupportedModelError naming the class for anything else."""
+    from models.vit import VisionTransformer
+
+    if isinstance(model, ViTAdapter | VisionTransformer):
+        return model
+    library = type(model).__module__.split(".")[0]
+    if library == "timm":
+        from models.timm_vit import TimmViT
+        return TimmViT(model)
+    if library == "open_clip":
+        from models.clip import wrap_open_clip
+        return wrap_open_clip(model)
+    if library == "transformers":
+        from models.hf_vit import wrap_hf
+        return wrap_hf(model)
+    raise UnsupportedModelError(f"{type(model).__module__}.{type(model).__name__} is not a model of timm, "
+                                f"transformers or open_clip, the libraries whose ViTs get the map interface.")
