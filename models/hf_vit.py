@@ -1,0 +1,372 @@
+"""Hugging Face `transformers` ViTs behind the interface of `models.vit.VisionTransformer` (see models.any_vit).
+
+    model = load_hf("facebook/dinov2-with-registers-small")   # or wrap_hf(a transformers model in memory)
+    logits, attn = model(x, return_attn=True)    # attn: one (B, heads, T, T) per layer, in the autograd graph
+
+Supported (transformers 5; the class or any subclass of it):
+    ViTModel, ViTForImageClassification                       class token; head: the classifier
+    Dinov2Model, Dinov2WithRegistersModel (+ ForImageClassification)  class token (+ registers); head: the
+                                                              classifier on [class token, mean of the patches]
+    CLIPVisionModel, CLIPVisionModelWithProjection, CLIPModel (its vision tower)   class token; no head: the
+                                                              features are the image embedding (projected when the
+                                                              model has visual_projection)
+    SiglipVisionModel, SiglipModel (its vision tower)         no class token: the attention-pool head's query is
+                                                              the pseudo token 0 (models.any_vit.with_pool_query)
+The wrapper runs the model's own modules (embeddings, encoder layers, final norms, pooling head) in the model's
+order. With return_attn the attention modules run transformers' eager attention (config._attn_implementation =
+"eager" for that call only), whose softmax is returned and used for the output, so the maps are the attention the
+model computed, in the graph; without it the model's own implementation (SDPA by default) runs. Inputs of any size
+that is a multiple of the patch size work, square or not: the position table is resampled by the model's own
+`interpolate_pos_encoding` (bicubic; DINOv2 with registers antialiased).
+
+`blocks` are parameter-free views of the encoder layers: a forward hook on blocks[i] sees (tokens (B, T, D),) with T
+as in the attention maps (for SigLIP a zero pseudo token in front of the patches), so utils.img2attn.token_norms
+works unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from models.any_vit import ViTAdapter, optional_import, with_pool_query
+from utils.checkpoint import CheckpointError
+
+# Top-level classes -> (the attribute holding the vision encoder, one of FAMILIES' classes; the head's attribute or
+# None). An encoder class given directly has no head.
+OUTER = {
+    "ViTForImageClassification": ("vit", "classifier"),
+    "Dinov2ForImageClassification": ("dinov2", "classifier"),
+    "Dinov2WithRegistersForImageClassification": ("dinov2_with_registers", "classifier"),
+    "CLIPModel": ("vision_model", "visual_projection"),
+    "CLIPVisionModelWithProjection": ("vision_model", "visual_projection"),
+    "SiglipModel": ("vision_model", None),
+}
+# Encoder classes -> family.
+FAMILIES = {"ViTModel": "vit", "Dinov2Model": "dinov2", "Dinov2WithRegistersModel": "dinov2",
+            "CLIPVisionModel": "clip", "SiglipVisionModel": "siglip"}
+# Refused, with the reason.
+REFUSED = {
+    "SiglipForImageClassification": "it classifies the mean of the patch tokens (no class token, no attention "
+                                    "pool to take the maps from); wrap its .vision_model (a SiglipVisionModel)",
+    "Siglip2VisionModel": "SigLIP 2's NaFlex patches need pixel_attention_mask and spatial_shapes, which this "
+                          "interface does not carry; use timm's vit_*_siglip2_* models instead",
+    "Siglip2Model": "SigLIP 2's NaFlex patches need pixel_attention_mask and spatial_shapes, which this interface "
+                    "does not carry; use timm's vit_*_siglip2_* models instead",
+}
+SUPPORTED = sorted({*OUTER, *FAMILIES})
+
+# transformers' image-processor defaults per family (ViTImageProcessor: IMAGENET_STANDARD, bilinear, resize to the
+# size; BitImageProcessor as the DINOv2 checkpoints configure it: IMAGENET_DEFAULT, bicubic, 256 -> 224 crop;
+# CLIPImageProcessor: OPENAI_CLIP, bicubic; SiglipImageProcessor: IMAGENET_STANDARD, bicubic, resize).
+DEFAULTS = {
+    "vit": dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bilinear", crop_pct=1.0),
+    "dinov2": dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), interpolation="bicubic", crop_pct=0.875),
+    "clip": dict(mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711),
+                 interpolation="bicubic", crop_pct=1.0),
+    "siglip": dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bicubic", crop_pct=1.0),
+}
+PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+
+
+def _class_names(obj: object) -> list[str]:
+    return [c.__name__ for c in type(obj).__mro__]
+
+
+def _first(names: list[str], table: Mapping[str, Any]) -> str | None:
+    return next((n for n in names if n in table), None)
+
+
+@dataclass
+class _Parts:
+    """The pieces of a transformers model the wrapper calls (held outside nn.Module registration, so the wrapper's
+    state_dict is the model's, once)."""
+
+    family: str
+    encoder: nn.Module  # one of FAMILIES' classes
+    head: nn.Module | None  # classifier / visual_projection
+    classifier: bool  # the head gives logits (not an embedding for an image-text space)
+    layers: nn.ModuleList  # the encoder layers
+    attn: list[nn.Module]  # each encoder layer's self-attention module
+
+
+class _Block(nn.Module):
+    """A view of one encoder layer: forward(hidden (B, T_model, D)) -> (tokens (B, T, D), hidden out). tokens is
+    what a hook on the block reads (with the zero pseudo token in front when `pseudo`); the layer's parameters stay
+    registered under the wrapped model only."""
+
+    def __init__(self, layer: nn.Module, pseudo: bool):
+        super().__init__()
+        self._layer = [layer]  # a list: not registered as a submodule
+        self.pseudo = pseudo
+
+    @property
+    def layer(self) -> nn.Module:
+        return self._layer[0]
+
+    def forward(self, hidden: Tensor) -> tuple[Tensor, Tensor]:
+        out = self.layer(hidden, None)  # no attention mask: every token sees every token
+        return (torch.cat([out.new_zeros(out.shape[0], 1, out.shape[2]), out], 1) if self.pseudo else out), out
+
+
+def _parts(model: nn.Module) -> _Parts:
+    """Find the vision encoder, the head and the attention modules of `model`; ValueError naming the class when it
+    is not supported (and why, where known)."""
+    names = _class_names(model)
+    refused = _first(names, REFUSED)
+    if refused:
+        raise ValueError(f"{type(model).__name__} is not supported: {REFUSED[refused]}.")
+    encoder, head, head_attr = model, None, None
+    outer = _first(names, OUTER)
+    if outer:
+        encoder_attr, head_attr = OUTER[outer]
+        encoder = getattr(model, encoder_attr)
+        head = getattr(model, head_attr) if head_attr else None
+    family = FAMILIES.get(_first(_class_names(encoder), FAMILIES) or "")
+    if family is None:
+        raise ValueError(f"{type(model).__name__} is not a supported transformers vision model; supported: "
+                         f"{', '.join(SUPPORTED)} (and subclasses).")
+    if family == "siglip" and not getattr(encoder, "use_head", False):
+        raise ValueError(f"{type(model).__name__} has no attention-pool head (vision_use_head=False) and no class "
+                         f"token, so no token whose attention the maps could show.")
+    if isinstance(head, nn.Identity):  # a classifier built with num_labels=0
+        head = None
+    layers = encoder.layers if family == "vit" else encoder.encoder.layer if family == "dinov2" else \
+        encoder.encoder.layers
+    attn = [layer.attention if family in ("vit", "dinov2") else layer.self_attn for layer in layers]
+    return _Parts(family, encoder, head, head is not None and head_attr == "classifier", layers, attn)
+
+
+def _pair(value: Any) -> tuple[int, int]:
+    """An int, (h, w) or {"height", "width"} / {"shortest_edge"} -> (h, w)."""
+    if isinstance(value, Mapping):
+        if "height" in value and "width" in value:
+            return int(value["height"]), int(value["width"])
+        side = value.get("shortest_edge") or value.get("longest_edge")
+        return int(side), int(side)
+    if isinstance(value, (list, tuple)):
+        return int(value[0]), int(value[-1])
+    return int(value), int(value)
+
+
+def data_config(family: str, config: Any, processor: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """timm's data-config keys (input_size (C, H, W), mean, std, interpolation, crop_pct) from an image processor's
+    settings (preprocessor_config.json's keys: image_mean, image_std, size, crop_size, do_center_crop, resample)
+    where given, else transformers' defaults for the family and the model config's image_size."""
+    out = dict(DEFAULTS[family], input_size=(config.num_channels, *_pair(config.image_size)))
+    if not processor:
+        return out
+    for key, ours in (("image_mean", "mean"), ("image_std", "std")):
+        if processor.get(key) is not None:
+            value = processor[key]
+            out[ours] = tuple(float(v) for v in (value if isinstance(value, (list, tuple)) else [value] * 3))
+    if processor.get("resample") in PIL_RESAMPLE:
+        out["interpolation"] = PIL_RESAMPLE[processor["resample"]]
+    size = processor.get("size")
+    crop = processor.get("crop_size") if processor.get("do_center_crop", "crop_size" in processor) else None
+    if crop is not None:
+        out["input_size"] = (config.num_channels, *_pair(crop))
+        if isinstance(size, Mapping) and size.get("shortest_edge"):
+            out["crop_pct"] = _pair(crop)[0] / int(size["shortest_edge"])
+        elif isinstance(size, int):
+            out["crop_pct"] = _pair(crop)[0] / size
+        else:
+            out["crop_pct"] = 1.0
+    elif size is not None:
+        out["input_size"], out["crop_pct"] = (config.num_channels, *_pair(size)), 1.0
+    return out
+
+
+class HFViT(ViTAdapter):
+    """A transformers vision model (see the module docstring for the classes) as a VisionTransformer.
+
+    Args:
+        model: the transformers model; kept as `self.model` (a CLIPModel / SiglipModel keeps its text tower there).
+        image_processor: the model's image-processor settings (a dict of preprocessor_config.json, or an image
+            processor object) for `data_config`; None: transformers' defaults for the family.
+        weights_note: what the weights are, for the scripts' messages.
+    Raises ValueError (one sentence) for an unsupported class or non-square patches.
+    """
+
+    def __init__(self, model: nn.Module, image_processor: Mapping[str, Any] | Any = None,
+                 weights_note: str | None = None):
+        super().__init__()
+        parts = _parts(model)
+        self.model, self._parts = model, parts
+        cfg = parts.encoder.config
+        patch = _pair(cfg.patch_size)
+        if patch[0] != patch[1]:
+            raise ValueError(f"{type(model).__name__} has non-square patches {patch[0]}x{patch[1]}; only square "
+                             f"patches are supported.")
+        pseudo = parts.family == "siglip"
+        self.blocks = nn.ModuleList(_Block(layer, pseudo) for layer in parts.layers)
+        self.patch_size = patch[0]
+        self.num_prefix_tokens = 1 + int(getattr(cfg, "num_register_tokens", 0) or 0)
+        self.config = dict(embed_dim=cfg.hidden_size, num_heads=cfg.num_attention_heads,
+                           num_layers=len(self.blocks), patch_size=self.patch_size, num_channels=cfg.num_channels,
+                           num_classes=parts.head.out_features if parts.classifier else 0,
+                           grid_size=[s // self.patch_size for s in _pair(cfg.image_size)],
+                           reg_tokens=self.num_prefix_tokens - 1)
+        if image_processor is not None and not isinstance(image_processor, Mapping):
+            image_processor = image_processor.to_dict()
+        self.data_config = data_config(parts.family, cfg, image_processor)
+        name = getattr(model.config, "name_or_path", "") or ""
+        self.weights_note = weights_note or (f"transformers {type(model).__name__}" + (f" ({name})" if name else ""))
+        self.train(model.training)  # the wrapper's mode is the model's
+
+    def _embed(self, x: Tensor) -> Tensor:
+        """x (B, C, H, W) -> the tokens the first layer reads, (B, T_model, D), as the model's forward makes them."""
+        enc, family = self._parts.encoder, self._parts.family
+        if family == "dinov2":  # always resamples the position table to the input's grid
+            return enc.embeddings(x)
+        hidden = enc.embeddings(x, interpolate_pos_encoding=True)  # the table as is at the native size
+        return enc.pre_layrnorm(hidden) if family == "clip" else hidden
+
+    def _features(self, x: Tensor, want_attn: bool) -> tuple[Tensor, list[Tensor]]:
+        enc, family = self._parts.encoder, self._parts.family
+        x = x.to(next(enc.embeddings.parameters()).dtype)  # as the models' forward / embeddings do
+        with self._record(want_attn) as attn:
+            hidden = self._embed(x)
+            for block in self.blocks:
+                hidden = block(hidden)[1]
+            if family in ("vit", "dinov2"):
+                tokens = enc.layernorm(hidden)
+            elif family == "clip":  # CLIP's last_hidden_state is not normed; post_layernorm acts on the pooled token
+                tokens = hidden
+            else:  # SigLIP: the pooled vector takes the pseudo token's place, then the normed patches
+                hidden = enc.post_layernorm(hidden)
+                tokens = torch.cat([enc.head(hidden)[:, None], hidden], 1)
+        if family == "siglip" and want_attn:
+            attn = with_pool_query(attn[:-1], attn[-1])
+        return tokens, list(attn)
+
+    def forward_head(self, tokens: Tensor) -> Tensor:
+        """tokens (B, T, D) from forward_features -> logits (B, K), or the features (B, D') without a classifier:
+        the normed class token (ViT, DINOv2), CLIP's image embedding (post_layernorm of the class token, then
+        visual_projection where the model has it), SigLIP's attention-pool output."""
+        family, head = self._parts.family, self._parts.head
+        if family == "clip":
+            z = self._parts.encoder.post_layernorm(tokens[:, 0])
+            return head(z) if head is not None else z
+        if head is None:
+            return tokens[:, 0]
+        if family == "dinov2":  # Dinov2(WithRegisters)ForImageClassification: [class token, mean of the patches]
+            return head(torch.cat([tokens[:, 0], tokens[:, self.num_prefix_tokens:].mean(1)], 1))
+        return head(tokens[:, 0])
+
+    @contextlib.contextmanager
+    def _record(self, want_attn: bool) -> Iterator[list[Tensor]]:
+        """While active (want_attn): eager attention in every layer, each layer's softmax (B, h, T, T) appended to
+        the yielded list, then (SigLIP) the pool's per-head attention (B, h, 1, N). Restores everything on exit."""
+        attn: list[Tensor] = []
+        if not want_attn:
+            yield attn
+            return
+        configs = {id(m.config): m.config for m in self._parts.attn if hasattr(m, "config")}
+        saved = {k: c._attn_implementation for k, c in configs.items()}
+
+        def keep(module: nn.Module, args: Any, out: tuple[Tensor, Tensor | None]) -> None:
+            if out[1] is None:
+                raise RuntimeError(f"{type(module).__name__} returned no attention weights under the eager "
+                                   f"implementation; this transformers version is not supported.")
+            attn.append(out[1])
+
+        hooks = [m.register_forward_hook(keep) for m in self._parts.attn]
+        if self._parts.family == "siglip":
+            pool = self._parts.encoder.head.attention  # nn.MultiheadAttention: ask for the per-head weights
+            hooks.append(pool.register_forward_pre_hook(
+                lambda m, args, kwargs: (args, {**kwargs, "need_weights": True, "average_attn_weights": False}),
+                with_kwargs=True))
+            hooks.append(pool.register_forward_hook(keep))
+        try:
+            for c in configs.values():
+                c._attn_implementation = "eager"
+            yield attn
+        finally:
+            for h in hooks:
+                h.remove()
+            for k, c in configs.items():
+                c._attn_implementation = saved[k]
+
+
+def wrap_hf(model: nn.Module, image_processor: Mapping[str, Any] | Any = None) -> HFViT:
+    """A transformers model in memory -> HFViT (the same module objects, not a copy)."""
+    return HFViT(model, image_processor)
+
+
+def hub_cache() -> str:
+    """The Hugging Face Hub cache folder, read from the environment now: $HF_HUB_CACHE, else $HF_HOME/hub, else
+    $XDG_CACHE_HOME/huggingface/hub (default ~/.cache/huggingface/hub)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.path.expanduser(os.environ["HF_HUB_CACHE"])
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache"), "huggingface")
+    return os.path.join(os.path.expanduser(home), "hub")
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _processor_config(repo_id: str, cache: str, offline: bool) -> dict[str, Any] | None:
+    """The repo's preprocessor_config.json as a dict, or None when it has none (or it cannot be fetched)."""
+    hub = optional_import("huggingface_hub")
+    try:
+        path = os.path.join(repo_id, "preprocessor_config.json") if os.path.isdir(repo_id) else \
+            hub.hf_hub_download(repo_id, "preprocessor_config.json", cache_dir=cache, local_files_only=offline)
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError, hub.errors.EntryNotFoundError, hub.errors.HfHubHTTPError):
+        return None
+
+
+def load_hf(repo_id: str, *, dtype: torch.dtype = torch.float32) -> HFViT:
+    """`hf:<repo id>`: the transformers model of a Hugging Face Hub repo, from the Hub cache (downloaded into it the
+    first time; HF_HUB_OFFLINE=1: the cache only) -> HFViT in eval mode, in `dtype`.
+
+    The class is the one config.json's `architectures` names when it is supported (so ViTForImageClassification
+    keeps its classifier), else AutoModel's. data_config comes from the repo's preprocessor_config.json when there
+    is one. The cache folder and HF_HUB_OFFLINE are read from the environment at the call (see hub_cache).
+    Raises CheckpointError (one line naming the repo id and the cache folder) for an invalid repo id, files neither
+    cached nor downloadable, or a config transformers cannot build; MissingLibraryError when transformers is not
+    installed; ValueError for a model class this wrapper does not support.
+    """
+    transformers = optional_import("transformers")
+    hub = optional_import("huggingface_hub")
+    cache, offline = hub_cache(), _offline()
+    try:
+        if not os.path.isdir(repo_id):  # a folder written by save_pretrained loads as well
+            hub.utils.validate_repo_id(repo_id)
+    except hub.errors.HFValidationError:
+        raise CheckpointError(f"hf:{repo_id} is not a Hugging Face repo id; write hf:<organisation>/<name> "
+                              f"(letters, digits, '-', '_', '.'), e.g. hf:google/vit-base-patch16-224.") from None
+    try:
+        config = transformers.AutoConfig.from_pretrained(repo_id, cache_dir=cache, local_files_only=offline)
+        arch = next((a for a in (getattr(config, "architectures", None) or []) if a in SUPPORTED
+                     and hasattr(transformers, a)), None)
+        cls = getattr(transformers, arch) if arch else transformers.AutoModel
+        model = cls.from_pretrained(repo_id, config=config, cache_dir=cache, local_files_only=offline, dtype=dtype)
+    except OSError as e:
+        folder = f"models--{repo_id.replace('/', '--')}"
+        if offline:
+            raise CheckpointError(f"hf:{repo_id} is not in the Hugging Face cache {cache} and HF_HUB_OFFLINE=1 "
+                                  f"forbids downloading it; download it once online (hf download {repo_id}) or set "
+                                  f"HF_HOME to the folder whose hub/ holds {folder}.") from None
+        reason = " ".join(str(e).split()).split(". ")[0][:200]  # transformers' first sentence
+        raise CheckpointError(f"could not download hf:{repo_id} into the Hugging Face cache {cache} ({reason}); "
+                              f"download it where there is a connection (hf download {repo_id}) and set HF_HOME "
+                              f"to the folder whose hub/ holds {folder}.") from None
+    except ValueError as e:  # e.g. a config.json without a model_type transformers knows
+        reason = " ".join(str(e).split("\n")[0].split())[:200]
+        raise CheckpointError(f"hf:{repo_id} cannot be built by transformers {transformers.__version__} "
+                              f"({reason}).") from None
+    model.eval()
+    return HFViT(model, _processor_config(repo_id, cache, offline),
+                 f"hf:{repo_id} (transformers {type(model).__name__})")

@@ -1,0 +1,298 @@
+"""models/hf_vit.py against transformers itself: tiny random-weight models of every supported family, their outputs
+against transformers' own forward (default attention implementation), every layer's attention against a
+recomputation from the q / k projections (hooks written here), the maps at native and non-square sizes, and loading
+through a pre-filled Hugging Face cache with no request."""
+
+import json
+import socket
+from copy import deepcopy
+
+import pytest
+import torch
+from matplotlib.figure import Figure
+
+transformers = pytest.importorskip("transformers")
+
+from attention.faithfulness import deletion_score  # noqa: E402
+from attention.figures import attention_figure  # noqa: E402
+from attention.inspection import attention_stats  # noqa: E402
+from models.any_vit import MissingLibraryError  # noqa: E402
+from models.hf_vit import HFViT, load_hf, wrap_hf  # noqa: E402
+from utils.checkpoint import CheckpointError  # noqa: E402
+from utils.img2attn import attention_rollout, cls_attention, explain, gradient_rollout, token_norms  # noqa: E402
+
+SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=32,
+             patch_size=8)
+TEXT = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64, vocab_size=99)
+SIZES = [(32, 32), (24, 40)]  # native 4x4 grid, and a non-square 3x5 one
+
+
+def build(family: str) -> torch.nn.Module:
+    """A tiny random model of `family`, in eval mode, with transformers' default attention implementation."""
+    torch.manual_seed(0)
+    t = transformers
+    make = {
+        "vit": lambda: t.ViTForImageClassification(t.ViTConfig(**SMALL, num_labels=5)),
+        "vit_model": lambda: t.ViTModel(t.ViTConfig(**SMALL)),
+        "dinov2": lambda: t.Dinov2Model(t.Dinov2Config(**SMALL)),
+        "dinov2_cls": lambda: t.Dinov2ForImageClassification(t.Dinov2Config(**SMALL, num_labels=3)),
+        "dinov2_reg": lambda: t.Dinov2WithRegistersModel(t.Dinov2WithRegistersConfig(**SMALL, num_register_tokens=4)),
+        "dinov2_reg_cls": lambda: t.Dinov2WithRegistersForImageClassification(
+            t.Dinov2WithRegistersConfig(**SMALL, num_register_tokens=2, num_labels=3)),
+        "clip_vision": lambda: t.CLIPVisionModel(t.CLIPVisionConfig(**SMALL)),
+        "clip": lambda: t.CLIPModel(t.CLIPConfig(vision_config=SMALL, text_config=TEXT, projection_dim=16)),
+        "siglip_vision": lambda: t.SiglipVisionModel(t.SiglipVisionConfig(**SMALL)),
+        "siglip": lambda: t.SiglipModel(t.SiglipConfig(vision_config=SMALL, text_config=TEXT)),
+    }
+    return make[family]().eval()
+
+
+FAMILIES = ["vit", "vit_model", "dinov2", "dinov2_cls", "dinov2_reg", "dinov2_reg_cls", "clip_vision", "clip",
+            "siglip_vision", "siglip"]
+HEADS = {"vit": 5, "dinov2_cls": 3, "dinov2_reg_cls": 3}
+PREFIX = {"dinov2_reg": 5, "dinov2_reg_cls": 3}
+
+
+def reference(family: str, model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' own forward -> (what the wrapper returns: logits or features, the encoder's tokens)."""
+    if family in ("clip", "siglip"):
+        out = model.get_image_features(x, interpolate_pos_encoding=True)
+        return out.pooler_output, out.last_hidden_state
+    kwargs = {} if family.startswith("dinov2") else dict(interpolate_pos_encoding=True)
+    if family in HEADS:
+        out = model(x, output_hidden_states=True, **kwargs)
+        return out.logits, out.hidden_states[-1]
+    out = model(x, **kwargs)
+    pooled = out.pooler_output if family in ("clip_vision", "siglip_vision") else out.last_hidden_state[:, 0]
+    return pooled, out.last_hidden_state
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("size", SIZES)
+def test_outputs_equal_transformers_forward(family, size):
+    model = build(family)
+    wrapped = wrap_hf(model)
+    assert wrapped.model is model and wrapped.config["num_classes"] == HEADS.get(family, 0)
+    assert wrapped.num_prefix_tokens == PREFIX.get(family, 1)
+    assert wrapped.patch_grid(*size) == (size[0] // 8, size[1] // 8)
+    x = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        want, hidden = reference(family, model, x)
+        got = wrapped(x)
+        got_attn, attn = wrapped(x, return_attn=True)
+        tokens, _ = wrapped.forward_features(x)
+    assert got.shape == want.shape and (got - want).abs().max() < 1e-5
+    assert (got_attn - want).abs().max() < 1e-5  # the eager path gives the same output
+    if family.endswith("_cls") or family == "vit":  # the classifier reads the final-normed tokens
+        hidden = model.base_model.layernorm(hidden)
+    patches = tokens[:, 1:] if family.startswith("siglip") else tokens
+    assert (patches - hidden).abs().max() < 1e-5
+    t = wrapped.num_prefix_tokens + size[0] // 8 * size[1] // 8
+    layers = 2 + family.startswith("siglip")  # SigLIP: + the attention pool's layer
+    assert len(attn) == layers and all(a.shape == (2, 4, t, t) for a in attn)
+    assert all(torch.allclose(a.sum(-1), torch.ones(())) for a in attn)
+    assert {m.config._attn_implementation for m in model.modules() if hasattr(m, "config")} == {"sdpa"}
+
+
+def qk_hooks(model: torch.nn.Module, family: str) -> tuple[list, list]:
+    """Forward hooks on every encoder layer's q_proj / k_proj -> lists their outputs (B, T, D) fill in layer order,
+    and (SigLIP) one on the attention pool's nn.MultiheadAttention keeping its (query, key) inputs."""
+    qs, ks, handles = [], [], []
+    for name, m in model.named_modules():
+        if "text_model" in name:
+            continue
+        if name.endswith("q_proj"):
+            handles.append(m.register_forward_hook(lambda m, i, o: qs.append(o.detach())))
+        elif name.endswith("k_proj"):
+            handles.append(m.register_forward_hook(lambda m, i, o: ks.append(o.detach())))
+        elif name.endswith("head.attention"):
+            handles.append(m.register_forward_pre_hook(lambda m, args: qs.append((m, args[0], args[1]))))
+    return qs, ks
+
+
+def softmax_qk(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) per head: q (B, Tq, D), k (B, Tk, D) -> (B, heads, Tq, Tk), in float64."""
+    split = lambda t: t.double().unflatten(-1, (heads, -1)).transpose(1, 2)  # noqa: E731
+    q, k = split(q), split(k)
+    return (q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).softmax(-1)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("size", SIZES)
+def test_attention_equals_recomputation_from_q_and_k(family, size):
+    model = build(family)
+    wrapped = wrap_hf(model)
+    qs, ks = qk_hooks(model, family)
+    with torch.no_grad():
+        _, attn = wrapped(torch.randn(2, 3, *size), return_attn=True)
+    if family.startswith("siglip"):
+        mha, probe, hidden = qs.pop()  # the pool: its packed in-projection, applied here
+        wq, wk, _ = mha.in_proj_weight.chunk(3)
+        bq, bk, _ = mha.in_proj_bias.chunk(3)
+        pool = softmax_qk(probe @ wq.T + bq, hidden @ wk.T + bk, 4)  # (B, 4, 1, N)
+        assert (attn[-1][:, :, 0, 1:] - pool[:, :, 0]).abs().max() < 1e-5
+        assert (attn[-1][:, :, 0, 0] == 0).all() and (attn[-1][:, :, 1:, 1:] == torch.eye(attn[-1].shape[-1] - 1)).all()
+        for a in attn[:-1]:  # the pseudo token attends only to itself; no patch attends to it
+            assert (a[:, :, 0, 0] == 1).all() and (a[:, :, 1:, 0] == 0).all() and (a[:, :, 0, 1:] == 0).all()
+        attn = [a[:, :, 1:, 1:] for a in attn[:-1]]
+    assert len(qs) == len(ks) == len(attn) == 2
+    for a, q, k in zip(attn, qs, ks, strict=True):
+        assert (a.double() - softmax_qk(q, k, 4)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("size", SIZES)
+def test_maps_on_the_wrapper(family, size):
+    model = build(family)
+    wrapped = wrap_hf(model)
+    grid, prefix = wrapped.patch_grid(*size), wrapped.num_prefix_tokens
+    x = torch.rand(2, 3, *size)
+    ex = explain(wrapped, x)
+    assert ex.grid == grid and ex.prefix_tokens == prefix and ex.rollout.shape == (2, *grid)
+    assert ex.token_norms.shape == (2, 2, *grid) and torch.isfinite(ex.token_norms).all()
+    assert torch.allclose(ex.token_norms, token_norms(wrapped, x))
+    # the block hooks see the encoder's own layer outputs
+    kwargs = {} if family.startswith("dinov2") else dict(interpolate_pos_encoding=True)
+    with torch.no_grad():
+        encoder = model.vision_model if family in ("clip", "siglip") else model.base_model
+        hidden = encoder(x, output_hidden_states=True, **kwargs).hidden_states
+    skip = 0 if family.startswith("siglip") else prefix
+    for layer in range(2):
+        want = hidden[layer + 1][:, skip:].norm(dim=-1).reshape(2, *grid)
+        assert (ex.token_norms[:, layer] - want).abs().max() < 1e-4
+    with torch.no_grad():
+        attn = wrapped(x, return_attn=True)[1]
+    assert cls_attention(attn, grid=grid, prefix_tokens=prefix).shape == (2, *grid)
+    assert torch.allclose(attention_rollout(attn, grid=grid, prefix_tokens=prefix), ex.rollout, atol=1e-6)
+    if family in HEADS:
+        maps = gradient_rollout(wrapped, x, target=1)
+        assert maps.shape == (2, *grid) and torch.isfinite(maps).all() and maps.abs().sum() > 0
+        assert torch.allclose(explain(wrapped, x, target=1).gradient_rollout, maps, atol=1e-6)
+    else:
+        assert ex.gradient_rollout is None and ex.logits is None
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_other_tools_on_the_wrapper():
+    wrapped = wrap_hf(build("vit"))
+    x = torch.rand(3, 3, 24, 40)
+    stats = attention_stats(wrapped, x, rollout=2)
+    assert stats["distance"].shape == (2, 4) and stats["grid"] == (3, 5) and stats["rollout"].shape == (2, 3, 5)
+    score = deletion_score(wrapped, x, gradient_rollout(wrapped, x), steps=3)
+    assert score.shape == (3,) and ((score >= 0) & (score <= 1)).all()
+    ex = explain(wrapped, x[:1])
+    assert isinstance(attention_figure(ex, x[0], class_names=[f"c{i}" for i in range(5)]), Figure)
+    siglip = wrap_hf(build("siglip_vision"))
+    assert isinstance(attention_figure(explain(siglip, x[:1]), x[0]), Figure)
+
+
+def test_cls_rows_and_state_dict():
+    model = build("dinov2_reg")
+    wrapped = wrap_hf(model)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        full = wrapped(x, return_attn=True)[1]
+        rows = wrapped(x, return_attn="cls")[1]
+    assert all(torch.equal(a[:, :, 0], r) for a, r in zip(full, rows, strict=True))
+    assert list(wrapped.state_dict()) == [f"model.{k}" for k in model.state_dict()]  # the layers once
+    copy = deepcopy(wrapped)  # EMA-style copies: the copy runs its own modules
+    with torch.no_grad():
+        assert torch.equal(copy(x), wrapped(x))
+        next(copy.model.parameters()).add_(1.0)
+        assert not torch.equal(copy(x), wrapped(x))
+
+
+def test_data_config():
+    clip = wrap_hf(build("clip"))
+    assert clip.data_config == dict(input_size=(3, 32, 32), mean=(0.48145466, 0.4578275, 0.40821073),
+                                    std=(0.26862954, 0.26130258, 0.27577711), interpolation="bicubic", crop_pct=1.0)
+    assert wrap_hf(build("siglip")).data_config["mean"] == (0.5, 0.5, 0.5)
+    processor = dict(image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225], resample=3,
+                     size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224}, do_center_crop=True)
+    dino = wrap_hf(build("dinov2"), processor)
+    assert dino.data_config == dict(input_size=(3, 224, 224), mean=(0.485, 0.456, 0.406),
+                                    std=(0.229, 0.224, 0.225), interpolation="bicubic", crop_pct=0.875)
+    vit = wrap_hf(build("vit"), dict(image_mean=[0.5] * 3, image_std=[0.5] * 3, resample=2,
+                                     size={"height": 384, "width": 384}))
+    assert vit.data_config["input_size"] == (3, 384, 384) and vit.data_config["interpolation"] == "bilinear"
+
+
+def test_unsupported_models_are_named():
+    siglip_cls = transformers.SiglipForImageClassification(
+        transformers.SiglipConfig(vision_config=SMALL, text_config=TEXT, num_labels=2))
+    with pytest.raises(ValueError, match="SiglipForImageClassification is not supported: it classifies the mean"):
+        wrap_hf(siglip_cls)
+    with pytest.raises(ValueError, match="Linear is not a supported transformers vision model; supported: CLIPModel"):
+        wrap_hf(torch.nn.Linear(2, 2))
+    wrapped = wrap_hf(build("vit"))
+    with pytest.raises(ValueError, match="not a multiple of patch_size=8"):
+        wrapped(torch.randn(1, 3, 30, 32))
+    with pytest.raises(ValueError, match=r"not a batch \(B, 3, H, W\)"):
+        wrapped(torch.randn(3, 32, 32))
+
+
+def save_to_hub_cache(model, home, repo_id: str, processor: dict | None = None) -> None:
+    """model.save_pretrained into the Hub cache layout under `home`: hub/models--ORG--NAME/{refs/main,
+    snapshots/REV/...} (plain files where the hub keeps links to blobs/; it reads both)."""
+    rev = "0123456789abcdef0123456789abcdef01234567"
+    repo = home / "hub" / f"models--{repo_id.replace('/', '--')}"
+    model.save_pretrained(repo / "snapshots" / rev)
+    if processor:
+        (repo / "snapshots" / rev / "preprocessor_config.json").write_text(json.dumps(processor))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(rev)
+
+
+def test_load_from_a_prefilled_cache_with_no_request(tmp_path, monkeypatch):
+    model = build("vit")
+    save_to_hub_cache(model, tmp_path, "tiny-org/tiny-vit", dict(image_mean=[0.1] * 3, image_std=[0.2] * 3,
+                                                                resample=3, size={"height": 32, "width": 32}))
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    def no_connection(*args, **kwargs):
+        raise AssertionError("a network request was made")
+
+    monkeypatch.setattr(socket.socket, "connect", no_connection)
+    monkeypatch.setattr(socket, "create_connection", no_connection)
+    loaded = load_hf("tiny-org/tiny-vit")
+    assert isinstance(loaded, HFViT) and not loaded.training
+    assert type(loaded.model).__name__ == "ViTForImageClassification"  # config.json's architectures, not AutoModel
+    assert loaded.weights_note == "hf:tiny-org/tiny-vit (transformers ViTForImageClassification)"
+    assert loaded.data_config == dict(input_size=(3, 32, 32), mean=(0.1,) * 3, std=(0.2,) * 3,
+                                      interpolation="bicubic", crop_pct=1.0)
+    x = torch.randn(2, 3, 24, 40)
+    with torch.no_grad():
+        want = model(x, interpolate_pos_encoding=True).logits
+        assert (loaded(x) - want).abs().max() < 1e-5
+
+
+def test_empty_cache_and_bad_names_give_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CheckpointError) as e:
+        load_hf("tiny-org/missing-vit")
+    message = str(e.value)
+    assert "\n" not in message and "hf:tiny-org/missing-vit is not in the Hugging Face cache" in message
+    assert str(tmp_path / "hub") in message and "HF_HOME" in message and "models--tiny-org--missing-vit" in message
+    with pytest.raises(CheckpointError, match="hf:not a repo! is not a Hugging Face repo id"):
+        load_hf("not a repo!")
+
+
+def test_missing_transformers_names_the_pip_install(monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "transformers", None)
+    with pytest.raises(MissingLibraryError, match="pip install transformers"):
+        load_hf("google/vit-base-patch16-224")
+
+
+def test_load_a_saved_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = build("siglip")
+    model.save_pretrained(tmp_path / "siglip")
+    loaded = load_hf(str(tmp_path / "siglip"))
+    assert type(loaded.model).__name__ == "SiglipModel" and loaded.data_config["mean"] == (0.5, 0.5, 0.5)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert (loaded(x) - model.get_image_features(x).pooler_output).abs().max() < 1e-5
