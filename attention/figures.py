@@ -5,7 +5,7 @@ Save them with `utils.plots.save_figure`."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import matplotlib
@@ -25,7 +25,9 @@ HEAD_CMAP = "inferno"  # the layer x head grid
 
 
 def attention_figure(ex: Explanation, image: Tensor | np.ndarray, class_names: Sequence[str] | None = None,
-                     topk: int = 5, index: int = 0, label: int | None = None) -> Figure:
+                     topk: int = 5, index: int = 0, label: int | None = None, *,
+                     extra: Mapping[str, tuple[Tensor, str]] | None = None, query: str = "class token",
+                     kind: str = "classes") -> Figure:
     """One picture of where the model looks at image `index` of `ex` -> matplotlib Figure.
 
     image: what to show, (H, W) / (H, W, 3) uint8 or float in [0, 1] (or channels first). label: the image's true
@@ -33,19 +35,25 @@ def attention_figure(ex: Explanation, image: Tensor | np.ndarray, class_names: S
     image, the top-k classes, attention rollout, gradient rollout (for ex.target) and the last layer's token norms,
     each map with a colour bar of its own values; a model without a head (DINO, DINOv2) gets no top-k and no
     gradient panel. Below: the class token's attention in every layer (columns) x head (rows), each panel scaled
-    to its own range (one colour bar: panel minimum to maximum). Register tokens are left out."""
+    to its own range (one colour bar: panel minimum to maximum). Register tokens are left out.
+    extra: more maps for the top row, {title: (maps (B, grid_h, grid_w), colour-bar label)}, e.g. LeGrad's.
+    query: the token whose row the maps show: "class token", or for models without one (SigLIP's attention pool,
+    models.any_vit's pseudo token) "attention-pool query", which the figure then says. kind: what the head's
+    outputs are ("classes", or "prompts" for a zero-shot head)."""
     n_layers, n_heads = len(ex.attn), ex.attn[0].shape[1]
     cell = min(max(1.25, 10 / n_layers), 2.0)  # inches a layer x head panel: 14 x 14 patches at 150 dpi, 13 px each
     width = max(n_layers * cell, 10) + 1.0
     top_h, low_h = width / 4 + 1.1, n_heads * cell + 0.6  # room under the maps for their colour bars
     fig = Figure(figsize=(width, top_h + low_h), facecolor="white", layout="constrained")
     upper, lower = fig.subfigures(2, 1, height_ratios=[top_h, low_h])
-    _summary_row(upper, ex, image, class_names, topk, index, label)
-    lower.suptitle("class-token attention in every layer × head (each panel scaled to its own range)", fontsize=12)
+    _summary_row(upper, ex, image, class_names, topk, index, label, extra or {}, query, kind)
+    note = "" if query == "class token" else " (no class token: every map is the attention-pool query's row)"
+    lower.suptitle(f"{query} attention in every layer × head (each panel scaled to its own range){note}",
+                   fontsize=12)
     grid_w = n_layers * cell + 1.5  # the panels, the head labels and the colour bar
     if grid_w < width:  # few layers: centre the grid rather than spread its columns over the page
         lower = lower.subfigures(1, 3, width_ratios=[(width - grid_w) / 2, grid_w, (width - grid_w) / 2])[1]
-    _head_grid(lower, ex, index)
+    _head_grid(lower, ex, index, query)
     return fig
 
 
@@ -73,18 +81,20 @@ def _colour_bar(fig: SubFigure, ax: Axes, values: Tensor, cmap: str, label: str)
 
 
 def _summary_row(upper: SubFigure, ex: Explanation, image: Tensor | np.ndarray,
-                 class_names: Sequence[str] | None, topk: int, index: int, label: int | None) -> None:
+                 class_names: Sequence[str] | None, topk: int, index: int, label: int | None,
+                 extra: Mapping[str, tuple[Tensor, str]], query: str, kind: str) -> None:
     """The image, the top-k bars and the map overlays (each with its colour bar), under the prediction."""
     has_head = ex.logits is not None
 
     def name(c: int) -> str:
         return class_names[c] if class_names is not None else f"class {c}"
 
-    maps = {"attention rollout": (ex.rollout[index], "share of the class token's attention")}
+    maps = {"attention rollout": (ex.rollout[index], f"share of the {query}'s attention")}
     if has_head:
         probs = ex.logits[index].float().softmax(-1)
         top, target = probs.topk(min(topk, probs.numel())), int(ex.target[index])
-        maps[f"gradient rollout: {name(target)}"] = (ex.gradient_rollout[index], "relevance (arbitrary units)")
+        maps[f"gradient rollout: {name(target)[:28]}"] = (ex.gradient_rollout[index], "relevance (arbitrary units)")
+    maps.update({title: (m[index], what) for title, (m, what) in extra.items()})
     maps[f"token norm, layer {len(ex.attn)}"] = (ex.token_norms[index, -1], "L2 norm of the patch token")
     img = to_rgb(image)
     k = max(1, -(-224 // max(img.shape[:2])))  # upscale small images (MNIST) so overlays are smooth
@@ -102,7 +112,7 @@ def _summary_row(upper: SubFigure, ex: Explanation, image: Tensor | np.ndarray,
     if has_head:
         ax[1].set_xlim(0, 1)
         ax[1].set_ylim(len(top.values) - 0.5, -0.9)
-        ax[1].set_title(f"top-{len(top.values)} classes", fontsize=12)
+        ax[1].set_title(f"top-{len(top.values)} {kind}", fontsize=12)
         ax[1].set_axis_off()
     panels = ax[1 + has_head:]
     for a, (title, (m, what)) in zip(panels, maps.items(), strict=True):
@@ -115,8 +125,8 @@ def _summary_row(upper: SubFigure, ex: Explanation, image: Tensor | np.ndarray,
         a.spines[:].set_color("#bbbbbb")
 
 
-def _head_grid(lower: SubFigure, ex: Explanation, index: int) -> None:
-    """The class token's attention in every layer (columns) x head (rows), each panel min-max scaled."""
+def _head_grid(lower: SubFigure, ex: Explanation, index: int, query: str = "class token") -> None:
+    """The query token's attention in every layer (columns) x head (rows), each panel min-max scaled."""
     n_layers, n_heads = len(ex.attn), ex.attn[0].shape[1]
     axes = lower.subplots(n_heads, n_layers, squeeze=False)
     for h in range(n_heads):
@@ -134,7 +144,7 @@ def _head_grid(lower: SubFigure, ex: Explanation, index: int) -> None:
                          aspect=30, pad=0.01)
     bar.set_ticks([0, 1], labels=["panel\nminimum", "panel\nmaximum"])
     bar.ax.tick_params(labelsize=9)
-    bar.set_label("class-token attention", fontsize=10)
+    bar.set_label(f"{query} attention", fontsize=10)
 
 
 def _per_layer(ax, values: Tensor, reference: float, ref_label: str, ylabel: str, title: str) -> None:

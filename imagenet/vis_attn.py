@@ -24,6 +24,7 @@ goes to runs/imagenet/inspect.png (or --output).
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import sys
 from collections.abc import Sequence
@@ -38,10 +39,13 @@ from torchvision.transforms import functional as TF
 
 from attention.figures import attention_figure, inspection_figure
 from attention.inspection import attention_table, inspect_model
+from attention.legrad import legrad
 from imagenet.dataloaders import classes as IN
 from imagenet.dataloaders import constants as IN1K
 from imagenet.dataloaders.dataset import is_image_file
 from imagenet.dataloaders.transforms import device_transform, eval_transform
+from models.clip import PREFIX as OPEN_CLIP
+from models.clip import load_open_clip, with_prompts
 from models.pretrained import REGISTRY, load_pretrained, registry_name
 from models.vit import VisionTransformer
 from utils import hardware
@@ -59,12 +63,16 @@ CHELSEA = "imgs/chelsea.jpg"  # relative to the repo root (`shipped`); "Chelsea 
 # ----------------------------------------------------------------------------------------------------------- config
 OPTIONS = {
     "image": (CHELSEA, "photo to explain (JPEG, PNG, ...): any size, aspect, colour mode or bit depth"),
-    "model": ("deit_tiny_patch16_224", "a registry name (python -m models.pretrained --list; downloaded once), this "
+    "model": ("deit_tiny_patch16_224", "a registry name (python -m models.pretrained --list; downloaded once), "
+                                       "timm/<name>[.<tag>], hf:<repo id>, open_clip:<arch>/<pretrained tag>, this "
                                        "repo's checkpoint or timm / DeiT / DINO / torchvision ViT weights"),
+    "prompt": (None, "a text for a CLIP / SigLIP model's zero-shot head (repeat the flag for more): the top-5 lists "
+                     "the prompts, the gradient map and LeGrad explain the top one (or --target)"),
     "output": (None, "the figure's file (.png, .pdf, .svg, ...; folders are made; default "
                      "runs/imagenet/attention.png, with --inspect runs/imagenet/inspect.png)"),
     "img_size": (224, "shorter side of the model input, in pixels"),
-    "target": ("", "class of the gradient map: index, WordNet id or name (\"tiger cat\"); empty = the top class"),
+    "target": ("", "class of the gradient map: index, WordNet id, name (\"tiger cat\") or one of the --prompt "
+                   "texts; empty = the top class"),
     "num_heads": (0, "attention heads of foreign weights (0: embed_dim // 64, right for DeiT / timm / torchvision)"),
     "device": ("auto", hardware.DEVICE_HELP + "; maps in fp32"),
     "inspect": (False, "instead: the ViT paper's Fig. 7 (patch-filter components, position-embedding similarity, "
@@ -76,6 +84,9 @@ OPTIONS = {
 ALIASES = {"image": ["--image-path"], "model": ["--model-path"], "output": ["--output-path", "--out"]}
 OUTPUTS = {False: "runs/imagenet/attention.png", True: "runs/imagenet/inspect.png"}  # runs/ is git-ignored
 # -------------------------------------------------------------------------------------------------------------------
+
+
+SCHEMES = ("timm/", "hf:", OPEN_CLIP)  # library names: load_pretrained dispatches (models.clip for open_clip)
 
 
 class InputError(UsageError):
@@ -163,7 +174,14 @@ def resolve_target(value: str, names: Sequence[str] | None, num_classes: int) ->
 
 
 def load_model(path: str, heads: int, need_head: bool = True) -> tuple[VisionTransformer, dict]:
-    """A registry name (downloaded once) or a checkpoint file -> (model, the checkpoint dict; {} for a name)."""
+    """A registry name (downloaded once), a library name (timm/..., hf:..., open_clip:...) or a checkpoint file ->
+    (model, the checkpoint dict; {} for a name)."""
+    if path.startswith(SCHEMES) and not Path(path).exists():
+        model = load_open_clip(path) if path.startswith(OPEN_CLIP) else load_pretrained(path)
+        if need_head and model.config["num_classes"] == 0:
+            raise CheckpointError(f"{path} has no classification head (an image tower: add --prompt TEXT for a "
+                                  f"CLIP / SigLIP model).")
+        return model, {}
     name = None if Path(path).is_file() else registry_name(path)
     if Path(path).is_dir():
         inside = f" such as '{Path(path) / 'checkpoint.pth'}'" if (Path(path) / "checkpoint.pth").is_file() else ""
@@ -236,6 +254,23 @@ def input_line(path: str | Path, photo: Image.Image, shown: Image.Image, grid: t
             f"{grid[0]} rows x {grid[1]} columns of patches")
 
 
+def normalisation(model) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) of the model's own preprocessing (model.data_config, as timm / open_clip / transformers give it),
+    else ImageNet's."""
+    dc = getattr(model, "data_config", None) or {}
+    if "mean" in dc and "std" in dc:
+        return tuple(dc["mean"]), tuple(dc["std"])
+    return IN1K.MEAN, IN1K.STD
+
+
+def pool_query(model) -> bool:
+    """Whether token 0 is models.any_vit's pool-query pseudo token (a model without a class token)."""
+    inner = getattr(model, "inner", model)
+    if getattr(inner, "pool_query", None) is not None:
+        return bool(inner.pool_query)
+    return getattr(inner, "pool", "token") in ("map", "avg") or bool(getattr(inner.blocks[0], "pseudo", False))
+
+
 def run(cfg: dict) -> None:
     """The attention figure of one photo (or --inspect); prints the weights, the input size and the top-5."""
     if cfg["inspect"]:
@@ -243,21 +278,31 @@ def run(cfg: dict) -> None:
     photo = load_image(shipped(cfg["image"]))  # the photo first: cheap to check
     dev = hardware.resolve_device(cfg["device"])
     model, ckpt = load_model(cfg["model"], cfg["num_heads"], need_head=False)
+    if cfg["prompt"]:
+        model = with_prompts(model, cfg["prompt"])
     model.eval().to(dev)
     print(f"{cfg['model']}: {model.weights_note}")
     num_classes = model.config["num_classes"]
     if num_classes == 0 and cfg["target"]:
         raise InputError(f"--target needs a classification head; {cfg['model']} has none (a feature extractor "
-                         f"such as DINO / DINOv2).")
-    names = class_names_for(ckpt, num_classes)
+                         f"such as DINO / DINOv2, or an image tower without --prompt).")
+    names = list(cfg["prompt"]) if cfg["prompt"] else class_names_for(ckpt, num_classes)
     tgt = resolve_target(str(cfg["target"]), names, num_classes)
     saved = ckpt.get("classes")
-    label = true_class(cfg["image"], names, [str(c) for c in saved] if isinstance(saved, list | tuple) else None)
+    label = None if cfg["prompt"] else true_class(cfg["image"], names, [str(c) for c in saved]
+                                                   if isinstance(saved, list | tuple) else None)
     shown = model_input(photo, cfg["img_size"], model.patch_size)
-    x = TF.normalize(TF.to_tensor(shown), IN1K.MEAN, IN1K.STD)[None].to(dev)  # (1, 3, H, W)
+    mean, std = normalisation(model)
+    x = TF.normalize(TF.to_tensor(shown), mean, std)[None].to(dev)  # (1, 3, H, W)
     print(input_line(cfg["image"], photo, shown, model.patch_grid(*x.shape[-2:])))
     ex = explain(model, x, tgt)
-    save_figure(attention_figure(ex, np.asarray(shown), class_names=names, topk=5, label=label), cfg["output"])
+    extra = {}
+    if num_classes and (hasattr(model, "layer_logits") or isinstance(model, VisionTransformer)):
+        extra["LeGrad"] = (legrad(model, x, ex.target), "relevance, min-max scaled")
+    query = "attention-pool query" if pool_query(model) else "class token"
+    fig = attention_figure(ex, np.asarray(shown), class_names=names, topk=5, label=label, extra=extra, query=query,
+                           kind="prompts" if cfg["prompt"] else "classes")
+    save_figure(fig, cfg["output"])
     if label is not None:
         print(f"true class (from the file name): {names[label] if names else label} (index {label})")
     if num_classes == 0:
@@ -265,12 +310,15 @@ def run(cfg: dict) -> None:
         return
     print_top5(ex.logits[0].float().softmax(-1), names)
     what = names[tgt] if names and tgt is not None else "the top class" if tgt is None else f"class {tgt}"
-    print(f"saved {cfg['output']} (gradient map for {what})")
+    print(f"saved {cfg['output']} (gradient map{' and LeGrad' if extra else ''} for {what})")
 
 
 def parse_args(argv: list[str] | None = None) -> dict:
     cfg, _ = parse_config("python -m imagenet.vis_attn", __doc__, {"options": OPTIONS}, argv, aliases=ALIASES)
-    return {**cfg, "output": cfg["output"] or OUTPUTS[cfg["inspect"]]}
+    repeated = argparse.ArgumentParser(add_help=False)  # --prompt may be given many times: keep them all
+    repeated.add_argument("--prompt", action="append", default=[])
+    prompts = repeated.parse_known_args(argv)[0].prompt
+    return {**cfg, "prompt": prompts, "output": cfg["output"] or OUTPUTS[cfg["inspect"]]}
 
 
 def check_options(cfg: dict) -> None:

@@ -163,3 +163,28 @@ def test_load_from_a_weights_file(tmp_path):
 def test_resnet_tower_refused():
     with pytest.raises(CheckpointError, match="not a ViT"):
         wrap_open_clip(torch.nn.Module())
+
+
+def test_vis_attn_with_prompts(tmp_path, capsys):
+    """python -m imagenet.vis_attn --model open_clip:<arch>/<file> --prompt ... --target <prompt>: the top-5 lists
+    the prompts, the figure is written (LeGrad panel included)."""
+    from PIL import Image
+
+    from imagenet import vis_attn
+
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "Tiny-Vis-ViT.json").write_text(json.dumps(TINY))
+    open_clip.add_model_config(tmp_path / "configs")
+    torch.save(tiny_clip(seed=2).state_dict(), tmp_path / "tiny.pt")
+    Image.new("RGB", (48, 40), (200, 30, 30)).save(tmp_path / "red.png")
+    out = tmp_path / "fig.png"
+    vis_attn.main(["--image", str(tmp_path / "red.png"), "--model", f"open_clip:Tiny-Vis-ViT/{tmp_path / 'tiny.pt'}",
+                   "--prompt", "a red bicycle", "--prompt", "a dog", "--prompt", "a cat", "--target", "a dog",
+                   "--img-size", "32", "--output", str(out), "--device", "cpu"])
+    text = capsys.readouterr().out
+    assert out.is_file() and "gradient map and LeGrad for a dog" in text
+    assert all(p in text for p in ("a red bicycle", "a dog", "a cat"))
+    with pytest.raises(SystemExit, match="not a class of this model"):
+        vis_attn.main(["--image", str(tmp_path / "red.png"), "--model",
+                       f"open_clip:Tiny-Vis-ViT/{tmp_path / 'tiny.pt'}", "--prompt", "a dog", "--target", "a cow",
+                       "--img-size", "32", "--output", str(out), "--device", "cpu"])
