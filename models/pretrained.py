@@ -10,6 +10,9 @@ DINO and DINOv2 have two names each: timm's (the model computes what timm's does
 name (it computes what the project's model does: the position table is resampled by their rule, not timm's).
 A file of an architecture the built-in model cannot build (SwiGLU, rotary positions, no class token, a CNN...)
 is refused in one sentence that says what it holds.
+Other libraries' ViTs get the same interface (models.any_vit), by name or as objects: "timm/<name>[.<tag>]"
+(timm + the Hugging Face Hub cache, models.timm_vit), "hf:<repo id>" (transformers, models.hf_vit),
+"open_clip:<arch>/<pretrained tag>" (open_clip, models.clip), or a model object of one of the three libraries.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from models.vit import VisionTransformer
 from utils.checkpoint import SAFE_GLOBALS, CheckpointError, checkpoint_dict, read_checkpoint
@@ -340,10 +343,41 @@ def infer_config(sd: Mapping[str, Tensor], num_heads: int | None = None,
                 **{k: v for k, v in options.items() if v not in (None, 0, False)})
 
 
-def load_pretrained(source: str | os.PathLike | Mapping[str, Any], *, num_heads: int | None = None,
-                    prefer_ema: bool | None = None, **overrides: Any) -> VisionTransformer:
+LIBRARY_PREFIXES = ("timm/", "hf:", "open_clip:")
+
+
+def load_library_model(source: str | nn.Module) -> nn.Module:
+    """A model of timm, transformers or open_clip with this repo's ViT interface (models.any_vit.ViTAdapter):
+    "timm/<name>[.<tag>]" -> models.timm_vit.load_timm, "hf:<repo id>" -> models.hf_vit.load_hf, "open_clip:<arch>/
+    <pretrained tag>" -> models.clip.load_open_clip, a model object -> models.any_vit.wrap. The library is imported
+    only here (a missing one: one line naming the pip install)."""
+    if isinstance(source, nn.Module):
+        from models.any_vit import wrap
+        return wrap(source)
+    if source.startswith("timm/"):
+        from models.timm_vit import load_timm
+        return load_timm(source.removeprefix("timm/"))
+    if source.startswith("hf:"):
+        from models.hf_vit import load_hf
+        return load_hf(source.removeprefix("hf:"))
+    if source.startswith("open_clip:"):
+        from models.clip import load_open_clip
+        return load_open_clip(source.removeprefix("open_clip:"))
+    raise CheckpointError(f"'{source}' does not start with one of {', '.join(LIBRARY_PREFIXES)}.")
+
+
+def is_library_name(source: object) -> bool:
+    """Whether `source` names another library's model ("timm/...", "hf:...", "open_clip:...") and is not a path."""
+    return isinstance(source, str) and source.startswith(LIBRARY_PREFIXES) and not os.path.exists(source)
+
+
+def load_pretrained(source: str | os.PathLike | Mapping[str, Any] | nn.Module, *, num_heads: int | None = None,
+                    prefer_ema: bool | None = None, **overrides: Any) -> nn.Module:
     """A VisionTransformer with the weights of `source`, loaded strictly; `model.weights_note` says which weights
     those are (e.g. "EMA weights (the run's reported model)", "released weights").
+    Another library's model ("timm/<name>[.<tag>]", "hf:<repo id>", "open_clip:<arch>/<tag>", or a model object
+    of timm, transformers or open_clip) comes back wrapped with the same interface (`load_library_model`); the
+    options below are for this repo's ViT only.
 
     source: a registry name (e.g. "deit3_small_patch16_224", "dinov2_vits14_reg"; downloaded once), a checkpoint
         path or an already loaded dict. A name is used as given: DINO / DINOv2 under their project's name resample
@@ -356,6 +390,13 @@ def load_pretrained(source: str | os.PathLike | Mapping[str, Any], *, num_heads:
     Raises CheckpointError (one sentence) for a missing file or unknown name ("did you mean"), an unreadable or
     refused file, or weights of an architecture the built-in model cannot build (saying what they are).
     """
+    if isinstance(source, nn.Module) or is_library_name(source):
+        given = {k: v for k, v in dict(num_heads=num_heads, prefer_ema=prefer_ema, **overrides).items()
+                 if v is not None}
+        if given:
+            raise CheckpointError(f"{', '.join(given)} apply to this repo's ViT, not to another library's model "
+                                  f"({source if isinstance(source, str) else type(source).__name__}).")
+        return load_library_model(source)
     name = resolve(source) if isinstance(source, str | os.PathLike) else None
     obj = (download(name) if name else read_checkpoint(source)) if isinstance(source, str | os.PathLike) else source
     sd, config = to_timm_state_dict(obj, prefer_ema)
