@@ -19,9 +19,13 @@ model computed, in the graph; without it the model's own implementation (SDPA by
 that is a multiple of the patch size work, square or not: the position table is resampled by the model's own
 `interpolate_pos_encoding` (bicubic; DINOv2 with registers antialiased).
 
-`blocks` are parameter-free views of the encoder layers: a forward hook on blocks[i] sees (tokens (B, T, D),) with T
-as in the attention maps (for SigLIP a zero pseudo token in front of the patches), so utils.img2attn.token_norms
-works unchanged.
+SigLIP's maps are built inside the forward, so gradient rollout reaches them: each layer's eager probabilities w
+(B, h, N, N) go through models.any_vit.pad_pseudo (the output is computed from the padded matrix's patch block), and
+the pool's per-head probabilities through pool_layer / pool_through (the pool's output recomputed from them).
+
+`blocks` are parameter-free views of the encoder layers (the parameters stay registered once, under `model`): a
+forward hook on blocks[i] sees the layer's output tokens (B, T', D) (SigLIP: the N patches; the pool-query token is
+not in the blocks' output), as utils.img2attn.token_norms reads them.
 """
 
 from __future__ import annotations
@@ -29,14 +33,16 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.any_vit import ViTAdapter, optional_import, with_pool_query
+from models.any_vit import UnsupportedModelError, ViTAdapter, optional_import, pad_pseudo, pool_layer, pool_through
 from utils.checkpoint import CheckpointError
 
 # Top-level classes -> (the attribute holding the vision encoder, one of FAMILIES' classes; the head's attribute or
@@ -98,22 +104,44 @@ class _Parts:
 
 
 class _Block(nn.Module):
-    """A view of one encoder layer: forward(hidden (B, T_model, D)) -> (tokens (B, T, D), hidden out). tokens is
-    what a hook on the block reads (with the zero pseudo token in front when `pseudo`); the layer's parameters stay
-    registered under the wrapped model only."""
+    """A view of one encoder layer, hidden (B, T', D) -> (B, T', D); the layer's parameters stay registered under the
+    wrapped model only."""
 
-    def __init__(self, layer: nn.Module, pseudo: bool):
+    def __init__(self, layer: nn.Module):
         super().__init__()
         self._layer = [layer]  # a list: not registered as a submodule
-        self.pseudo = pseudo
 
     @property
     def layer(self) -> nn.Module:
         return self._layer[0]
 
-    def forward(self, hidden: Tensor) -> tuple[Tensor, Tensor]:
-        out = self.layer(hidden, None)  # no attention mask: every token sees every token
-        return (torch.cat([out.new_zeros(out.shape[0], 1, out.shape[2]), out], 1) if self.pseudo else out), out
+    def forward(self, hidden: Tensor) -> Tensor:
+        return self.layer(hidden, None)  # no attention mask: every token sees every token
+
+
+PSEUDO_ATTENTION = "models.hf_vit.eager_pseudo"  # its name in transformers' AttentionInterface
+
+
+def eager_pseudo(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+                 **kwargs: Any) -> tuple[Tensor, Tensor]:
+    """transformers' eager attention (the module's own model file's eager_attention_forward) for a model whose
+    maps carry the pool-query pseudo token: its probabilities w (B, h, N, N) -> full = pad_pseudo(w)
+    (B, h, 1 + N, 1 + N), returned as the weights, and the output full[..., 1:, 1:] @ value (eager's own product,
+    the same values), so the maps with the pseudo token are in the graph the output comes from."""
+    eager = sys.modules[type(module).__module__].eager_attention_forward
+    _, w = eager(module, query, key, value, attention_mask, **kwargs)
+    full = pad_pseudo(w)
+    return torch.matmul(full[..., 1:, 1:], value).transpose(1, 2).contiguous(), full
+
+
+def _pool_output(mha: nn.MultiheadAttention, tokens: Tensor, p: Tensor) -> Tensor:
+    """nn.MultiheadAttention's output (batch_first) for the probabilities p (B, h, L, N) over tokens (B, N, D):
+    out_proj of the heads' p @ v, as torch computes it."""
+    d = mha.embed_dim
+    w_v = mha.in_proj_weight[2 * d:] if mha.in_proj_weight is not None else mha.v_proj_weight
+    b_v = mha.in_proj_bias[2 * d:] if mha.in_proj_bias is not None else None
+    v = F.linear(tokens, w_v, b_v).unflatten(-1, (mha.num_heads, -1)).transpose(1, 2)  # (B, h, N, d / h)
+    return mha.out_proj(torch.matmul(p, v).transpose(1, 2).flatten(2))
 
 
 def _parts(model: nn.Module) -> _Parts:
@@ -122,7 +150,7 @@ def _parts(model: nn.Module) -> _Parts:
     names = _class_names(model)
     refused = _first(names, REFUSED)
     if refused:
-        raise ValueError(f"{type(model).__name__} is not supported: {REFUSED[refused]}.")
+        raise UnsupportedModelError(f"{type(model).__name__} is not supported: {REFUSED[refused]}.")
     encoder, head, head_attr = model, None, None
     outer = _first(names, OUTER)
     if outer:
@@ -131,11 +159,11 @@ def _parts(model: nn.Module) -> _Parts:
         head = getattr(model, head_attr) if head_attr else None
     family = FAMILIES.get(_first(_class_names(encoder), FAMILIES) or "")
     if family is None:
-        raise ValueError(f"{type(model).__name__} is not a supported transformers vision model; supported: "
+        raise UnsupportedModelError(f"{type(model).__name__} is not a supported transformers vision model; supported: "
                          f"{', '.join(SUPPORTED)} (and subclasses).")
     if family == "siglip" and not getattr(encoder, "use_head", False):
-        raise ValueError(f"{type(model).__name__} has no attention-pool head (vision_use_head=False) and no class "
-                         f"token, so no token whose attention the maps could show.")
+        raise UnsupportedModelError(f"{type(model).__name__} has no attention-pool head (vision_use_head=False) and "
+                                    f"no class token, so no token whose attention the maps could show.")
     if isinstance(head, nn.Identity):  # a classifier built with num_labels=0
         head = None
     layers = encoder.layers if family == "vit" else encoder.encoder.layer if family == "dinov2" else \
@@ -205,8 +233,7 @@ class HFViT(ViTAdapter):
         if patch[0] != patch[1]:
             raise ValueError(f"{type(model).__name__} has non-square patches {patch[0]}x{patch[1]}; only square "
                              f"patches are supported.")
-        pseudo = parts.family == "siglip"
-        self.blocks = nn.ModuleList(_Block(layer, pseudo) for layer in parts.layers)
+        self.blocks = nn.ModuleList(_Block(layer) for layer in parts.layers)
         self.patch_size = patch[0]
         self.num_prefix_tokens = 1 + int(getattr(cfg, "num_register_tokens", 0) or 0)
         self.config = dict(embed_dim=cfg.hidden_size, num_heads=cfg.num_attention_heads,
@@ -235,7 +262,7 @@ class HFViT(ViTAdapter):
         with self._record(want_attn) as attn:
             hidden = self._embed(x)
             for block in self.blocks:
-                hidden = block(hidden)[1]
+                hidden = block(hidden)
             if family in ("vit", "dinov2"):
                 tokens = enc.layernorm(hidden)
             elif family == "clip":  # CLIP's last_hidden_state is not normed; post_layernorm acts on the pooled token
@@ -243,8 +270,6 @@ class HFViT(ViTAdapter):
             else:  # SigLIP: the pooled vector takes the pseudo token's place, then the normed patches
                 hidden = enc.post_layernorm(hidden)
                 tokens = torch.cat([enc.head(hidden)[:, None], hidden], 1)
-        if family == "siglip" and want_attn:
-            attn = with_pool_query(attn[:-1], attn[-1])
         return tokens, list(attn)
 
     def forward_head(self, tokens: Tensor) -> Tensor:
@@ -264,13 +289,20 @@ class HFViT(ViTAdapter):
     @contextlib.contextmanager
     def _record(self, want_attn: bool) -> Iterator[list[Tensor]]:
         """While active (want_attn): eager attention in every layer, each layer's softmax (B, h, T, T) appended to
-        the yielded list, then (SigLIP) the pool's per-head attention (B, h, 1, N). Restores everything on exit."""
+        the yielded list; SigLIP: eager_pseudo's padded maps, then the pool's layer (B, h, 1 + N, 1 + N) made by
+        pool_layer, its output recomputed through pool_through (see the module docstring). Restores everything
+        on exit."""
         attn: list[Tensor] = []
         if not want_attn:
             yield attn
             return
         configs = {id(m.config): m.config for m in self._parts.attn if hasattr(m, "config")}
         saved = {k: c._attn_implementation for k, c in configs.items()}
+        siglip = self._parts.family == "siglip"
+        if siglip:
+            interface = optional_import("transformers").AttentionInterface
+            if PSEUDO_ATTENTION not in interface._global_mapping:
+                interface.register(PSEUDO_ATTENTION, eager_pseudo)
 
         def keep(module: nn.Module, args: Any, out: tuple[Tensor, Tensor | None]) -> None:
             if out[1] is None:
@@ -278,16 +310,25 @@ class HFViT(ViTAdapter):
                                    f"implementation; this transformers version is not supported.")
             attn.append(out[1])
 
+        def through_pool(mha: nn.MultiheadAttention, args: tuple, kwargs: dict, out: tuple) -> tuple:
+            full = pool_layer(out[1], self.config["num_heads"])  # out[1]: the pool's softmax (B, h', 1, N)
+            attn.append(full)
+            key = kwargs.get("key", args[1] if len(args) > 1 else None)
+            return _pool_output(mha, key, pool_through(full, out[1])), out[1]
+
         hooks = [m.register_forward_hook(keep) for m in self._parts.attn]
-        if self._parts.family == "siglip":
+        if siglip:
             pool = self._parts.encoder.head.attention  # nn.MultiheadAttention: ask for the per-head weights
+            if not pool.batch_first:
+                raise UnsupportedModelError("SigLIP's attention pool is not batch_first; this transformers version "
+                                            "is not supported.")
             hooks.append(pool.register_forward_pre_hook(
                 lambda m, args, kwargs: (args, {**kwargs, "need_weights": True, "average_attn_weights": False}),
                 with_kwargs=True))
-            hooks.append(pool.register_forward_hook(keep))
+            hooks.append(pool.register_forward_hook(through_pool, with_kwargs=True))
         try:
             for c in configs.values():
-                c._attn_implementation = "eager"
+                c._attn_implementation = PSEUDO_ATTENTION if siglip else "eager"
             yield attn
         finally:
             for h in hooks:

@@ -138,6 +138,11 @@ def test_attention_equals_recomputation_from_q_and_k(family, size):
     assert len(qs) == len(ks) == len(attn) == 2
     for a, q, k in zip(attn, qs, ks, strict=True):
         assert (a.double() - softmax_qk(q, k, 4)).abs().max() < 1e-5
+    if family.startswith("siglip"):  # the pool's row gets a gradient: the pool's output is computed through it
+        x = torch.randn(1, 3, *size)
+        features, maps = wrapped(x, return_attn=True)
+        grads = torch.autograd.grad(features[:, 0].sum(), maps)
+        assert all(g.abs().sum() > 0 for g in grads) and grads[-1][:, :, 0, 1:].abs().sum() > 0
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -164,9 +169,11 @@ def test_maps_on_the_wrapper(family, size):
         attn = wrapped(x, return_attn=True)[1]
     assert cls_attention(attn, grid=grid, prefix_tokens=prefix).shape == (2, *grid)
     assert torch.allclose(attention_rollout(attn, grid=grid, prefix_tokens=prefix), ex.rollout, atol=1e-6)
+    # every map is in the graph of the output (SigLIP's padded maps and pool layer too): without a head the
+    # "class" is a feature index
+    maps = gradient_rollout(wrapped, x, target=1)
+    assert maps.shape == (2, *grid) and torch.isfinite(maps).all() and maps.abs().sum() > 0
     if family in HEADS:
-        maps = gradient_rollout(wrapped, x, target=1)
-        assert maps.shape == (2, *grid) and torch.isfinite(maps).all() and maps.abs().sum() > 0
         assert torch.allclose(explain(wrapped, x, target=1).gradient_rollout, maps, atol=1e-6)
     else:
         assert ex.gradient_rollout is None and ex.logits is None
