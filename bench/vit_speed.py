@@ -6,7 +6,9 @@
 
 Prints img/s per task and the ratios: train and all-maps are ours / timm (higher is better for us);
 "cls"/plain is the time of `return_attn="cls"` over a plain forward of our model (1.0 = free);
-explicit/SDPA compares our train step with `fused_attn=False` (explicit softmax) and True (the SDPA kernel).
+explicit/SDPA compares our train step with `fused_attn=False` (explicit softmax) and True (the SDPA kernel);
+wrapper/AttentionExtract is a timm model through models.timm_vit.TimmViT, `model(x, return_attn=True)` (logits and
+every layer's map), against timm's own `timm.utils.AttentionExtract` (fx, its default) on the same weights.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from collections.abc import Callable
 import torch
 from tqdm import tqdm
 
+from models.timm_vit import TimmViT as TimmWrapper
 from models.vit import VisionTransformer
 from utils.config import build_parser
 
@@ -115,11 +118,29 @@ def bench(name: str, rounds: int, iters: int) -> list[tuple[str, float, float, s
                    infer_batch, rounds, iters)
     cls = measure({"cls": inference(lambda: ours(x, return_attn="cls")), "plain": inference(lambda: ours(x))},
                   infer_batch, rounds, iters)
+    wrapper = measure(wrapper_vs_extract(ours, x), infer_batch, rounds, iters)
     return [("train step (fwd+bwd+AdamW)", train["ours"], train["timm"], "ours/timm"),
             ("inference", plain["ours"], plain["timm"], "ours/timm"),
             ("inference + all maps", maps["ours"], maps["timm"], "ours/timm"),
             ('"cls" rows vs plain (ours)', cls["cls"], cls["plain"], "time cls/plain"),
-            ("train step, explicit softmax vs SDPA (ours)", softmax["explicit"], softmax["sdpa"], "explicit/SDPA")]
+            ("train step, explicit softmax vs SDPA (ours)", softmax["explicit"], softmax["sdpa"], "explicit/SDPA"),
+            ("timm model through the wrapper, inference + all maps", wrapper["ours"], wrapper["timm"],
+             "wrapper/AttentionExtract")]
+
+
+def wrapper_vs_extract(ours: VisionTransformer, x: torch.Tensor) -> dict[str, Callable[[], None]]:
+    """Two tasks on timm models with our weights: the wrapped one's logits + every map (TimmViT switches timm's
+    explicit attention on for the call), and timm's AttentionExtract (its maps only; it traces the explicit path,
+    so that model's fused_attn is off, as timm's docs ask)."""
+    from timm.utils import AttentionExtract
+
+    wrapped = TimmWrapper(timm_model(ours, explicit=False).eval())
+    traced = timm_model(ours, explicit=False).eval()
+    for m in traced.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = False
+    extract = AttentionExtract(traced)
+    return {"ours": inference(lambda: wrapped(x, return_attn=True)), "timm": inference(lambda: extract(x))}
 
 
 PROG = "python -m bench.vit_speed"

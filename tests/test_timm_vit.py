@@ -281,3 +281,21 @@ def test_load_pretrained_wraps_a_timm_object():
     model = build("siglip")
     wrapped = load_pretrained(model)
     assert isinstance(wrapped, TimmViT) and wrapped.model is model
+
+
+def test_maps_equal_timms_attention_extract():
+    """The maps equal those of timm's own AttentionExtract (fx, on the explicit path) on the same model."""
+    from timm.utils import AttentionExtract
+
+    model = build("registers")
+    wrapped = TimmViT(model)
+    x = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        _, attn = wrapped(x, return_attn=True)
+        for m in model.modules():
+            if hasattr(m, "fused_attn"):
+                m.fused_attn = False
+        theirs = list(AttentionExtract(model)(x).values())
+    assert len(theirs) == len(attn)
+    for a, b in zip(attn, theirs, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
