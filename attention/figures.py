@@ -48,13 +48,18 @@ def attention_figure(ex: Explanation, image: Tensor | np.ndarray, class_names: S
     upper, lower = fig.subfigures(2, 1, height_ratios=[top_h, low_h])
     _summary_row(upper, ex, image, class_names, topk, index, label, extra or {}, query, kind)
     note = "" if query == "class token" else " (no class token: every map is the attention-pool query's row)"
-    lower.suptitle(f"{query} attention in every layer × head (each panel scaled to its own range){note}",
+    lower.suptitle(f"{_adjective(query)} attention in every layer × head (each panel scaled to its own range){note}",
                    fontsize=12)
     grid_w = n_layers * cell + 1.5  # the panels, the head labels and the colour bar
     if grid_w < width:  # few layers: centre the grid rather than spread its columns over the page
         lower = lower.subfigures(1, 3, width_ratios=[(width - grid_w) / 2, grid_w, (width - grid_w) / 2])[1]
     _head_grid(lower, ex, index, query)
     return fig
+
+
+def _adjective(query: str) -> str:
+    """"class token" -> "class-token" (as in "class-token attention"); other query names as they are."""
+    return "class-token" if query == "class token" else query
 
 
 def _title(ex: Explanation, index: int, name: Callable[[int], str], label: int | None) -> str:
@@ -144,7 +149,7 @@ def _head_grid(lower: SubFigure, ex: Explanation, index: int, query: str = "clas
                          aspect=30, pad=0.01)
     bar.set_ticks([0, 1], labels=["panel\nminimum", "panel\nmaximum"])
     bar.ax.tick_params(labelsize=9)
-    bar.set_label(f"{query} attention", fontsize=10)
+    bar.set_label(f"{_adjective(query)} attention", fontsize=10)
 
 
 def _per_layer(ax, values: Tensor, reference: float, ref_label: str, ylabel: str, title: str) -> None:

@@ -1,7 +1,9 @@
 """Where does an ImageNet ViT look in a photo? `python -m imagenet.vis_attn --image photo.jpg` (default: a cat).
 
 The model may be a registry name (`python -m models.pretrained --list`: DeiT, DeiT III, DINO, DINOv2 with or
-without registers, torchvision; downloaded once into torch's cache), this repo's checkpoint
+without registers, torchvision; downloaded once into torch's cache), a library name (timm/<name>[.<tag>], hf:<repo id>,
+open_clip:<arch>/<pretrained tag>; --prompt TEXT, repeated, gives a CLIP / SigLIP model a zero-shot head whose
+classes are the prompts), this repo's checkpoint
 (runs/imagenet/checkpoint.pth: the weights its run reported, the EMA or the trained model) or a timm / DeiT / DINO /
 torchvision weights file. Prints which weights it loaded and the top-5 classes with probabilities, and writes one
 figure (runs/imagenet/attention.png unless --output names another file): the photo, the top-5, attention rollout,
@@ -310,7 +312,7 @@ def run(cfg: dict) -> None:
         return
     print_top5(ex.logits[0].float().softmax(-1), names)
     what = names[tgt] if names and tgt is not None else "the top class" if tgt is None else f"class {tgt}"
-    print(f"saved {cfg['output']} (gradient map{' and LeGrad' if extra else ''} for {what})")
+    print(f"saved {cfg['output']} (gradient map for {what}{', LeGrad map too' if extra else ''})")
 
 
 def parse_args(argv: list[str] | None = None) -> dict:
