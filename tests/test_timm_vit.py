@@ -41,6 +41,7 @@ FAMILIES = {
     "siglip": ("vit_base_patch16_siglip_224", dict(img_size=64), "no class token, map attention-pool head"),
     "siglip_gap": ("vit_base_patch16_siglip_gap_224", dict(img_size=64), "SigLIP, average pooling"),
     "dinov3": ("vit_small_patch16_dinov3", dict(img_size=64), "Eva: DINOv3 RoPE, storage tokens"),
+    "parallel_scaling": ("vit_pwee_patch16_reg1_gap_256", dict(img_size=64), "ParallelScalingBlock, RmsNorm q/k"),
 }
 
 
@@ -72,6 +73,8 @@ def recompute(model: torch.nn.Module, qs: list, ks: list, grid: tuple[int, int])
     rope = model.rope.get_embed(shape=list(grid)) if getattr(model, "rope", None) is not None else None
     out = []
     for (m, q), (_, k) in zip(qs, ks, strict=True):
+        if type(m).__name__ == "ParallelScalingBlock":  # its q_norm / k_norm see (B, N, heads, head_dim)
+            q, k = q.transpose(1, 2), k.transpose(1, 2)
         if rope is not None and hasattr(m, "num_prefix_tokens"):
             n, half = m.num_prefix_tokens, getattr(m, "rotate_half", False)
             q = torch.cat([q[:, :, :n], apply_rot_embed_cat(q[:, :, n:], rope, half=half)], dim=2)
@@ -192,6 +195,9 @@ def test_data_config_and_config():
     ("vit_small_patch16_18x2_224", {}, "parallel attention branches"),
     ("vit_tiny_patch16_224", dict(global_pool="max", class_token=False), "max pooling"),
     ("vit_tiny_r_s16_p8_224", {}, "hybrid ViT"),
+    ("vit_dwee_patch16_reg1_gap_256", {}, "differential attention"),
+    ("vit_dpwee_patch16_reg1_gap_256", {}, "differential attention"),
+    ("vit_tiny_patch16_224", dict(global_pool="prr"), "AttentionPoolPrr"),
 ])
 def test_unsupported_families_are_named(name, kwargs, words):
     model = timm.create_model(name, pretrained=False, depth=1, **kwargs) if "r_s16" not in name else \
