@@ -10,7 +10,8 @@ The interface (what utils.img2attn, attention.* and the scripts use):
     blocks                       the transformer blocks; a forward hook sees each one's output tokens (B, T', D)
     patch_size, patch_grid(H, W), num_prefix_tokens, config (embed_dim, num_heads, num_layers, patch_size,
     num_channels, num_classes [0: no head], grid_size, reg_tokens), data_config (timm's resolve_data_config keys:
-    input_size, mean, std, interpolation, crop_pct), weights_note.
+    input_size, mean, std, interpolation, crop_pct), weights_note, pool_query (True when token 0 is the pool-query
+    pseudo token below and the last layer the pool's: statistics over the blocks leave that layer out).
 T = num_prefix_tokens + grid_h * grid_w. The attention is the softmax the model really used (after q/k norms,
 rotary embeddings, masks), taken from the library's own explicit (non-fused) attention path.
 
@@ -105,6 +106,7 @@ class ViTAdapter(nn.Module):
     config: dict[str, Any]
     data_config: dict[str, Any]
     weights_note: str = "the wrapped model's weights"
+    pool_query: bool = False  # True: token 0 is the pool-query pseudo token and the last layer is the pool's
 
     def patch_grid(self, height: int, width: int) -> tuple[int, int]:
         """(grid_h, grid_w) of an image of height x width pixels; ValueError when not multiples of patch_size."""

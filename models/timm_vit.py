@@ -13,8 +13,9 @@ softmax after q/k norms, rotary embeddings and masks, in the autograd graph.
 
 What the head reads decides the query of the maps (token 0):
     global_pool "token": the class token, as in this repo's ViT;
-    "map" (SigLIP's attention pool, no class token): a pool-query pseudo token (models.any_vit.with_pool_query),
-        whose last extra layer is the pool's attention over the tokens it pools; timm's `AttentionPoolLatent` has
+    "map" (SigLIP's attention pool, no class token): a pool-query pseudo token (models.any_vit: pad_pseudo,
+        pool_layer, pool_through; built inside the forward, so gradients reach it; `pool_query` True), whose extra
+        last layer is the pool's attention over the tokens it pools; timm's `AttentionPoolLatent` has
         no module around its softmax (AttentionExtract reaches it only by fx), so its explicit path is run here
         from the pool's own submodules, in the order of its forward (tests/test_timm_vit.py: equal to timm's);
     "avg": the same pseudo token with uniform weights over the averaged tokens (the mean the head reads, with
@@ -153,7 +154,8 @@ class TimmViT(ViTAdapter):
         pe = model.patch_embed
         self.patch_size = int(pe.patch_size[0])
         self.grid_size = tuple(pe.grid_size) if getattr(pe, "grid_size", None) is not None else None
-        self.num_prefix_tokens = model.num_prefix_tokens + (self.pool != "token")
+        self.pool_query = self.pool != "token"  # models.any_vit: token 0 and the last layer are the pool's
+        self.num_prefix_tokens = model.num_prefix_tokens + self.pool_query
         self.config = dict(embed_dim=model.embed_dim, num_heads=self._attn_modules[0].num_heads,
                            num_layers=len(self._attn_modules), patch_size=self.patch_size,
                            num_channels=pe.proj.in_channels, num_classes=model.num_classes,

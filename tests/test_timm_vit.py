@@ -87,7 +87,7 @@ def check_attention(wrapped: TimmViT, attn: list, ref: list, grid: tuple[int, in
     """Every block's map equals the recomputation; a pool query's token and last layer are as documented."""
     model, (gh, gw) = wrapped.model, grid
     pseudo = wrapped.pool != "token"
-    assert len(attn) == len(model.blocks) + pseudo
+    assert wrapped.pool_query == pseudo and len(attn) == len(model.blocks) + pseudo
     assert wrapped.num_prefix_tokens + gh * gw == attn[0].shape[-1]
     for a, r in zip(attn[:len(model.blocks)], ref, strict=False):
         torch.testing.assert_close(a[:, :, 1:, 1:] if pseudo else a, r, rtol=0, atol=1e-5)
