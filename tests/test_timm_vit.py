@@ -305,3 +305,12 @@ def test_maps_equal_timms_attention_extract():
     assert len(theirs) == len(attn)
     for a, b in zip(attn, theirs, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_without_timm_one_line_names_the_pip_install(monkeypatch):
+    from models.any_vit import MissingLibraryError
+    from models.pretrained import load_pretrained
+
+    monkeypatch.setitem(sys.modules, "timm", None)  # import timm now fails as if it were not installed
+    with pytest.raises(MissingLibraryError, match="pip install timm$"):
+        load_pretrained("timm/vit_tiny_patch16_224")
