@@ -120,11 +120,12 @@ def attention_stats(model: nn.Module, x: Tensor, batch_size: int = 32, *, rollou
     the B images (`mean_attention_distance`, `attention_entropy`), "tokens": T, "grid": (gh, gw),
     "rollout": (rollout, gh, gw) the attention rollout of the first `rollout` images, or None}, on x's device.
     prefix_tokens: left out of the distance; None: model.num_prefix_tokens (class token + registers), else 1.
+    A model whose token 0 is a pool query (models.any_vit: no class token) gives its blocks' statistics only, not
+    the pool's extra last layer.
     """
     if prefix_tokens is None:
         prefix_tokens = getattr(model, "num_prefix_tokens", 1)
-    if rollout and prefix_tokens != 1:
-        raise ValueError("the rollout of a model with register tokens is not supported here; pass rollout=0.")
+    blocks = slice(0, -1) if getattr(model, "pool_query", False) else slice(None)
     if not 0 <= rollout <= len(x):
         raise ValueError(f"rollout={rollout} must be in [0, {len(x)}], the number of images.")
     grid = model.patch_grid(*x.shape[-2:])
@@ -133,12 +134,13 @@ def attention_stats(model: nn.Module, x: Tensor, batch_size: int = 32, *, rollou
     with eval_mode(model):
         for chunk in x.split(batch_size):
             _, attn = model(chunk, return_attn=True)
+            attn = attn[blocks]
             w = len(chunk) / len(x)
             distance = distance + w * mean_attention_distance(attn, grid, model.patch_size, prefix_tokens=prefix_tokens)
             entropy = entropy + w * attention_entropy(attn)
             need = rollout - sum(map(len, maps))
             if need > 0:
-                maps.append(attention_rollout([a[:need] for a in attn], grid=grid))
+                maps.append(attention_rollout([a[:need] for a in attn], grid=grid, prefix_tokens=prefix_tokens))
             tokens = attn[0].shape[-1]
     return {"distance": distance, "entropy": entropy, "tokens": tokens, "grid": grid,
             "rollout": torch.cat(maps) if rollout else None}

@@ -299,7 +299,7 @@ def run(cfg: dict) -> None:
     print(input_line(cfg["image"], photo, shown, model.patch_grid(*x.shape[-2:])))
     ex = explain(model, x, tgt)
     extra = {}
-    if num_classes and (hasattr(model, "layer_logits") or isinstance(model, VisionTransformer)):
+    if num_classes and (getattr(model, "layer_logits", None) is not None or isinstance(model, VisionTransformer)):
         extra["LeGrad"] = (legrad(model, x, ex.target), "relevance, min-max scaled")
     query = "attention-pool query" if pool_query(model) else "class token"
     fig = attention_figure(ex, np.asarray(shown), class_names=names, topk=5, label=label, extra=extra, query=query,

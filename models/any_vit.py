@@ -34,8 +34,9 @@ from utils.checkpoint import CheckpointError
 PIP = {"timm": "timm", "transformers": "transformers", "open_clip": "open_clip_torch"}
 
 
-class MissingLibraryError(ImportError):
-    """An optional library is not installed; the message names the `pip install` to run."""
+class MissingLibraryError(ImportError, ValueError):
+    """An optional library is not installed; the message names the `pip install` to run. Also a ValueError, so
+    the scripts report it in one line as they report any bad input."""
 
 
 class UnsupportedModelError(CheckpointError):

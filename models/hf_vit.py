@@ -236,6 +236,7 @@ class HFViT(ViTAdapter):
         self.blocks = nn.ModuleList(_Block(layer) for layer in parts.layers)
         self.patch_size = patch[0]
         self.num_prefix_tokens = 1 + int(getattr(cfg, "num_register_tokens", 0) or 0)
+        self.pool_query = parts.family == "siglip"  # token 0 is the pool-query pseudo token (models.any_vit)
         self.config = dict(embed_dim=cfg.hidden_size, num_heads=cfg.num_attention_heads,
                            num_layers=len(self.blocks), patch_size=self.patch_size, num_channels=cfg.num_channels,
                            num_classes=parts.head.out_features if parts.classifier else 0,

@@ -237,6 +237,15 @@ class TimmViT(ViTAdapter):
         weights = use(x.new_full((x.shape[0], 1, 1, x.shape[1]), 1 / x.shape[1]))  # average = uniform attention
         return (weights[:, 0] @ x)[:, 0]
 
+    @property
+    def layer_logits(self) -> Callable[[Tensor], Tensor] | None:
+        """LeGrad's read-out of one block's output tokens (B, T, D) -> logits, as if it were the last block: the
+        final norm and timm's forward_head (class-token models); None for pool heads, whose read-out LeGrad's rule
+        does not define here (attention.legrad)."""
+        if self.pool != "token" or self.config["num_classes"] == 0:
+            return None
+        return lambda tokens: self.model.forward_head(self.model.norm(tokens))
+
     def forward_head(self, tokens: Tensor) -> Tensor:
         """tokens (B, T, D) of forward_features -> logits (B, num_classes), or features (B, D) without a head."""
         m = self.model

@@ -35,6 +35,7 @@ from mnist import vis_attn as mnist_vis
 from models.pretrained import load_pretrained
 from models.vit import VisionTransformer
 from utils.images import load_image
+from utils.img2attn import attention_rollout
 from utils.plots import plot_attention_curves, save_figure
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -190,8 +191,8 @@ def test_models_with_registers_leave_them_out(no_embed_class):
     stats = attention_stats(model, x)
     assert stats["tokens"] == 1 + 2 + 6
     torch.testing.assert_close(stats["distance"], mean_attention_distance(attn, (2, 3), 4, prefix_tokens=3))
-    with pytest.raises(ValueError, match="register"):
-        attention_stats(model, x, rollout=1)
+    rolled = attention_stats(model, x, rollout=1)["rollout"]  # registers left out, as attention_rollout does
+    torch.testing.assert_close(rolled, attention_rollout([a[:1] for a in attn], grid=(2, 3)))
 
 
 def test_patch_filter_components_are_the_pca_of_the_filters():

@@ -15,6 +15,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -314,3 +315,22 @@ def test_without_timm_one_line_names_the_pip_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "timm", None)  # import timm now fails as if it were not installed
     with pytest.raises(MissingLibraryError, match="pip install timm$"):
         load_pretrained("timm/vit_tiny_patch16_224")
+
+
+def test_legrad_through_the_wrapper_equals_legrad_on_our_vit():
+    from attention.legrad import legrad
+    from models.pretrained import load_pretrained
+
+    timm_model = build("vit")
+    ours = load_pretrained(timm_model.state_dict(), num_heads=2).eval()
+    x = torch.randn(2, 3, 64, 64)
+    np.testing.assert_allclose(legrad(wrap(timm_model), x, target=3).numpy(), legrad(ours, x, target=3).numpy(),
+                               atol=1e-5)
+    assert wrap(build("siglip")).layer_logits is None  # LeGrad's read-out is not defined for pool heads
+
+
+def test_statistics_of_a_pool_query_model_leave_the_pool_layer_out():
+    wrapped, x = wrap(build("siglip")), torch.randn(2, 3, 64, 64)
+    stats = attention_stats(wrapped, x, rollout=2)
+    assert stats["distance"].shape == (2, 2) and stats["rollout"].shape == (2, 4, 4)
+    assert bool((stats["entropy"] > 0).all())  # the pool's extra layer (identity rows: entropy 0) is not counted
