@@ -388,8 +388,10 @@ def load_open_clip(spec: str, device: str | torch.device = "cpu") -> ViTAdapter:
                               f"nor a weights file.")
     quiet, logging.root.manager.disable = logging.root.manager.disable, logging.CRITICAL  # open_clip logs failures
     try:
+        if not is_file:  # fetch (or find in the cache) before building the model: an offline miss fails at once
+            open_clip.download_pretrained(open_clip.get_pretrained_cfg(arch, tag))
         clip = open_clip.create_model_and_transforms(arch, pretrained=tag, device=device)[0]
-    except RuntimeError as e:
+    except (RuntimeError, OSError) as e:
         if is_file:
             raise CheckpointError(f"{spec}: the file does not load into {arch}: {str(e).splitlines()[0][:200]}") \
                 from None

@@ -137,6 +137,9 @@ def test_spec_errors_and_offline_message(tmp_path, monkeypatch):
         load_open_clip("open_clip:ViT-B-16/no-such-tag")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    import huggingface_hub.constants  # reads HF_HUB_OFFLINE / HF_HUB_CACHE once, at import
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
     with pytest.raises(CheckpointError) as e:
         load_open_clip("open_clip:ViT-B-16/openai")
     assert "run once online" in str(e.value) and "\n" not in str(e.value)

@@ -156,7 +156,7 @@ def test_maps_have_the_grid_shape(family):
         torch.testing.assert_close(cls_attention(rows, grid=(gh, gw)), cls_attention(attn, grid=(gh, gw)))
         assert token_norms(wrapped, x).shape == (2, 2, gh, gw)
     stats = attention_stats(wrapped, x)
-    assert stats["distance"].shape == (len(attn), 2) and stats["grid"] == (3, 5)
+    assert stats["distance"].shape == (len(attn) - wrapped.pool_query, 2) and stats["grid"] == (3, 5)  # blocks only
     score = deletion_score(wrapped, x, grad, steps=2)
     assert score.shape == (2,) and torch.all((score >= 0) & (score <= 1))
 
