@@ -126,11 +126,16 @@ class ViTAdapter(nn.Module):
     def forward_features(self, x: Tensor, return_attn: bool | str = False) -> tuple[Tensor, list[Tensor]]:
         """x: (B, C, H, W) -> (tokens (B, T, D) as the head reads them, every layer's attention (B, h, T, T) when
         return_attn, else [])."""
+        self.check_input(x)
+        return self._features(x, bool(return_attn))
+
+    def check_input(self, x: Tensor) -> tuple[int, int]:
+        """ValueError in one sentence unless x is (B, num_channels, H, W) with H, W multiples of patch_size;
+        -> patch_grid(H, W)."""
         c = self.config["num_channels"]
         if x.dim() != 4 or x.shape[1] != c:
             raise ValueError(f"input of shape {tuple(x.shape)} is not a batch (B, {c}, H, W) of {c}-channel images.")
-        self.patch_grid(*x.shape[-2:])
-        return self._features(x, bool(return_attn))
+        return self.patch_grid(*x.shape[-2:])
 
     def forward(self, x: Tensor, return_attn: bool | str = False) -> Tensor | tuple[Tensor, list[Tensor]]:
         """As VisionTransformer.forward: logits (B, K) (features when there is no head); return_attn=True adds

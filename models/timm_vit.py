@@ -202,6 +202,31 @@ class TimmViT(ViTAdapter):
         stack.enter_context(_switched(switches))
         return stack
 
+    def forward(self, x: Tensor, return_attn: bool | str = False) -> Tensor | tuple[Tensor, list[Tensor]]:
+        """ViTAdapter.forward; with maps, a class-token model's last block updates only the class token (the one
+        its head reads), as models.vit does: the same logits and maps, the last block ~T times cheaper."""
+        if not return_attn or not self._cls_only:
+            return super().forward(x, return_attn)
+        if return_attn not in (True, "cls"):
+            raise ValueError(f"return_attn={return_attn!r} must be False, True or 'cls'.")
+        m, maps = self.model, []
+        with self._running(self.check_input(x), maps):
+            h = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x))))
+            for block in m.blocks[:-1]:
+                h = block(h)
+            logits = m.forward_head(m.norm(_class_token_update(m.blocks[-1], h)))
+        return logits, [a[:, :, 0] for a in maps] if return_attn == "cls" else maps
+
+    @property
+    def _cls_only(self) -> bool:
+        """Whether the last block can update the class token alone: timm's VisionTransformer itself (a subclass
+        may read more tokens, e.g. distilled DeiT), its plain Block and Attention (no gate), class-token pooling."""
+        timm = optional_import("timm")
+        last = self.model.blocks[-1]
+        return (self.pool == "token" and type(self.model) is timm.models.vision_transformer.VisionTransformer
+                and type(last) is timm.models.vision_transformer.Block
+                and type(last.attn) is timm.layers.Attention and getattr(last.attn, "gate", None) is None)
+
     def _features(self, x: Tensor, want_attn: bool) -> tuple[Tensor, list[Tensor]]:
         grid = self.patch_grid(*x.shape[-2:])
         maps: list[Tensor] | None = [] if want_attn else None
@@ -252,6 +277,19 @@ class TimmViT(ViTAdapter):
         if self.pool == "token":
             return m.forward_head(tokens)
         return m.head(m.head_drop(m.fc_norm(tokens[:, 0])))
+
+
+def _class_token_update(block: nn.Module, x: Tensor) -> Tensor:
+    """timm's Block.forward (explicit attention) for the class token only: x (B, T, D) -> (B, 1, D). The whole
+    attention matrix is computed (attn_drop's hook keeps it); only its row 0 meets v, the projection and the MLP."""
+    a = block.attn
+    B, T, _ = x.shape
+    q, k, v = a.qkv(block.norm1(x)).reshape(B, T, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = a.q_norm(q), a.k_norm(k)
+    attn = a.attn_drop(((q * a.scale) @ k.transpose(-2, -1)).softmax(dim=-1))
+    out = (attn[:, :, :1] @ v).transpose(1, 2).reshape(B, 1, -1)
+    x = x[:, :1] + block.drop_path1(block.ls1(a.proj_drop(a.proj(a.norm(out)))))
+    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
 
 
 def split_name(name: str) -> tuple[str, str | None]:

@@ -334,3 +334,18 @@ def test_statistics_of_a_pool_query_model_leave_the_pool_layer_out():
     stats = attention_stats(wrapped, x, rollout=2)
     assert stats["distance"].shape == (2, 2) and stats["rollout"].shape == (2, 4, 4)
     assert bool((stats["entropy"] > 0).all())  # the pool's extra layer (identity rows: entropy 0) is not counted
+
+
+@pytest.mark.parametrize("family", ["vit", "clip_quickgelu", "registers"])
+def test_last_block_updating_the_class_token_alone_changes_nothing(family):
+    wrapped = TimmViT(build(family))
+    x = torch.randn(2, 3, *(g * wrapped.patch_size for g in wrapped.grid_size))
+    assert wrapped._cls_only and not TimmViT(build("gap_fc_norm"))._cls_only  # a pool reads every token
+    with torch.no_grad():
+        tokens, full = wrapped.forward_features(x, return_attn=True)  # every token through every block
+        logits, attn = wrapped(x, return_attn=True)
+        _, rows = wrapped(x, return_attn="cls")
+    torch.testing.assert_close(logits, wrapped.forward_head(tokens), rtol=1e-5, atol=1e-6)
+    for a, b, r in zip(attn, full, rows, strict=True):
+        torch.testing.assert_close(a, b)
+        torch.testing.assert_close(r, b[:, :, 0])
