@@ -73,12 +73,13 @@ def inference(fn) -> Callable[[], None]:
 
 
 def measure(tasks: dict[str, Callable[[], None]], batch: int, rounds: int, iters: int) -> dict[str, float]:
-    """img/s per task: median over rounds; the tasks (a pair to compare) alternate inside each round."""
+    """img/s per task: median over rounds; the tasks (a pair to compare) alternate inside each round, in the
+    reverse order every other round (A B, B A, ...), so neither always runs right after the other."""
     for fn in tasks.values():  # warm-up
         fn()
     times = {name: [] for name in tasks}
-    for _ in tqdm(range(rounds), desc="rounds", leave=False):
-        for name, fn in tasks.items():
+    for r in tqdm(range(rounds), desc="rounds", leave=False):
+        for name, fn in list(tasks.items())[::-1 if r % 2 else 1]:
             start = time.perf_counter()
             for _ in range(iters):
                 fn()
