@@ -405,6 +405,12 @@ def load_pretrained(source: str | os.PathLike | Mapping[str, Any] | nn.Module, *
         config = infer_config(sd, num_heads, overrides.get("no_embed_class"))
         if name:
             config.update(REGISTRY[name].arch)
+        else:  # a file or dict of unknown origin: its shapes cannot say the head count
+            note = "the checkpoint's weights"
+            if num_heads is None and "num_heads" not in overrides:
+                heads = config["num_heads"]
+                note += (f"; {heads} attention head{'s' * (heads != 1)} assumed (embed_dim {config['embed_dim']} "
+                         f"// 64, the timm / DeiT rule): pass num_heads / --num-heads if it had another count")
         if config["grid_size"] is None and "grid_size" not in overrides:
             rows = sd["pos_embed"].shape[1]
             either = (f" or {rows} patches without a row for the class token (pass no_embed_class=True)"

@@ -297,7 +297,7 @@ def test_vis_attn_headless_registers(tmp_path, capsys):
         vis_attn.main(["--model", str(tmp_path / "reg.pth"), "--img-size", "32", "--target", "3"])
     with pytest.raises(SystemExit, match="error: checkpoint 'nope' does not exist and is not a registry name"):
         vis_attn.main(["--model", "nope"])
-    assert f"{tmp_path / 'reg.pth'}: released weights" in out
+    assert f"{tmp_path / 'reg.pth'}: the checkpoint's weights; 1 attention head assumed (embed_dim 48 // 64" in out
     model = VisionTransformer(**{**REG, "num_classes": 0})
     torch.save({"model_config": model.config, "model": model.state_dict(), "ema_model": model.state_dict(),
                 "reported_weights": "ema"}, tmp_path / "run.pth")
@@ -350,7 +350,8 @@ def test_checkpoint_gives_the_weights_its_run_reported(tmp_path, reported, prefe
 def test_weights_notes_and_bad_reported_weights():
     model = randomized(VisionTransformer(**TINY))
     sd = model.state_dict()
-    assert load_pretrained(sd).weights_note == "released weights"
+    assert load_pretrained(sd).weights_note.startswith("the checkpoint's weights; 1 attention head assumed")  # 3 it was
+    assert load_pretrained(sd, num_heads=3).weights_note == "the checkpoint's weights"
     assert load_pretrained({"model_config": model.config, "model": sd}).weights_note == "trained weights"
     assert load_pretrained({"model_config": model.config, "model": sd}, prefer_ema=True).weights_note == \
         "trained weights"  # no EMA to prefer
