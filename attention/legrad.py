@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from utils.ema import eval_mode
-from utils.img2attn import _autograd_on, grid_shape, per_image_targets
+from utils.img2attn import _autograd_on, _block_outputs, grid_shape, per_image_targets
 
 
 def layer_reader(model: nn.Module) -> Callable[[Tensor], Tensor]:
@@ -47,13 +47,6 @@ def layer_reader(model: nn.Module) -> Callable[[Tensor], Tensor]:
                      f"output tokens (or a final `norm` and `forward_head`).")
 
 
-def _block_outputs(model: nn.Module, outs: list[Tensor]) -> list:
-    """Forward hooks keeping every block's output tokens (B, T', D) in the graph (not detached)."""
-    def keep(module: nn.Module, inputs: tuple, out: Tensor | tuple) -> None:
-        outs.append(out[0] if isinstance(out, tuple) else out)
-    return [b.register_forward_hook(keep) for b in model.blocks]
-
-
 def legrad(model: nn.Module, x: Tensor, target: int | Tensor | None = None, start_layer: int = 0,
            normalize: bool = True) -> Tensor:
     """LeGrad map of x (B, C, H, W) for `target` (class / prompt index per image, int or (B,); default the
@@ -67,27 +60,21 @@ def legrad(model: nn.Module, x: Tensor, target: int | Tensor | None = None, star
         raise ValueError("LeGrad explains a class or a prompt: the model has no head (an image tower: add prompts "
                          "with models.clip.with_prompts).")
     read = layer_reader(model)
-    outs: list[Tensor] = []
-    hooks = _block_outputs(model, outs)
-    try:
-        with eval_mode(model), _autograd_on():
-            tokens, attn = model.forward_features(x.clone().requires_grad_(), return_attn=True)
-            layers = min(len(attn), len(outs))  # a pool-query model's extra last "layer" has no block of its own
-            if not 0 <= start_layer < layers:
-                raise ValueError(f"start_layer={start_layer} must be in [0, {layers - 1}] for {layers} layers.")
-            logits = model.forward_head(tokens)
-            t = logits.argmax(-1) if target is None else per_image_targets(target, len(x), x.device)
-            if t.shape != (len(x),) or not bool(((t >= 0) & (t < logits.shape[-1])).all()):
-                raise ValueError(f"target {target!r} must be one index in [0, {logits.shape[-1] - 1}] or one per "
-                                 f"image ({len(x)}).")
-            relevance = 0
-            for layer in range(start_layer, layers):
-                score = read(outs[layer]).gather(1, t[:, None]).sum()
-                grad = torch.autograd.grad(score, attn[layer], retain_graph=layer < layers - 1)[0]
-                relevance = relevance + grad.clamp(min=0).mean(dim=(1, 2))  # heads, queries -> (B, T)
-    finally:
-        for h in hooks:
-            h.remove()
+    with eval_mode(model), _block_outputs(model, detach=False) as outs, _autograd_on():
+        tokens, attn = model.forward_features(x.clone().requires_grad_(), return_attn=True)
+        layers = min(len(attn), len(outs))  # a pool-query model's extra last "layer" has no block of its own
+        if not 0 <= start_layer < layers:
+            raise ValueError(f"start_layer={start_layer} must be in [0, {layers - 1}] for {layers} layers.")
+        logits = model.forward_head(tokens)
+        t = logits.argmax(-1) if target is None else per_image_targets(target, len(x), x.device)
+        if t.shape != (len(x),) or not bool(((t >= 0) & (t < logits.shape[-1])).all()):
+            raise ValueError(f"target {target!r} must be one index in [0, {logits.shape[-1] - 1}] or one per "
+                             f"image ({len(x)}).")
+        relevance = 0
+        for layer in range(start_layer, layers):
+            score = read(outs[layer]).gather(1, t[:, None]).sum()
+            grad = torch.autograd.grad(score, attn[layer], retain_graph=layer < layers - 1)[0]
+            relevance = relevance + grad.clamp(min=0).mean(dim=(1, 2))  # heads, queries -> (B, T)
     prefix = getattr(model, "num_prefix_tokens", 1)
     grid = model.patch_grid(*x.shape[-2:])
     scores = relevance[:, prefix:].detach()

@@ -265,14 +265,6 @@ def normalisation(model) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return IN1K.MEAN, IN1K.STD
 
 
-def pool_query(model) -> bool:
-    """Whether token 0 is models.any_vit's pool-query pseudo token (a model without a class token)."""
-    inner = getattr(model, "inner", model)
-    if getattr(inner, "pool_query", None) is not None:
-        return bool(inner.pool_query)
-    return getattr(inner, "pool", "token") in ("map", "avg") or bool(getattr(inner.blocks[0], "pseudo", False))
-
-
 def run(cfg: dict) -> None:
     """The attention figure of one photo (or --inspect); prints the weights, the input size and the top-5."""
     if cfg["inspect"]:
@@ -301,7 +293,7 @@ def run(cfg: dict) -> None:
     extra = {}
     if num_classes and (getattr(model, "layer_logits", None) is not None or isinstance(model, VisionTransformer)):
         extra["LeGrad"] = (legrad(model, x, ex.target), "relevance, min-max scaled")
-    query = "attention-pool query" if pool_query(model) else "class token"
+    query = "attention-pool query" if getattr(model, "pool_query", False) else "class token"
     fig = attention_figure(ex, np.asarray(shown), class_names=names, topk=5, label=label, extra=extra, query=query,
                            kind="prompts" if cfg["prompt"] else "classes")
     save_figure(fig, cfg["output"])

@@ -199,6 +199,7 @@ class StackedHead(ViTAdapter):
         self.head = head
         self.__dict__.update(model=inner.model, blocks=inner.blocks)  # the inner adapter's, registered there once
         self.patch_size, self.num_prefix_tokens = inner.patch_size, inner.num_prefix_tokens
+        self.pool_query = inner.pool_query
         self.config = {**inner.config, "num_classes": num_classes}
         self.data_config = getattr(inner, "data_config", {})
         self.weights_note = getattr(inner, "weights_note", "the wrapped model's weights")

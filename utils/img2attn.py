@@ -190,13 +190,15 @@ def token_norms(model: nn.Module, x: Tensor) -> Tensor:
 
 
 @contextlib.contextmanager
-def _block_outputs(model: nn.Module) -> Iterator[list[Tensor]]:
-    """A list that collects every block's output tokens (B, T, D), detached, while the block runs. A block returns
-    the tokens (timm, transformers' newer layers) or a tuple whose first item they are (this repo's blocks)."""
+def _block_outputs(model: nn.Module, detach: bool = True) -> Iterator[list[Tensor]]:
+    """A list that collects every block's output tokens (B, T, D) while the block runs (detached, or in the graph
+    with detach=False). A block returns the tokens (timm, transformers' newer layers) or a tuple whose first item
+    they are (this repo's blocks)."""
     outs: list[Tensor] = []
 
     def keep(module: nn.Module, inputs: object, out: Tensor | tuple[Tensor, ...]) -> None:
-        outs.append((out if isinstance(out, Tensor) else out[0]).detach())
+        tokens = out if isinstance(out, Tensor) else out[0]
+        outs.append(tokens.detach() if detach else tokens)
 
     hooks = [b.register_forward_hook(keep) for b in model.blocks]
     try:
