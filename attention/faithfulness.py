@@ -3,11 +3,46 @@ while the patches a map ranks highest are removed from (or put back into) the im
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
 from utils.ema import eval_mode
 from utils.img2attn import per_image_targets
+
+
+def check_heatmap(x: Tensor, heatmap: Tensor) -> tuple[int, int]:
+    """The (gh, gw) of a patch map for images x: (B, C, H, W); ValueError unless heatmap is (B, gh, gw) with gh, gw
+    dividing H, W."""
+    (B, _, H, W), (gh, gw) = x.shape, heatmap.shape[-2:]
+    if heatmap.dim() != 3 or heatmap.shape[0] != B or H % gh or W % gw:
+        raise ValueError(f"heatmap of shape {tuple(heatmap.shape)} must be (B={B}, gh, gw) with gh, gw dividing "
+                         f"the image size {H}x{W}.")
+    return gh, gw
+
+
+def pixel_order(heatmap: Tensor, size: tuple[int, int], seed: int = 0) -> Tensor:
+    """Pixels, most relevant first: heatmap (B, gh, gw) upsampled (nearest: a patch's pixels share its score) to
+    size = (H, W) -> (B, H·W) flat pixel indices. Ties (the pixels of one patch, equal patches) are broken by one
+    random permutation of the pixels drawn from `seed`, so a partly removed patch loses scattered pixels and the
+    order is the same every run."""
+    (B, gh, gw), (H, W) = heatmap.shape, size
+    score = heatmap.float().repeat_interleave(H // gh, 1).repeat_interleave(W // gw, 2).reshape(B, H * W)
+    perm = torch.randperm(H * W, generator=torch.Generator().manual_seed(seed)).to(heatmap.device)
+    return perm[score[:, perm].argsort(dim=1, descending=True, stable=True)]
+
+
+def target_probs(model: nn.Module, make: Callable[[Tensor], Tensor], count: int, target: Tensor,
+                 batch_size: int = 64) -> Tensor:
+    """softmax[target] of `count` images made on demand: make(idx) -> (len(idx), C, H, W) for the image indices
+    idx, target[idx] their classes; chunks of batch_size, no gradients. Returns (count,) probabilities and the
+    (count,) top-1 hits (bool) as one (2, count) float tensor."""
+    out = []
+    for idx in torch.arange(count, device=target.device).split(batch_size):
+        p = model(make(idx)).softmax(-1)
+        out.append(torch.stack([p.gather(1, target[idx, None])[:, 0], (p.argmax(-1) == target[idx]).float()]))
+    return torch.cat(out, 1)
 
 
 @torch.no_grad()
@@ -26,10 +61,7 @@ def deletion_score(model: nn.Module, x: Tensor, heatmap: Tensor, target: int | T
         raise ValueError(f"mode={mode!r} must be 'deletion' or 'insertion'.")
     if steps < 1:
         raise ValueError(f"steps={steps} must be at least 1.")
-    (B, _, H, W), (gh, gw) = x.shape, heatmap.shape[-2:]
-    if heatmap.shape[0] != B or H % gh or W % gw:
-        raise ValueError(f"heatmap of shape {tuple(heatmap.shape)} must be (B={B}, gh, gw) with gh, gw dividing "
-                         f"the image size {H}x{W}.")
+    (B, _, H, W), (gh, gw) = x.shape, check_heatmap(x, heatmap)
     rank = heatmap.reshape(B, -1).argsort(dim=1, descending=True, stable=True).argsort(dim=1).to(x.device)  # 0 = first
     count = torch.linspace(0, gh * gw, steps + 1, device=x.device).round()  # patches changed at each step
     mean = x.mean((2, 3), keepdim=True).expand_as(x)

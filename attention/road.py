@@ -1,0 +1,110 @@
+"""ROAD: RemOve And Debias (Rong et al., ICML 2022, "A Consistent and Efficient Evaluation Strategy for Attribution
+Methods"). Pixels are removed most-relevant-first (MoRF) or least-relevant-first (LeRF) and filled by noisy linear
+imputation, so the filled region does not give its own shape away as a flat mean would; a faithful map makes the
+target's probability fall fast under MoRF and slowly under LeRF (a large LeRF - MoRF gap)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from attention.faithfulness import check_heatmap, pixel_order, target_probs
+from utils.ema import eval_mode
+from utils.img2attn import per_image_targets
+
+FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+# NoisyLinearImputer's neighbours (road/imputations.py of the paper's code): (dy, dx) -> weight; they sum to 1.
+NEIGHBOURS = {(1, 1): 1 / 12, (0, 1): 1 / 6, (-1, 1): 1 / 12, (1, -1): 1 / 12, (0, -1): 1 / 6, (-1, -1): 1 / 12,
+              (1, 0): 1 / 6, (-1, 0): 1 / 6}
+
+
+def _scipy():
+    try:
+        import scipy.sparse
+        import scipy.sparse.linalg
+    except ImportError as e:
+        raise ImportError("ROAD's imputation needs SciPy: pip install -r requirements-bench.txt") from e
+    return scipy.sparse, scipy.sparse.linalg
+
+
+def _solve_one(img: np.ndarray, removed: np.ndarray) -> np.ndarray:
+    """img (C, H, W) float64 with the removed (H, W) pixels replaced by the solution of ROAD's system."""
+    sparse, linalg = _scipy()
+    (C, H, W), idx = img.shape, np.flatnonzero(removed)
+    n = len(idx)
+    if n == 0:
+        return img
+    var = np.full(H * W, -1)
+    var[idx] = np.arange(n)
+    r, c = np.divmod(idx, W)
+    flat, rem, diag = img.reshape(C, -1), removed.reshape(-1), np.zeros(n)
+    rhs, rows, cols, vals = np.zeros((n, C)), [np.arange(n)], [np.arange(n)], []
+    for (dy, dx), w in NEIGHBOURS.items():
+        inside = (r + dy >= 0) & (r + dy < H) & (c + dx >= 0) & (c + dx < W)
+        i, j = np.flatnonzero(inside), ((r + dy) * W + c + dx)[inside]
+        diag[i] += w  # an equation weighs only the neighbours inside the image
+        unknown = rem[j]
+        rows.append(i[unknown]), cols.append(var[j[unknown]]), vals.append(np.full(unknown.sum(), -w))
+        np.add.at(rhs, i[~unknown], w * flat[:, j[~unknown]].T)
+    a = sparse.csc_matrix((np.concatenate([diag, *vals]), (np.concatenate(rows), np.concatenate(cols))), (n, n))
+    out = flat.copy()
+    out[:, idx] = linalg.splu(a, permc_spec="MMD_AT_PLUS_A").solve(rhs).T
+    return out.reshape(C, H, W)
+
+
+def noisy_linear_impute(x: Tensor, removed: Tensor, noise: float = 0.01, generator: torch.Generator | None = None
+                        ) -> Tensor:
+    """ROAD's NoisyLinearImputer: every removed pixel becomes the weighted mean of its 8 neighbours (weights 1/6 for
+    the 4 edge neighbours, 1/12 for the 4 corners, only those inside the image), all removed pixels of an image
+    solved together as ONE sparse linear system (one right-hand side per channel), then Gaussian noise of std
+    `noise` (in x's units; the paper's 0.01 on normalised images; drawn on the CPU from `generator`) is added to
+    every pixel, as the paper's code does.
+
+    x: (B, C, H, W); removed: (B, H, W) bool -> (B, C, H, W) on x's device and dtype. A removed region with no kept
+    pixel around it (everything removed) has no solution: ValueError. Needs SciPy (scipy.sparse.linalg.splu).
+    """
+    if removed.shape != (x.shape[0], *x.shape[2:]):
+        raise ValueError(f"removed of shape {tuple(removed.shape)} must be (B, H, W) = {(x.shape[0], *x.shape[2:])}.")
+    if bool(removed.flatten(1).all(1).any()):
+        raise ValueError("removed covers a whole image; keep at least one pixel to impute from.")
+    imgs, masks = x.detach().cpu().double().numpy(), removed.cpu().numpy()
+    out = torch.from_numpy(np.stack([_solve_one(i, m) for i, m in zip(imgs, masks, strict=True)]))
+    if noise:
+        out += noise * torch.randn(out.shape, generator=generator, dtype=out.dtype)
+    return out.to(x)
+
+
+@torch.no_grad()
+def road(model: nn.Module, x: Tensor, heatmap: Tensor, target: int | Tensor | None = None,
+         fractions: tuple[float, ...] = FRACTIONS, order: str = "morf", batch_size: int = 64, noise: float = 0.01,
+         generator: torch.Generator | None = None, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """ROAD curves (Rong et al. 2022, Sec. 4): the target's probability after removing a fraction of the pixels.
+
+    x: (B, C, H, W) normalised images; heatmap: (B, gh, gw) patch map; target: class per image (default: the
+    predicted class). Pixels are ranked by the map upsampled to (H, W) (nearest: whole patches), ties broken by a
+    random pixel order fixed by `seed` (attention.faithfulness.pixel_order); order="morf" removes the
+    round(f·H·W) highest-ranked pixels for each f in `fractions`, "lerf" the lowest-ranked ones; removed pixels are
+    filled by noisy_linear_impute (noise std `noise`, drawn from `generator`). Model in eval mode, chunks of
+    batch_size. Returns ((B, F) softmax probability of the target, (B, F) bool: the target is still top-1).
+    """
+    if order not in ("morf", "lerf"):
+        raise ValueError(f"order={order!r} must be 'morf' or 'lerf'.")
+    if not fractions or not all(0 <= f < 1 for f in fractions):
+        raise ValueError(f"fractions={fractions} must be in [0, 1).")
+    (B, _, H, W), F = x.shape, len(fractions)
+    check_heatmap(x, heatmap)
+    rank = pixel_order(heatmap, (H, W), seed)
+    if order == "lerf":
+        rank = rank.flip(1)
+    pos = rank.argsort(1)  # (B, H·W): where each pixel comes in the removal order
+    count = torch.tensor([round(f * H * W) for f in fractions], device=x.device)
+    with eval_mode(model):
+        target = model(x).argmax(-1) if target is None else per_image_targets(target, B, x.device)
+
+        def make(idx: Tensor) -> Tensor:
+            b, f = idx // F, idx % F
+            return noisy_linear_impute(x[b], (pos[b] < count[f, None]).view(-1, H, W), noise, generator)
+
+        out = target_probs(model, make, B * F, target.repeat_interleave(F), batch_size)
+    return out[0].view(B, F), out[1].view(B, F).bool()
