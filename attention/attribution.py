@@ -21,8 +21,9 @@ METHODS, in order (paper; rule):
     "LeGrad"                Bousselham et al. 2024, attention.legrad.legrad (normalize=False: the summed relevance).
     "CP-LRP"                Ali et al., ICML 2022 ("XAI for Transformers: Better Explanations through Conservative
                             Propagation"): gradient × input where the attention probabilities and LayerNorm's 1/std are
-                            constants in the backward pass (the AH- and LN-rules), taken at the tokens that enter the
-                            first block and summed over the embedding channels; the patch tokens' sums are the map.
+                            constants in the backward pass (the AH- and LN-rules) and GELU passes gelu(x)/x (LRP's
+                            identity rule), as lxt's cp_LRP; taken at the tokens that enter the first block, summed
+                            over the embedding channels; the patch tokens' sums are the map (ConservativeMode).
     "random"                uniform random in [0, 1), from a torch.Generator seeded once (random_map(seed)): the same
                             maps for the same sequence of calls.
     "centre"                a fixed Gaussian centred on the patch grid, sigma = CENTRE_SIGMA × the grid's side (per
@@ -103,26 +104,40 @@ def legrad_map(model: nn.Module, x: Tensor, target: Tensor) -> Tensor:
 
 
 class ConservativeMode(TorchFunctionMode):
-    """While active, the forward is the same, but the backward treats as constants (Ali et al. 2022):
-    the attention probabilities (every softmax: torch.softmax, F.softmax, Tensor.softmax) and LayerNorm's
-    1/sqrt(var + eps) (F.layer_norm becomes (x - mean) / std.detach() · weight + bias). Attention paths that
-    never call a softmax (SDPA kernels) are not covered: run the model's explicit path (return_attn=True)."""
+    """While active, every value of the forward stays the same, but its backward is CP-LRP's (Ali et al. 2022, as
+    lxt's `cp_LRP` patch map for torchvision's ViT): the attention probabilities (every torch.softmax, F.softmax,
+    Tensor.softmax) are constants (AH-rule), so is LayerNorm's 1/sqrt(var + eps) (LN-rule: F.layer_norm is
+    differentiated as (x - mean) / std.detach() · weight + bias), and F.gelu passes the gradient gelu(x) / x (LRP's
+    identity rule for an element-wise activation). Attention that never calls a softmax (fused SDPA kernels) and
+    activations not written as F.gelu (open_clip's QuickGELU, SwiGLU) keep their plain gradient: run the model's
+    explicit attention path (return_attn=True)."""
 
     SOFTMAX = {torch.softmax, F.softmax, Tensor.softmax}
     LAYER_NORM = {F.layer_norm, torch.layer_norm}
+    GELU = {F.gelu}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        out = func(*args, **kwargs)
         if func in self.SOFTMAX:
-            return func(*args, **kwargs).detach()
+            return out.detach()
         if func in self.LAYER_NORM:
-            return _layer_norm_detached(*args, **kwargs)
-        return func(*args, **kwargs)
+            return _with_gradient_of(out, _layer_norm_detached(*args, **kwargs))
+        if func in self.GELU:
+            x = args[0] if args else kwargs["input"]
+            ratio = torch.where(x == 0, 0.5, out / torch.where(x == 0, 1.0, x))  # gelu(x) / x; its limit at 0
+            return _with_gradient_of(out, x * ratio.detach())
+        return out
+
+
+def _with_gradient_of(value: Tensor, surrogate: Tensor) -> Tensor:
+    """`value` exactly in the forward, the gradient of `surrogate` (equal to it up to rounding) in the backward."""
+    return value.detach() + (surrogate - surrogate.detach())
 
 
 def _layer_norm_detached(x: Tensor, normalized_shape: list[int] | tuple[int, ...], weight: Tensor | None = None,
                          bias: Tensor | None = None, eps: float = 1e-5) -> Tensor:
-    """F.layer_norm's value with the scale 1/sqrt(var + eps) detached (Ali et al. 2022's LN-rule)."""
+    """F.layer_norm with the scale 1/sqrt(var + eps) detached (Ali et al. 2022's LN-rule)."""
     dims = tuple(range(-len(normalized_shape), 0))
     centred = x - x.mean(dims, keepdim=True)
     y = centred / (centred.pow(2).mean(dims, keepdim=True) + eps).sqrt().detach()
@@ -132,8 +147,9 @@ def _layer_norm_detached(x: Tensor, normalized_shape: list[int] | tuple[int, ...
 
 def token_relevance(model: nn.Module, x: Tensor, target: Tensor) -> Tensor:
     """CP-LRP relevance of every token that enters the first block -> (B, T): gradient × input (summed over the
-    D channels) of the target logits, the attention and LayerNorm scales held constant (ConservativeMode).
-    For a model without biases (and linear activations) the T values sum to each image's target logit."""
+    D channels) of the target logits, backpropagated by CP-LRP's rules (ConservativeMode). Conservation: for a
+    model without biases whose activations are all F.gelu, the T values sum to each image's target logit (the
+    modified backward is that of a function linear in the tokens; tests/test_attribution.py)."""
     kept: list[Tensor] = []
 
     def keep(module: nn.Module, args: tuple) -> None:
