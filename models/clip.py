@@ -224,24 +224,21 @@ class StackedHead(ViTAdapter):
 
 
 class ZeroShotHead(nn.Module):
-    """image embedding (B, E) -> logits (B, K) = logit_scale * cos(projection(image), text_k) + logit_bias, as
-    open_clip's CLIP.get_logits and transformers' CLIPModel / SiglipModel logits_per_image.
+    """image embedding (B, E) -> logits (B, K) = logit_scale * cos(image, text_k) + logit_bias, as open_clip's
+    CLIP.get_logits and transformers' CLIPModel / SiglipModel logits_per_image.
 
     text: (K, E) prompt embeddings (normalised here); logit_scale: the model's exp(logit_scale); logit_bias: SigLIP's
-    (None for CLIP); projection: transformers CLIP's visual_projection (None when the tower already projects)."""
+    (None for CLIP). The image embedding is the tower's projected one (open_clip's encode_image, transformers'
+    get_image_features)."""
 
-    def __init__(self, text: Tensor, logit_scale: Tensor | float, logit_bias: Tensor | float | None = None,
-                 projection: nn.Module | None = None):
+    def __init__(self, text: Tensor, logit_scale: Tensor | float, logit_bias: Tensor | float | None = None):
         super().__init__()
         self.register_buffer("text", F.normalize(text.detach().float(), dim=-1))
         self.register_buffer("logit_scale", torch.as_tensor(logit_scale).detach().float().reshape(()))
         bias = None if logit_bias is None else torch.as_tensor(logit_bias).detach().float().reshape(())
         self.register_buffer("logit_bias", bias)
-        self.projection = projection
 
     def forward(self, image: Tensor) -> Tensor:
-        if self.projection is not None:
-            image = self.projection(image)
         logits = self.logit_scale * F.normalize(image, dim=-1) @ self.text.to(image.dtype).T
         return logits if self.logit_bias is None else logits + self.logit_bias
 
@@ -279,21 +276,37 @@ def _open_clip_text(clip: nn.Module, prompts: list[str], tokenizer: Callable | N
     return text, clip.logit_scale.exp(), getattr(clip, "logit_bias", None)
 
 
+def _hf_tokenizer(pair: nn.Module) -> Callable:
+    """transformers' AutoTokenizer of the model's name_or_path: a folder, or a Hub repo read from the cache
+    (models.hf_vit.hub_cache; HF_HUB_OFFLINE=1: the cache only), as models.hf_vit.load_hf reads the model."""
+    from models.hf_vit import _offline, hub_cache  # noqa: PLC0415 (transformers stays optional)
+
+    transformers = optional_import("transformers")
+    name = getattr(pair, "name_or_path", "") or getattr(pair.config, "_name_or_path", "")
+    if not name:
+        raise PromptError(f"this {type(pair).__name__} was built in memory, so its tokenizer is unknown; pass "
+                          f"tokenizer= (e.g. transformers.AutoTokenizer.from_pretrained(<repo id>)).")
+    try:
+        return transformers.AutoTokenizer.from_pretrained(name, cache_dir=hub_cache(), local_files_only=_offline())
+    except ImportError as e:  # SigLIP's SentencePiece tokenizer without the sentencepiece package
+        library = "sentencepiece" if "sentencepiece" in str(e).lower() else "the library it names"
+        raise PromptError(f"the tokenizer of {name} needs {library} (pip install {library}), which is not "
+                          f"installed.") from None
+    except Exception as e:  # noqa: BLE001 (OSError offline, ValueError for an unknown tokenizer class...)
+        reason = " ".join(str(e).split()).split(". ")[0][:200]  # the library's first sentence
+        raise PromptError(f"the tokenizer of {name} cannot be loaded ({type(e).__name__}: {reason}); run once "
+                          f"online to cache it, or pass tokenizer=.") from None
+
+
 def _hf_text(pair: nn.Module, prompts: list[str], tokenizer: Callable | None) -> tuple[Tensor, Tensor, Tensor | None]:
     """transformers CLIPModel / SiglipModel -> (text embeddings (K, E), exp(logit_scale), logit_bias or None).
-    tokenizer None: AutoTokenizer of the model's name_or_path (the Hub or its local cache)."""
+    tokenizer None: AutoTokenizer of the model's name_or_path (_hf_tokenizer). SigLIP's texts are padded to the
+    text tower's max_position_embeddings (64), as its processor pads them (the tower pools the last position)."""
     siglip = "siglip" in type(pair).__name__.lower()
-    if tokenizer is None:
-        transformers = optional_import("transformers")
-        name = getattr(pair, "name_or_path", "") or getattr(pair.config, "_name_or_path", "")
-        try:
-            tokenizer = transformers.AutoTokenizer.from_pretrained(name)
-        except Exception as e:
-            raise PromptError(f"the tokenizer of {name or 'this transformers model'} cannot be loaded "
-                              f"({type(e).__name__}); run once online, or pass tokenizer=.") from None
-    # SigLIP was trained on texts padded to max_length (64); CLIP's text tower pools the EOS token, any padding works
+    tokenizer = tokenizer or _hf_tokenizer(pair)
+    length = pair.config.text_config.max_position_embeddings
     batch = tokenizer(prompts, padding="max_length" if siglip else True, return_tensors="pt",
-                      **({"max_length": 64, "truncation": True} if siglip else {}))
+                      **({"max_length": length, "truncation": True} if siglip else {}))
     device = next(pair.parameters()).device
     with torch.no_grad():
         out = pair.get_text_features(**{k: v.to(device) for k, v in batch.items()})
@@ -316,15 +329,13 @@ def with_prompts(model: ViTAdapter, prompts: Sequence[str], *, tokenizer: Callab
     if pair is None:
         raise PromptError(f"{type(model).__name__} has no text tower: prompts need a CLIP / SigLIP model loaded "
                           f"with both towers (open_clip:<arch>/<tag>, or an hf: CLIP / SigLIP checkpoint).")
-    projection = None
     if hasattr(pair, "encode_text"):  # open_clip CLIP / CustomTextCLIP
         text, scale, bias = _open_clip_text(pair, prompts, tokenizer, getattr(model, "arch", None))
     elif hasattr(pair, "get_text_features"):  # transformers CLIPModel / SiglipModel
         text, scale, bias = _hf_text(pair, prompts, tokenizer)
-        projection = getattr(pair, "visual_projection", None)
     else:
         raise PromptError(f"{type(pair).__name__} is not an open_clip or transformers two-tower model.")
-    out = StackedHead(model, ZeroShotHead(text, scale, bias, projection), len(prompts))
+    out = StackedHead(model, ZeroShotHead(text, scale, bias), len(prompts))
     out.class_names = prompts
     return out.to(text.device)
 

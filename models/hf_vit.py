@@ -249,6 +249,12 @@ class HFViT(ViTAdapter):
         self.weights_note = weights_note or (f"transformers {type(model).__name__}" + (f" ({name})" if name else ""))
         self.train(model.training)  # the wrapper's mode is the model's
 
+    @property
+    def clip_model(self) -> nn.Module | None:
+        """The two-tower model (CLIPModel, SiglipModel: `get_text_features`) whose text tower models.clip.with_prompts
+        reads, else None. forward_head already gives the image embedding those prompts are compared with."""
+        return self.model if hasattr(self.model, "get_text_features") else None
+
     def _embed(self, x: Tensor) -> Tensor:
         """x (B, C, H, W) -> the tokens the first layer reads, (B, T_model, D), as the model's forward makes them."""
         enc, family = self._parts.encoder, self._parts.family

@@ -3,6 +3,7 @@ against transformers' own forward (default attention implementation), every laye
 recomputation from the q / k projections (hooks written here), the maps at native and non-square sizes, and loading
 through a pre-filled Hugging Face cache with no request."""
 
+import importlib.util
 import json
 import socket
 from copy import deepcopy
@@ -303,3 +304,140 @@ def test_load_a_saved_folder(tmp_path, monkeypatch):
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         assert (loaded(x) - model.get_image_features(x).pooler_output).abs().max() < 1e-5
+
+
+# ------------------------------------------------------------------------------ prompts through the text towers
+PROMPTS = ["a photo of a dog", "a red bicycle", "a cat"]
+WORDS = ["<pad>", "</s>", "<unk>", "a", "photo", "of", "dog", "red", "bicycle", "cat"]
+
+
+def clip_tokenizer():
+    """transformers' CLIPTokenizer (byte-level BPE) over a small vocabulary: the letters, word ends, a few merges."""
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = {c: i for i, c in enumerate([*letters, *(c + "</w>" for c in letters), "do", "dog</w>", "ca", "cat</w>",
+                                         "<|startoftext|>", "<|endoftext|>"])}
+    return transformers.CLIPTokenizer(vocab=vocab, merges=[("d", "o"), ("do", "g</w>"), ("c", "a"), ("ca", "t</w>")])
+
+
+def siglip_tokenizer():
+    """A word-level tokenizer with SigLIP's conventions (an </s> after the text, padding): SigLIP's own
+    SentencePiece tokenizer needs the sentencepiece package."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
+                                                unk_token="<unk>")
+
+
+def two_towers(family: str):
+    """A tiny random CLIPModel / SiglipModel whose text tower reads its test tokenizer's ids -> (model, tokenizer)."""
+    torch.manual_seed(1)
+    t = transformers
+    if family == "clip":
+        tok = clip_tokenizer()
+        text = dict(TEXT, vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                    pad_token_id=tok.pad_token_id)
+        model = t.CLIPModel(t.CLIPConfig(vision_config=SMALL, text_config=text, projection_dim=16))
+    else:
+        tok = siglip_tokenizer()
+        text = dict(TEXT, vocab_size=len(WORDS), pad_token_id=0, eos_token_id=1, bos_token_id=None)
+        model = t.SiglipModel(t.SiglipConfig(vision_config=SMALL, text_config=text))
+        with torch.no_grad():
+            model.logit_bias.fill_(-2.5)  # a bias that shows when it is missing
+    return model.eval(), tok
+
+
+def transformers_logits(model, tok, family: str, x: torch.Tensor) -> torch.Tensor:
+    """logits_per_image of transformers' own forward, the texts tokenized as the model's processor does (SigLIP:
+    padded to max_length, its text tower pools the last position)."""
+    pad = dict(padding="max_length", max_length=model.config.text_config.max_position_embeddings) \
+        if family == "siglip" else dict(padding=True)
+    with torch.no_grad():
+        out = model(pixel_values=x, **tok(PROMPTS, return_tensors="pt", **pad))
+    cos = torch.nn.functional.normalize(out.image_embeds, dim=-1) @ \
+        torch.nn.functional.normalize(out.text_embeds, dim=-1).T
+    bias = model.logit_bias if family == "siglip" else 0
+    assert torch.allclose(out.logits_per_image, model.logit_scale.exp() * cos + bias, atol=1e-5)
+    return out.logits_per_image
+
+
+def check_prompt_head(zs, model, tok, family: str) -> None:
+    """logits equal transformers' logits_per_image, the top-k lists the prompts, gradient rollout explains a
+    chosen prompt at the native and a non-square size."""
+    x = torch.randn(2, 3, 32, 32)
+    ref = transformers_logits(model, tok, family, x)
+    with torch.no_grad():
+        logits = zs(x)
+    assert zs.class_names == PROMPTS and zs.config["num_classes"] == 3
+    assert (logits - ref).abs().max() < 1e-5
+    top = [zs.class_names[i] for i in logits[0].topk(3).indices.tolist()]
+    assert sorted(top) == sorted(PROMPTS) and top[0] == PROMPTS[int(ref[0].argmax())]
+    for size in SIZES:
+        grid = zs.patch_grid(*size)
+        xs = torch.rand(1, 3, *size)
+        maps = [gradient_rollout(zs, xs, target=k) for k in range(2)]
+        assert all(m.shape == (1, *grid) and torch.isfinite(m).all() for m in maps)
+        assert not torch.allclose(maps[0], maps[1])  # the map depends on the chosen prompt
+        assert torch.allclose(explain(zs, xs, target=1).gradient_rollout, maps[1], atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_prompts_with_a_given_tokenizer(family):
+    from models.clip import with_prompts
+
+    model, tok = two_towers(family)
+    check_prompt_head(with_prompts(wrap_hf(model), PROMPTS, tokenizer=tok), model, tok, family)
+
+
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_prompts_by_name_from_a_prefilled_cache(family, tmp_path, monkeypatch):
+    """load_pretrained("hf:ORG/NAME") + with_prompts with no tokenizer: config, weights and tokenizer files from
+    the cache (HF_HUB_OFFLINE=1), no request."""
+    from models.clip import with_prompts
+    from models.pretrained import load_pretrained
+
+    model, tok = two_towers(family)
+    repo_id = f"tiny-org/tiny-{family}"
+    save_to_hub_cache(model, tmp_path, repo_id)
+    snapshot = next((tmp_path / "hub" / f"models--tiny-org--tiny-{family}" / "snapshots").iterdir())
+    tok.save_pretrained(snapshot)  # tokenizer.json + tokenizer_config.json, as the Hub repos hold them
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    def no_connection(*args, **kwargs):
+        raise AssertionError("a network request was made")
+
+    monkeypatch.setattr(socket.socket, "connect", no_connection)
+    monkeypatch.setattr(socket, "create_connection", no_connection)
+    loaded = load_pretrained(f"hf:{repo_id}")
+    assert loaded.clip_model is loaded.model
+    check_prompt_head(with_prompts(loaded, PROMPTS), model, tok, family)
+
+
+def test_prompt_tokenizer_errors(tmp_path, monkeypatch):
+    from models.clip import PromptError, with_prompts
+
+    model, _ = two_towers("clip")
+    with pytest.raises(PromptError, match="built in memory, so its tokenizer is unknown; pass tokenizer="):
+        with_prompts(wrap_hf(model), PROMPTS)
+    with pytest.raises(PromptError, match="no text tower"):
+        with_prompts(wrap_hf(build("siglip_vision")), PROMPTS)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folder = tmp_path / "siglip"  # a SigLIP repo's tokenizer files: SentencePiece's spiece.model
+    siglip, _ = two_towers("siglip")
+    siglip.save_pretrained(folder)
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "SiglipTokenizer"}))
+    (folder / "spiece.model").write_bytes(b"not read: the class needs sentencepiece first")
+    loaded = load_hf(str(folder))
+    if importlib.util.find_spec("sentencepiece") is None:
+        with pytest.raises(PromptError, match=r"needs sentencepiece \(pip install sentencepiece\)") as e:
+            with_prompts(loaded, PROMPTS)
+        assert "\n" not in str(e.value)
+    (folder / "tokenizer_config.json").unlink()
+    (folder / "spiece.model").unlink()
+    with pytest.raises(PromptError, match="cannot be loaded .*pass tokenizer=") as e:
+        with_prompts(loaded, PROMPTS)
+    assert "\n" not in str(e.value)
