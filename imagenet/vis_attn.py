@@ -39,6 +39,7 @@ from torch import Tensor
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
+from attention.explorer import check_path, explorer_html
 from attention.figures import attention_figure, inspection_figure
 from attention.inspection import attention_table, inspect_model
 from attention.legrad import legrad
@@ -82,6 +83,8 @@ OPTIONS = {
                        "distance / entropy table (weights without a head work too)"),
     "inspect_images": (CHELSEA, "--inspect: a folder of photos, or one photo"),
     "num_images": (32, "--inspect: photos taken from the folder, evenly spaced over its sorted names"),
+    "html": (None, "instead of the figure: this HTML file, the attention explorer (attention.explorer; click a "
+                   "patch, see where it looks; one file, no server)"),
 }
 ALIASES = {"image": ["--image-path"], "model": ["--model-path"], "output": ["--output-path", "--out"]}
 OUTPUTS = {False: "runs/imagenet/attention.png", True: "runs/imagenet/inspect.png"}  # runs/ is git-ignored
@@ -289,6 +292,8 @@ def run(cfg: dict) -> None:
     mean, std = normalisation(model)
     x = TF.normalize(TF.to_tensor(shown), mean, std)[None].to(dev)  # (1, 3, H, W)
     print(input_line(cfg["image"], photo, shown, model.patch_grid(*x.shape[-2:])))
+    if cfg["html"]:
+        return write_explorer(cfg, model, x, shown, names)
     ex = explain(model, x, tgt)
     extra = {}
     if num_classes and (getattr(model, "layer_logits", None) is not None or isinstance(model, VisionTransformer)):
@@ -307,6 +312,17 @@ def run(cfg: dict) -> None:
     print(f"saved {cfg['output']} (gradient map for {what}{', LeGrad map too' if extra else ''})")
 
 
+def write_explorer(cfg: dict, model, x: Tensor, shown: Image.Image, names: Sequence[str] | None) -> None:
+    """--html: the attention explorer of the photo; prints the top-5 and the file's size."""
+    page = explorer_html(model, x, cfg["html"], pictures=[np.asarray(shown)], titles=[Path(cfg["image"]).name],
+                         class_names=names)
+    if model.config["num_classes"]:
+        with torch.no_grad():
+            print_top5(model(x)[0].float().softmax(-1), names)
+    print(f"saved {cfg['html']} ({page.path.stat().st_size / 2 ** 20:.1f} MiB; stored attention within "
+          f"±{page.max_error:.3f})")
+
+
 def parse_args(argv: list[str] | None = None) -> dict:
     cfg, _ = parse_config("python -m imagenet.vis_attn", __doc__, {"options": OPTIONS}, argv, aliases=ALIASES)
     repeated = argparse.ArgumentParser(add_help=False)  # --prompt may be given many times: keep them all
@@ -321,7 +337,12 @@ def check_options(cfg: dict) -> None:
         raise InputError(f"--img-size {cfg['img_size']} must be positive.")
     if cfg["num_heads"] < 0:
         raise InputError(f"--num-heads {cfg['num_heads']} must be 0 (embed_dim // 64) or a positive head count.")
-    figure_path(cfg["output"])
+    if cfg["html"] and cfg["inspect"]:
+        raise InputError("--html and --inspect draw different things; pass one of them.")
+    if cfg["html"]:
+        check_path(cfg["html"])
+    else:
+        figure_path(cfg["output"])
 
 
 def main(argv: list[str] | None = None) -> None:

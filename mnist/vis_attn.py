@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from attention.explorer import check_path, explorer_html
 from attention.figures import attention_figure, inspection_figure
 from attention.inspection import attention_table, inspect_model
 from mnist.data import IMAGE_SIZE, MEAN, NUM_CLASSES, STD, deskew, load_mnist
@@ -38,7 +39,7 @@ from utils.plots import figure_path, save_figure
 OPTIONS = {
     "image": (None, "picture of one digit (PNG, JPEG, ...; any size, colour, bit depth; default: test-set digit "
                     "number --index)"),
-    "index": (0, "test-set digit to show when no --image is given"),
+    "index": (0, "test-set digit to show when no --image is given; --html takes several (--index 0 1 2 3)"),
     "model": ("runs/mnist/checkpoint.pth", "checkpoint written by python -m mnist.train (the weights its run "
                                            "reported)"),
     "output": (None, "the figure's file (.png, .pdf, .svg, ...; folders are made; default runs/mnist/attention.png, "
@@ -50,6 +51,8 @@ OPTIONS = {
                        "mean attention distance per head) and attention entropy, over --num-images test digits (or "
                        "the --image); prints the distance / entropy table"),
     "num_images": (256, "--inspect: the first N test digits"),
+    "html": (None, "instead of the figure: this HTML file, the attention explorer of the --index digits "
+                   "(attention.explorer; click a patch, see where it looks; one file, no server)"),
 }
 ALIASES = {"output": ["--out"]}
 OUTPUTS = {False: "runs/mnist/attention.png", True: "runs/mnist/inspect.png"}  # runs/ is git-ignored
@@ -140,16 +143,36 @@ def load_model(path: str | Path) -> tuple[VisionTransformer, dict]:
 
 
 def digits_to_show(cfg: dict) -> tuple[np.ndarray, int | None]:
-    """The digits asked for -> ((n, 28, 28) uint8, the label of a single test digit or None)."""
+    """The digits asked for -> ((n, 28, 28) uint8, the label of the first test digit or None)."""
     if cfg["image"]:
         return load_digit(cfg["image"])[None], None
     test = load_mnist(cfg["data_root"], download=True, splits=("test",))
     n = len(test["test_x"])
     if cfg["inspect"]:
         return test["test_x"][:cfg["num_images"]].numpy(), None
-    if not 0 <= cfg["index"] < n:
-        raise UsageError(f"--index {cfg['index']} is outside the test set; pass 0..{n - 1}.")
-    return test["test_x"][cfg["index"]:cfg["index"] + 1].numpy(), int(test["test_y"][cfg["index"]])
+    indices = indices_of(cfg)
+    for i in indices:
+        if not 0 <= i < n:
+            raise UsageError(f"--index {i} is outside the test set; pass 0..{n - 1}.")
+    return test["test_x"][indices].numpy(), int(test["test_y"][indices[0]])
+
+
+def indices_of(cfg: dict) -> list[int]:
+    """--index as a list (one int or several)."""
+    return list(cfg["index"]) if isinstance(cfg["index"], list | tuple) else [cfg["index"]]
+
+
+def split_index(argv: list[str]) -> tuple[list[str], list[int] | None]:
+    """--index may name several digits (--index 0 1 2 3): -> (argv with the first only, all of them or None)."""
+    if "--index" not in argv:
+        return argv, None
+    at = argv.index("--index")
+    end = at + 1
+    while end < len(argv) and argv[end].lstrip("-").isdigit():
+        end += 1
+    if end - at <= 2:
+        return argv, None
+    return argv[:at + 2] + argv[end:], [int(v) for v in argv[at + 1:end]]
 
 
 def check_options(cfg: dict) -> Path:
@@ -158,8 +181,16 @@ def check_options(cfg: dict) -> Path:
         raise UsageError(f"--target {cfg['target']} is not a digit; pass 0-9.")
     if cfg["num_images"] < 1:
         raise UsageError(f"--num-images {cfg['num_images']} must be at least 1.")
-    if cfg["index"] < 0 and not cfg["image"] and not cfg["inspect"]:
-        raise UsageError(f"--index {cfg['index']} is negative; pass a test-set index from 0.")
+    for i in indices_of(cfg):
+        if i < 0 and not cfg["image"] and not cfg["inspect"]:
+            raise UsageError(f"--index {i} is negative; pass a test-set index from 0.")
+    if cfg.get("html"):
+        if cfg["inspect"]:
+            raise UsageError("--html and --inspect draw different things; pass one of them.")
+        return check_path(cfg["html"])
+    if len(indices_of(cfg)) > 1:
+        raise UsageError(f"--index {' '.join(map(str, indices_of(cfg)))}: the figure shows one digit; pass one "
+                         f"index, or add --html PATH for the explorer of several.")
     return figure_path(cfg["output"] or OUTPUTS[cfg["inspect"]])
 
 
@@ -179,6 +210,8 @@ def run(cfg: dict) -> None:
         print(f"{cfg['model']} ({model.weights_note}), {len(x)} digit(s):\n{attention_table(inspection)}\n"
               f"wrote {output}")
         return
+    if cfg.get("html"):
+        return write_explorer(cfg, model, x, digits)
     ex = explain(model, x, cfg["target"])
     figure = attention_figure(ex, digits[0], class_names=[str(i) for i in range(NUM_CLASSES)], label=label)
     save_figure(figure, output)
@@ -188,9 +221,26 @@ def run(cfg: dict) -> None:
     print(f"predicted {int(probs.argmax())} ({float(probs.max()):.1%}){truth}; wrote {output}")
 
 
+def write_explorer(cfg: dict, model: VisionTransformer, x: torch.Tensor, digits: np.ndarray) -> None:
+    """--html: the attention explorer of the digits; prints each prediction and the file's size."""
+    names = [str(i) for i in range(NUM_CLASSES)]
+    titles = [Path(cfg["image"]).name] if cfg["image"] else [f"test digit {i}" for i in indices_of(cfg)]
+    page = explorer_html(model, x, cfg["html"], pictures=digits, titles=titles, class_names=names)
+    with torch.no_grad():
+        probs = model(x).softmax(-1)
+    print(f"{cfg['model']}: {model.weights_note}")
+    for title, p in zip(titles, probs, strict=True):
+        print(f"{title}: predicted {int(p.argmax())} ({float(p.max()):.1%})")
+    print(f"wrote {cfg['html']} ({page.path.stat().st_size / 2 ** 20:.1f} MiB; stored attention within "
+          f"±{page.max_error:.3f})")
+
+
 def main(argv: list[str] | None = None) -> None:
+    argv, several = split_index(list(sys.argv[1:] if argv is None else argv))
     cfg, _ = parse_config("python -m mnist.vis_attn", __doc__, {"options": OPTIONS}, argv, types={"target": int},
                           aliases=ALIASES)
+    if several is not None:
+        cfg["index"] = several
     try:
         run(cfg)
     except (ValueError, OSError) as e:  # UsageError, CheckpointError, DataError, ImageError are ValueErrors
