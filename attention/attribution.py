@@ -107,14 +107,16 @@ class ConservativeMode(TorchFunctionMode):
     """While active, every value of the forward stays the same, but its backward is CP-LRP's (Ali et al. 2022, as
     lxt's `cp_LRP` patch map for torchvision's ViT): the attention probabilities (every torch.softmax, F.softmax,
     Tensor.softmax) are constants (AH-rule), so is LayerNorm's 1/sqrt(var + eps) (LN-rule: F.layer_norm is
-    differentiated as (x - mean) / std.detach() · weight + bias), and F.gelu passes the gradient gelu(x) / x (LRP's
-    identity rule for an element-wise activation). Attention that never calls a softmax (fused SDPA kernels) and
+    differentiated as (x - mean) / std.detach() · weight + bias; F.normalize, the cosine of a zero-shot head, likewise
+    as x / ||x||.detach()), and F.gelu passes the gradient gelu(x) / x (LRP's identity rule for an element-wise
+    activation). Attention that never calls a softmax (fused SDPA kernels) and
     activations not written as F.gelu (open_clip's QuickGELU, SwiGLU) keep their plain gradient: run the model's
     explicit attention path (return_attn=True)."""
 
     SOFTMAX = {torch.softmax, F.softmax, Tensor.softmax}
     LAYER_NORM = {F.layer_norm, torch.layer_norm}
     GELU = {F.gelu}
+    NORMALIZE = {F.normalize}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -123,6 +125,8 @@ class ConservativeMode(TorchFunctionMode):
             return out.detach()
         if func in self.LAYER_NORM:
             return _with_gradient_of(out, _layer_norm_detached(*args, **kwargs))
+        if func in self.NORMALIZE:
+            return _with_gradient_of(out, _normalize_detached(*args, **kwargs))
         if func in self.GELU:
             x = args[0] if args else kwargs["input"]
             ratio = torch.where(x == 0, 0.5, out / torch.where(x == 0, 1.0, x))  # gelu(x) / x; its limit at 0
@@ -143,6 +147,11 @@ def _layer_norm_detached(x: Tensor, normalized_shape: list[int] | tuple[int, ...
     y = centred / (centred.pow(2).mean(dims, keepdim=True) + eps).sqrt().detach()
     y = y * weight if weight is not None else y
     return y + bias if bias is not None else y
+
+
+def _normalize_detached(x: Tensor, p: float = 2.0, dim: int = 1, eps: float = 1e-12, out: None = None) -> Tensor:
+    """F.normalize with the norm detached (the LN-rule for L2 normalisation)."""
+    return x / x.norm(p, dim, keepdim=True).clamp_min(eps).detach()
 
 
 def token_relevance(model: nn.Module, x: Tensor, target: Tensor) -> Tensor:

@@ -248,3 +248,33 @@ def test_pool_query_and_library_models_give_a_map_or_one_clear_error():
             assert method == "LeGrad" and "layer_logits" in str(e)
             continue
         assert heat.shape == (3, 4, 4) and torch.isfinite(heat).all(), method
+
+
+def test_cp_lrp_conserves_the_logit_through_transformers_and_open_clip():
+    """Conservation needs every softmax, LayerNorm, GELU and the zero-shot head's L2 norm handled: with the biases
+    at 0, a transformers ViT and an open_clip tower with prompts sum their relevance to the logit."""
+    transformers = pytest.importorskip("transformers")
+    open_clip = pytest.importorskip("open_clip")
+    from models.clip import with_prompts
+    from models.pretrained import load_pretrained
+
+    torch.manual_seed(0)
+    hf = transformers.ViTForImageClassification(transformers.ViTConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=32,
+        patch_size=8, num_labels=5))
+    clip = open_clip.CLIP(embed_dim=32, vision_cfg=dict(image_size=32, patch_size=8, width=64, layers=2,
+                                                        head_width=16),
+                          text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=1))
+    x, t = inputs()
+    for raw in (hf, clip):
+        with torch.no_grad():
+            for name, p in raw.named_parameters():
+                p.add_(0.05 * torch.randn_like(p))
+                if name.endswith("bias"):
+                    p.zero_()
+        model = load_pretrained(raw.eval())
+        if raw is clip:
+            model = with_prompts(model, ["a dog", "a cat", "a car", "a tree", "a boat"])
+        relevance = token_relevance(model, x, t)
+        assert relevance.shape == (3, 17)
+        assert torch.allclose(relevance.sum(1), model(x).gather(1, t[:, None])[:, 0], atol=1e-5, rtol=1e-4)
