@@ -16,8 +16,8 @@ METHODS, in order (paper; rule):
                             (utils.img2attn.cls_attention).
     "gradient rollout"      Chefer, Gur & Wolf, ICCV 2021 ("Generic Attention-model Explainability"),
                             utils.img2attn.gradient_rollout.
-    "attention x gradient"  the same paper's per-layer term for the last layer alone (Eq. 5 without the product over
-                            layers): mean over heads of relu(A ⊙ ∂y_t/∂A), class-token row, A the last layer's softmax.
+    "attention x gradient"  the same paper's per-layer term Ā = E_h[(∇A ⊙ A)⁺] for the last layer alone (no product
+                            over layers): mean over heads of relu(A ⊙ ∂y_t/∂A), class-token row, A the last softmax.
     "LeGrad"                Bousselham et al. 2024, attention.legrad.legrad (normalize=False: the summed relevance).
     "CP-LRP"                Ali et al., ICML 2022 ("XAI for Transformers: Better Explanations through Conservative
                             Propagation"): gradient × input where the attention probabilities and LayerNorm's 1/std are
@@ -89,7 +89,7 @@ def gradient_rollout_map(model: nn.Module, x: Tensor, target: Tensor) -> Tensor:
 
 def attention_x_gradient(model: nn.Module, x: Tensor, target: Tensor) -> Tensor:
     """Last layer's mean over heads of relu(A ⊙ ∂y_t/∂A), row of the class token (pool query) over the patches
-    -> (B, grid_h, grid_w): Chefer et al. 2021b's per-layer term (Eq. 5) for the last layer alone. One backward."""
+    -> (B, grid_h, grid_w): Chefer et al. 2021b's per-layer term for the last layer alone. One backward."""
     with eval_mode(model), _autograd_on():
         t = _targets(model, x, target)
         logits, attn = model(x.clone().requires_grad_(), return_attn=True)
