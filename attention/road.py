@@ -5,6 +5,8 @@ target's probability fall fast under MoRF and slowly under LeRF (a large LeRF - 
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 from torch import Tensor, nn
@@ -28,48 +30,87 @@ def _scipy():
     return scipy.sparse, scipy.sparse.linalg
 
 
-def _solve_one(img: np.ndarray, removed: np.ndarray) -> np.ndarray:
-    """img (C, H, W) float64 with the removed (H, W) pixels replaced by the solution of ROAD's system."""
+@functools.lru_cache(maxsize=8)
+def _dissection(h: int, w: int, leaf: int = 16) -> np.ndarray:
+    """A nested-dissection rank of the h x w pixels (George 1973): halve the longer side of a box at a one-pixel
+    line (which cuts every 8-neighbour link), rank the two halves first and the line last, down to boxes of <= leaf
+    pixels. Any subset of pixels taken in this order keeps the sparse factor small."""
+    rank, nxt = np.empty((h, w), dtype=np.int64), 0
+
+    def split(r0: int, r1: int, c0: int, c1: int) -> None:
+        nonlocal nxt
+        if r0 >= r1 or c0 >= c1:
+            return
+        if (r1 - r0) * (c1 - c0) <= leaf:
+            lines = [(r0, r1, c0, c1)]
+        elif r1 - r0 >= c1 - c0:
+            mid = (r0 + r1) // 2
+            split(r0, mid, c0, c1), split(mid + 1, r1, c0, c1)
+            lines = [(mid, mid + 1, c0, c1)]
+        else:
+            mid = (c0 + c1) // 2
+            split(r0, r1, c0, mid), split(r0, r1, mid + 1, c1)
+            lines = [(r0, r1, mid, mid + 1)]
+        for a, b, c, d in lines:
+            n = (b - a) * (d - c)
+            rank[a:b, c:d] = np.arange(nxt, nxt + n).reshape(b - a, d - c)
+            nxt += n
+
+    split(0, h, 0, w)
+    return rank.reshape(-1)
+
+
+def _impute(imgs: np.ndarray, removed: np.ndarray) -> np.ndarray:
+    """imgs (k, C, H, W) float64 sharing one removed (H, W) mask -> the images with the removed pixels solved: one
+    sparse LU of the mask's system, the k·C channels as its right-hand sides."""
     sparse, linalg = _scipy()
-    (C, H, W), idx = img.shape, np.flatnonzero(removed)
+    (k, C, H, W), idx = imgs.shape, np.flatnonzero(removed)
     n = len(idx)
-    if n == 0:
-        return img
+    idx = idx[np.argsort(_dissection(H, W)[idx])]  # unknowns in nested-dissection order: no reordering needed
     var = np.full(H * W, -1)
     var[idx] = np.arange(n)
     r, c = np.divmod(idx, W)
-    flat, rem, diag = img.reshape(C, -1), removed.reshape(-1), np.zeros(n)
-    rhs, rows, cols, vals = np.zeros((n, C)), [np.arange(n)], [np.arange(n)], []
+    flat, rem, diag = imgs.reshape(k * C, H * W), removed.reshape(-1), np.zeros(n)
+    rhs, rows, cols, vals = np.zeros((n, k * C)), [np.arange(n)], [np.arange(n)], []
     for (dy, dx), w in NEIGHBOURS.items():
         inside = (r + dy >= 0) & (r + dy < H) & (c + dx >= 0) & (c + dx < W)
         i, j = np.flatnonzero(inside), ((r + dy) * W + c + dx)[inside]
         diag[i] += w  # an equation weighs only the neighbours inside the image
         unknown = rem[j]
         rows.append(i[unknown]), cols.append(var[j[unknown]]), vals.append(np.full(unknown.sum(), -w))
-        np.add.at(rhs, i[~unknown], w * flat[:, j[~unknown]].T)
+        rhs[i[~unknown]] += w * flat[:, j[~unknown]].T  # i is unique for one offset
     a = sparse.csc_matrix((np.concatenate([diag, *vals]), (np.concatenate(rows), np.concatenate(cols))), (n, n))
+    # symmetric and diagonally dominant: no pivoting, the dissection order as it is
+    lu = linalg.splu(a, permc_spec="NATURAL", diag_pivot_thresh=0, options={"SymmetricMode": True})
     out = flat.copy()
-    out[:, idx] = linalg.splu(a, permc_spec="MMD_AT_PLUS_A").solve(rhs).T
-    return out.reshape(C, H, W)
+    out[:, idx] = lu.solve(rhs).T
+    return out.reshape(k, C, H, W)
 
 
 def noisy_linear_impute(x: Tensor, removed: Tensor, noise: float = 0.01, generator: torch.Generator | None = None
                         ) -> Tensor:
     """ROAD's NoisyLinearImputer: every removed pixel becomes the weighted mean of its 8 neighbours (weights 1/6 for
-    the 4 edge neighbours, 1/12 for the 4 corners, only those inside the image), all removed pixels of an image
-    solved together as ONE sparse linear system (one right-hand side per channel), then Gaussian noise of std
-    `noise` (in x's units; the paper's 0.01 on normalised images; drawn on the CPU from `generator`) is added to
-    every pixel, as the paper's code does.
+    the 4 edge neighbours, 1/12 for the 4 corners, only those inside the image: road/imputations.py of the paper),
+    all removed pixels of an image solved together as ONE sparse linear system (scipy.sparse.linalg.splu in a
+    nested-dissection order, the channels as right-hand sides; images with the same mask share one factorisation),
+    then Gaussian noise of std `noise` (in x's units; the paper's 0.01 on normalised images; drawn on the CPU from
+    `generator`) is added to every pixel, as the paper's code does.
 
-    x: (B, C, H, W); removed: (B, H, W) bool -> (B, C, H, W) on x's device and dtype. A removed region with no kept
-    pixel around it (everything removed) has no solution: ValueError. Needs SciPy (scipy.sparse.linalg.splu).
+    x: (B, C, H, W); removed: (B, H, W) bool -> (B, C, H, W), x's device and dtype. ValueError when a mask removes
+    every pixel of its image (nothing to impute from). Needs SciPy.
     """
     if removed.shape != (x.shape[0], *x.shape[2:]):
         raise ValueError(f"removed of shape {tuple(removed.shape)} must be (B, H, W) = {(x.shape[0], *x.shape[2:])}.")
     if bool(removed.flatten(1).all(1).any()):
         raise ValueError("removed covers a whole image; keep at least one pixel to impute from.")
-    imgs, masks = x.detach().cpu().double().numpy(), removed.cpu().numpy()
-    out = torch.from_numpy(np.stack([_solve_one(i, m) for i, m in zip(imgs, masks, strict=True)]))
+    out, masks = x.detach().cpu().double().numpy().copy(), removed.cpu().numpy()
+    groups: dict[bytes, list[int]] = {}
+    for b, m in enumerate(masks):
+        if m.any():
+            groups.setdefault(np.packbits(m).tobytes(), []).append(b)
+    for same in groups.values():
+        out[same] = _impute(out[same], masks[same[0]])
+    out = torch.from_numpy(out)
     if noise:
         out += noise * torch.randn(out.shape, generator=generator, dtype=out.dtype)
     return out.to(x)
@@ -102,9 +143,9 @@ def road(model: nn.Module, x: Tensor, heatmap: Tensor, target: int | Tensor | No
     with eval_mode(model):
         target = model(x).argmax(-1) if target is None else per_image_targets(target, B, x.device)
 
-        def make(idx: Tensor) -> Tensor:
-            b, f = idx // F, idx % F
+        def make(idx: Tensor) -> Tensor:  # fraction-major: a chunk holds images of one fraction (shared masks)
+            f, b = idx // B, idx % B
             return noisy_linear_impute(x[b], (pos[b] < count[f, None]).view(-1, H, W), noise, generator)
 
-        out = target_probs(model, make, B * F, target.repeat_interleave(F), batch_size)
-    return out[0].view(B, F), out[1].view(B, F).bool()
+        out = target_probs(model, make, F * B, target.repeat(F), batch_size)
+    return out[0].view(F, B).T, out[1].view(F, B).T.bool()
