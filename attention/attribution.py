@@ -109,17 +109,21 @@ class ConservativeMode(TorchFunctionMode):
     Tensor.softmax) are constants (AH-rule), so is LayerNorm's 1/sqrt(var + eps) (LN-rule: F.layer_norm is
     differentiated as (x - mean) / std.detach() · weight + bias; F.normalize, the cosine of a zero-shot head, likewise
     as x / ||x||.detach()), and F.gelu passes the gradient gelu(x) / x (LRP's identity rule for an element-wise
-    activation). Attention that never calls a softmax (fused SDPA kernels) and
-    activations not written as F.gelu (open_clip's QuickGELU, SwiGLU) keep their plain gradient: run the model's
-    explicit attention path (return_attn=True)."""
+    activation). Fused attention (F.scaled_dot_product_attention, F.multi_head_attention_forward, whose softmax is
+    out of reach) runs on a detached query and key, as lxt does: the same constant probabilities. Activations not
+    written as F.gelu (open_clip's QuickGELU, SwiGLU) keep their plain gradient."""
 
     SOFTMAX = {torch.softmax, F.softmax, Tensor.softmax}
+    FUSED_ATTENTION = {F.scaled_dot_product_attention, F.multi_head_attention_forward}
     LAYER_NORM = {F.layer_norm, torch.layer_norm}
     GELU = {F.gelu}
     NORMALIZE = {F.normalize}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func in self.FUSED_ATTENTION:  # query, key: the first two arguments of both
+            args = tuple(a.detach() if i < 2 else a for i, a in enumerate(args))
+            kwargs = {k: v.detach() if k in ("query", "key") else v for k, v in kwargs.items()}
         out = func(*args, **kwargs)
         if func in self.SOFTMAX:
             return out.detach()

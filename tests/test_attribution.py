@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attention.attribution import METHODS, centre_map, explain_map, random_map, token_relevance
+from attention.attribution import METHODS, ConservativeMode, centre_map, explain_map, random_map, token_relevance
 from models.vit import VisionTransformer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -278,3 +278,29 @@ def test_cp_lrp_conserves_the_logit_through_transformers_and_open_clip():
         relevance = token_relevance(model, x, t)
         assert relevance.shape == (3, 17)
         assert torch.allclose(relevance.sum(1), model(x).gather(1, t[:, None])[:, 0], atol=1e-5, rtol=1e-4)
+
+
+def test_conservative_mode_on_fused_attention_and_multi_head_attention():
+    """SDPA and nn.MultiheadAttention under ConservativeMode: the same output, the gradient of softmax(qk)·v with
+    the probabilities constant (to q, k: none)."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 5, 4, requires_grad=True) for _ in range(3))
+    w = torch.randn(2, 2, 5, 4)
+    with ConservativeMode():
+        out = F.scaled_dot_product_attention(q, k, v)
+    probs = (q @ k.transpose(-1, -2) / 2).softmax(-1)
+    assert torch.allclose(out, probs @ v, atol=1e-6)
+    gq, gk, gv = torch.autograd.grad((out * w).sum(), (q, k, v), allow_unused=True)
+    assert gq is None and gk is None and torch.allclose(gv, probs.detach().transpose(-1, -2) @ w, atol=1e-6)
+    mha = torch.nn.MultiheadAttention(8, 2, batch_first=True).eval()
+    y = torch.randn(2, 5, 8, requires_grad=True)
+    with ConservativeMode():
+        out = mha(y, y, y)[0]
+    assert torch.allclose(out, mha(y, y, y)[0], atol=1e-6)  # (weights: still a function of the parameters)
+    value = F.linear(y, mha.in_proj_weight[16:], mha.in_proj_bias[16:]).unflatten(-1, (2, 4)).transpose(1, 2)
+    probs = F.linear(y, mha.in_proj_weight, mha.in_proj_bias)[..., :16].unflatten(-1, (2, 2, 4)).permute(2, 0, 3, 1, 4)
+    probs = (probs[0] @ probs[1].transpose(-1, -2) / 2).softmax(-1).detach()
+    expected = F.linear((probs @ value).transpose(1, 2).flatten(2), mha.out_proj.weight, mha.out_proj.bias)
+    g = torch.randn_like(out)
+    assert torch.allclose(torch.autograd.grad((out * g).sum(), y)[0], torch.autograd.grad((expected * g).sum(), y)[0],
+                          atol=1e-6)
