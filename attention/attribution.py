@@ -55,13 +55,16 @@ Method = Callable[[nn.Module, Tensor, Tensor], Tensor]
 CENTRE_SIGMA = 0.25  # the centre baseline's standard deviation, as a fraction of the grid's height / width
 
 
-def _targets(model: nn.Module, x: Tensor, target: int | Tensor) -> Tensor:
+def _targets(model: nn.Module, x: Tensor, target: int | Tensor | None) -> Tensor:
     """target (int or (B,)) -> (B,) long, checked against model.config["num_classes"]; ValueError naming the bad
     value, or the missing head."""
     classes = getattr(model, "config", {}).get("num_classes")
     if classes == 0:
         raise ValueError("this method explains a class: the model has no head (num_classes=0); add one, e.g. "
                          "prompts with models.clip.with_prompts.")
+    if target is None:
+        raise ValueError("target=None: this method explains a class; pass one class per image, e.g. "
+                         "model(x).argmax(-1).")
     t = per_image_targets(target, len(x), x.device)
     if t.shape != (len(x),) or bool((t < 0).any()) or (classes is not None and bool((t >= classes).any())):
         raise ValueError(f"target {target!r} must be one class in [0, {classes}) or one per image ({len(x)}).")

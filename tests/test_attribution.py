@@ -224,8 +224,9 @@ def test_errors_name_the_bad_value():
     with pytest.raises(ValueError, match="unknown method 'GradCAM'.*attention rollout.*centre"):
         explain_map("GradCAM", model, x, torch.zeros(3, dtype=torch.long))
     for method in ("gradient rollout", "attention x gradient", "LeGrad", "CP-LRP"):
-        with pytest.raises(ValueError, match="target"):
-            explain_map(method, model, x, torch.tensor([0, 5, 1]))
+        for target in (torch.tensor([0, 5, 1]), torch.tensor([0, 1]), None):
+            with pytest.raises(ValueError, match="target"):
+                explain_map(method, model, x, target)
     headless = tiny_vit(num_classes=0)
     with pytest.raises(ValueError, match="no head"):
         explain_map("CP-LRP", headless, x, torch.zeros(3, dtype=torch.long))
