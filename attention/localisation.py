@@ -69,11 +69,12 @@ def quadrant_share(heatmap: Tensor, quadrant: Tensor) -> Tensor:
     return torch.where(total > 0, inside / total.clamp_min(1e-30), torch.full_like(total, 0.25))
 
 
-def pointing_game(heatmap: Tensor, quadrant: Tensor) -> Tensor:
+def pointing_game(heatmap: Tensor, quadrant: Tensor, seed: int = 0) -> Tensor:
     """Pointing game (Zhang et al. 2018) with the quadrant as the object: heatmap (B, gh, gw), quadrant (B,) ->
-    (B,) bool, True when the map's maximum lies in the quadrant; tied maxima must all lie in it (a constant map
-    misses)."""
+    (B,) bool, True when the map's maximum lies in the quadrant. Tied maxima (a centred map's four middle patches)
+    are settled by a random pick fixed by `seed`, so a tie scores chance on average, neither always a hit (Quantus'
+    PointingGame counts any tied maximum on the object) nor always a miss."""
     q = _quadrants(heatmap.float())
-    top = q == q.flatten(1).amax(1)[:, None, None]  # (B, 4, n): the maxima
-    inside = top.any(2).gather(1, quadrant.long().to(q.device)[:, None])[:, 0]
-    return inside & (top.any(2).sum(1) == 1)
+    top = (q == q.flatten(1).amax(1)[:, None, None]).flatten(1)  # (B, 4·n): the maxima
+    pick = torch.rand(top.shape, generator=torch.Generator().manual_seed(seed)).to(top.device)
+    return (pick * top).argmax(1) // q.shape[2] == quadrant.long().to(q.device)

@@ -93,8 +93,8 @@ def noisy_linear_impute(x: Tensor, removed: Tensor, noise: float = 0.01, generat
     the 4 edge neighbours, 1/12 for the 4 corners, only those inside the image: road/imputations.py of the paper),
     all removed pixels of an image solved together as ONE sparse linear system (scipy.sparse.linalg.splu in a
     nested-dissection order, the channels as right-hand sides; images with the same mask share one factorisation),
-    then Gaussian noise of std `noise` (in x's units; the paper's 0.01 on normalised images; drawn on the CPU from
-    `generator`) is added to every pixel, as the paper's code does.
+    then Gaussian noise of std `noise` (in x's units; the paper's default 0.01; drawn on the CPU from `generator`) is
+    added to the imputed pixels, as the paper's code does (NoisyLinearImputer in tleemann/road_evaluation).
 
     x: (B, C, H, W); removed: (B, H, W) bool -> (B, C, H, W), x's device and dtype. ValueError when a mask removes
     every pixel of its image (nothing to impute from). Needs SciPy.
@@ -112,7 +112,8 @@ def noisy_linear_impute(x: Tensor, removed: Tensor, noise: float = 0.01, generat
         out[same] = _impute(out[same], masks[same[0]])
     out = torch.from_numpy(out)
     if noise:
-        out += noise * torch.randn(out.shape, generator=generator, dtype=out.dtype)
+        gone = removed.cpu()[:, None].expand_as(out)
+        out[gone] += noise * torch.randn(int(gone.sum()), generator=generator, dtype=out.dtype)
     return out.to(x)
 
 
