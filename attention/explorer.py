@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from attention.inspection import attention_entropy, mean_attention_distance
 from utils.ema import eval_mode
-from utils.img2attn import explain, gradient_rollout, prefix_count, to_rgb
+from utils.img2attn import gradient_rollout, prefix_count, to_rgb, token_norms
 
 TEMPLATE = Path(__file__).with_name("explorer.html")
 SLOT = "__EXPLORER_DATA__"  # where the template takes the JSON data
@@ -163,13 +163,14 @@ def _image_data(model: nn.Module, x: Tensor, picture: np.ndarray, title: str, cl
         shown, lsei = stored_attention(qi, qsi, ki, ksi)
         err = max(err, float((shown - a.double()).abs().max()))
         q8.append(qi), qs.append(qsi), k8.append(ki), ks.append(ksi), lse.append(lsei)
-    ex = explain(model, x)
+    has_head = getattr(model, "config", {}).get("num_classes", 1) > 0
+    norms = token_norms(model, x)[0]  # (L, gh, gw)
     top = []
-    if ex.logits is not None:
-        probs = ex.logits[0].float().softmax(-1)
+    if has_head:
+        probs = model(x)[0].float().softmax(-1)
         best = probs.topk(min(TOP, len(probs)))
-        for p, c in zip(best.values.tolist(), best.indices.tolist(), strict=True):
-            m = ex.gradient_rollout[0] if c == int(ex.target[0]) else gradient_rollout(model, x, c)[0]
+        maps = gradient_rollout(model, x.expand(len(best.indices), -1, -1, -1), best.indices)  # one pass for all
+        for p, c, m in zip(best.values.tolist(), best.indices.tolist(), maps, strict=True):
             top.append({"name": class_names[c] if class_names else f"class {c}", "index": c, "p": p,
                         "map": _b64(m.float().flatten())})
     ps = model.patch_size if isinstance(getattr(model, "patch_size", None), int) else 1
@@ -178,7 +179,7 @@ def _image_data(model: nn.Module, x: Tensor, picture: np.ndarray, title: str, cl
         "prefix_names": _prefix_names(model, prefix), "layers": layers, "heads": heads, "rank": r,
         "q": _b64(torch.stack(q8)), "qs": _b64(torch.stack(qs)), "k": _b64(torch.stack(k8)),
         "ks": _b64(torch.stack(ks)), "lse": _b64(torch.stack(lse)),
-        "norms": _b64(ex.token_norms[0].float().flatten()), "norm_layers": ex.token_norms.shape[1],
+        "norms": _b64(norms.float().flatten()), "norm_layers": len(norms),
         "distance": mean_attention_distance(stack[:, None].unbind(0), grid, ps, prefix_tokens=prefix).tolist(),
         "entropy": attention_entropy(stack[:, None].unbind(0)).tolist(), "top": top, "max_error": err,
     }

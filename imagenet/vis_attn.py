@@ -319,8 +319,8 @@ def write_explorer(cfg: dict, model, x: Tensor, shown: Image.Image, names: Seque
     if model.config["num_classes"]:
         with torch.no_grad():
             print_top5(model(x)[0].float().softmax(-1), names)
-    print(f"saved {cfg['html']} ({page.path.stat().st_size / 2 ** 20:.1f} MiB; stored attention within "
-          f"±{page.max_error:.3f})")
+    print(f"saved {cfg['html']} ({page.path.stat().st_size / 1024:,.0f} KiB; stored attention within "
+          f"±{page.max_error:.2g})")
 
 
 def parse_args(argv: list[str] | None = None) -> dict:

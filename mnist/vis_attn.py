@@ -231,8 +231,8 @@ def write_explorer(cfg: dict, model: VisionTransformer, x: torch.Tensor, digits:
     print(f"{cfg['model']}: {model.weights_note}")
     for title, p in zip(titles, probs, strict=True):
         print(f"{title}: predicted {int(p.argmax())} ({float(p.max()):.1%})")
-    print(f"wrote {cfg['html']} ({page.path.stat().st_size / 2 ** 20:.1f} MiB; stored attention within "
-          f"±{page.max_error:.3f})")
+    print(f"wrote {cfg['html']} ({page.path.stat().st_size / 1024:,.0f} KiB; stored attention within "
+          f"±{page.max_error:.2g})")
 
 
 def main(argv: list[str] | None = None) -> None:

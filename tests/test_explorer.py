@@ -17,6 +17,7 @@ from torch import nn
 
 from attention.explorer import ExplorerError, explorer_html, factorize, stored_attention
 from models.vit import VisionTransformer
+from utils.img2attn import gradient_rollout
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -59,7 +60,7 @@ def written(tmp_path_factory):
     page = explorer_html(model, x, path, titles=["first", "second"], class_names=[f"c{i}" for i in range(7)])
     with torch.no_grad():
         _, attn = model(x, return_attn=True)
-    return page, torch.stack(attn, 1).double(), path  # attention (B, L, heads, T, T)
+    return page, torch.stack(attn, 1).double(), path, model, x  # attention (B, L, heads, T, T)
 
 
 # ------------------------------------------------------------------------------------------------------ Python side
@@ -70,7 +71,7 @@ def test_factorization_is_exact_before_quantisation():
 
 
 def test_stored_data_equals_the_models_attention(written):
-    page, attn, path = written
+    page, attn, path, model, x = written
     data = page_data(path.read_text())
     assert path.read_text() == page.html and len(data["images"]) == 2
     for b, entry in enumerate(data["images"]):
@@ -78,6 +79,9 @@ def test_stored_data_equals_the_models_attention(written):
         err = (decode(entry) - attn[b]).abs().max().item()
         assert err == pytest.approx(entry["max_error"], rel=1e-5) and err < 0.02
         assert len(entry["top"]) == 5 and entry["prefix_names"] == ["class token", "register 1", "register 2"]
+        for t in entry["top"]:
+            stored = torch.from_numpy(np.frombuffer(base64.b64decode(t["map"]), np.float32).reshape(4, 4).copy())
+            torch.testing.assert_close(stored, gradient_rollout(model, x[b:b + 1], t["index"])[0])
 
 
 def test_timm_register_model_is_stored_to_int8_precision(tmp_path):
@@ -172,7 +176,7 @@ def rollout_row(attn: torch.Tensor, layer: int, query: int) -> torch.Tensor:
 
 
 def test_browser_shows_the_models_rows_columns_and_rollouts(written, browser, tmp_path):
-    page, attn, path = written
+    page, attn, path, *_ = written
     P, tol = 3, page.max_error + 1e-5
     open_page(browser, path)
     choose(browser, "layer", "1")
@@ -201,7 +205,7 @@ def test_url_hash_reproduces_a_view_and_grid_and_table_select(written, browser):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
 
-    page, attn, path = written
+    page, attn, path, *_ = written
     open_page(browser, path, "#image=1&mode=row&layer=2&head=0&query=1")
     view = shown(browser)
     assert (view["image"], view["layer"], view["head"], view["query"]) == (1, 2, 0, 1)
@@ -216,3 +220,23 @@ def test_url_hash_reproduces_a_view_and_grid_and_table_select(written, browser):
     assert (shown(browser)["layer"], shown(browser)["head"]) == (2, 1)
     assert "layer=2&head=1" in browser.execute_script("return location.hash")
     assert not [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+
+
+def test_mnist_cli_writes_several_test_digits(tmp_path):
+    shared = REPO.parent / "shared" / "data"
+    if not (shared / "MNIST" / "raw" / "t10k-images-idx3-ubyte.gz").is_file():
+        pytest.skip("no MNIST in ../shared/data")
+    torch.manual_seed(0)
+    model = VisionTransformer(embed_dim=32, hidden_dim=64, num_heads=2, num_layers=2, patch_size=7, num_channels=1,
+                              num_patches=16, num_classes=10)
+    torch.save({"model_config": dict(model.config), "model": model.state_dict(), "epoch": 0}, tmp_path / "m.pth")
+    argv = [sys.executable, "-m", "mnist.vis_attn", "--model", str(tmp_path / "m.pth"), "--data-root", str(shared),
+            "--index", "0", "1", "2", "3"]
+    done = subprocess.run([*argv, "--html", str(tmp_path / "e.html")], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    data = page_data((tmp_path / "e.html").read_text())
+    assert [d["title"] for d in data["images"]] == [f"test digit {i}" for i in range(4)]
+    assert all(d["grid"] == [4, 4] and len(d["top"]) == 5 for d in data["images"])
+    figure = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=120)  # the figure: one digit
+    assert figure.returncode != 0 and "--html" in figure.stderr and figure.stderr.count("\n") == 1
