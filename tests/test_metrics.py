@@ -109,7 +109,8 @@ def test_imputation_matches_the_papers_system_and_fills_a_ramp(monkeypatch):
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 3, 12, 10, generator=g, dtype=torch.float64)
     removed = torch.rand(2, 12, 10, generator=g) < 0.6  # touches the border, scattered pixels and blobs
-    got = noisy_linear_impute(x, removed, noise=0)
+    got = noisy_linear_impute(x, removed, noise=0, workers=2)
+    assert torch.equal(got, noisy_linear_impute(x, removed, noise=0, workers=1))
     for b in range(2):
         want = paper_system_solution(x[b].numpy(), removed[b].numpy())
         np.testing.assert_allclose(got[b].numpy(), want, atol=1e-10)
