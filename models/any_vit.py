@@ -23,7 +23,10 @@ the pool's attention, rollout / gradient rollout use the pool as the query, and 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -52,6 +55,42 @@ def optional_import(name: str) -> Any:
     except ImportError:
         raise MissingLibraryError(f"this needs {name}, which is not installed: pip install "
                                   f"{PIP.get(name, name)}") from None
+
+
+HUB_PROBE_TIMEOUT_S = 3.0  # one request to the Hub's endpoint before a download; huggingface_hub's own retries
+# of a failed request (5, sleeping 1 + 2 + 4 + 8 + 8 s, a warning each) would take ~23 s to say the same
+
+
+def hub_unreachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> str | None:
+    """Why the Hugging Face Hub cannot be used now, or None when it can: "HF_HUB_OFFLINE is set" (read from the
+    environment at the call), or "<endpoint> did not answer" when one HEAD request to huggingface_hub's endpoint
+    ($HF_ENDPOINT), through huggingface_hub's own session (its proxies), fails or takes over `timeout` seconds. Any
+    HTTP answer counts as reachable."""
+    hub = optional_import("huggingface_hub")
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE") or \
+            hub.constants.is_offline_mode():
+        return "HF_HUB_OFFLINE is set"
+    endpoint = hub.constants.ENDPOINT
+    try:
+        hub.utils.get_session().head(endpoint, timeout=timeout)
+    except Exception as e:  # noqa: BLE001 (httpx / requests connection errors, timeouts, proxy errors)
+        return f"the Hub at {endpoint} cannot be reached: {type(e).__name__}"
+    return None
+
+
+@contextlib.contextmanager
+def hub_offline(on: bool = True) -> Iterator[None]:
+    """While active (when `on`), huggingface_hub's offline mode (constants.HF_HUB_OFFLINE, which hf_hub_download
+    reads at each call): files come from the cache only, with no request and no retries; restored on exit."""
+    if not on:
+        yield
+        return
+    constants = optional_import("huggingface_hub").constants
+    saved, constants.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE, True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved
 
 
 def pad_pseudo(a: Tensor) -> Tensor:

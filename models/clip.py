@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.any_vit import MissingLibraryError, ViTAdapter, optional_import
+from models.any_vit import MissingLibraryError, ViTAdapter, hub_offline, hub_unreachable, optional_import
 from utils.checkpoint import CheckpointError
 
 PREFIX = "open_clip:"
@@ -278,16 +278,19 @@ def _open_clip_text(clip: nn.Module, prompts: list[str], tokenizer: Callable | N
 
 def _hf_tokenizer(pair: nn.Module) -> Callable:
     """transformers' AutoTokenizer of the model's name_or_path: a folder, or a Hub repo read from the cache
-    (models.hf_vit.hub_cache; HF_HUB_OFFLINE=1: the cache only), as models.hf_vit.load_hf reads the model."""
-    from models.hf_vit import _offline, hub_cache  # noqa: PLC0415 (transformers stays optional)
+    (models.hf_vit.hub_cache; the cache only when the Hub cannot be used: models.any_vit.hub_unreachable), as
+    models.hf_vit.load_hf reads the model."""
+    from models.hf_vit import hub_cache  # noqa: PLC0415 (transformers stays optional)
 
     transformers = optional_import("transformers")
     name = getattr(pair, "name_or_path", "") or getattr(pair.config, "_name_or_path", "")
     if not name:
         raise PromptError(f"this {type(pair).__name__} was built in memory, so its tokenizer is unknown; pass "
                           f"tokenizer= (e.g. transformers.AutoTokenizer.from_pretrained(<repo id>)).")
+    offline = not os.path.isdir(name) and hub_unreachable() is not None
     try:
-        return transformers.AutoTokenizer.from_pretrained(name, cache_dir=hub_cache(), local_files_only=_offline())
+        with hub_offline(offline):
+            return transformers.AutoTokenizer.from_pretrained(name, cache_dir=hub_cache(), local_files_only=offline)
     except ImportError as e:  # SigLIP's SentencePiece tokenizer without the sentencepiece package
         library = "sentencepiece" if "sentencepiece" in str(e).lower() else "the library it names"
         raise PromptError(f"the tokenizer of {name} needs {library} (pip install {library}), which is not "
@@ -385,6 +388,13 @@ def load_open_clip(spec: str, device: str | torch.device = "cpu") -> ViTAdapter:
     Weights come through open_clip (the Hugging Face Hub cache, HF_HOME); offline and not cached, or an unknown
     architecture / tag: CheckpointError in one sentence saying which and what to do."""
     open_clip = optional_import("open_clip")
+    spec = PREFIX + spec.removeprefix(PREFIX)  # as the user wrote it (load_pretrained passes it without the prefix)
+    arch, _, tag = spec.removeprefix(PREFIX).partition("/")
+    tags = open_clip.list_pretrained_tags_by_model(arch) if arch else []
+    if not tag.strip() and tags:
+        raise CheckpointError(f"'{spec}' names no weights; write {PREFIX}{arch}/<pretrained tag>, e.g. "
+                              f"'{PREFIX}{arch}/{'openai' if 'openai' in tags else tags[0]}' (its tags: "
+                              f"{', '.join(tags[:6])}{f', ... {len(tags)} in all' if len(tags) > 6 else ''}).")
     arch, tag = parse_spec(spec)
     if arch not in open_clip.list_models():
         import difflib  # noqa: PLC0415
@@ -394,22 +404,23 @@ def load_open_clip(spec: str, device: str | torch.device = "cpu") -> ViTAdapter:
                               + (f" (did you mean {close[0]!r}?)" if close else "") + "; open_clip.list_models() "
                               "lists them.")
     is_file = os.path.isfile(tag)
-    tags = open_clip.list_pretrained_tags_by_model(arch)
     if not is_file and tag not in tags:
         raise CheckpointError(f"{spec}: {tag!r} is neither a pretrained tag of {arch} ({', '.join(tags) or 'none'}) "
                               f"nor a weights file.")
+    why = None if is_file else hub_unreachable()
     quiet, logging.root.manager.disable = logging.root.manager.disable, logging.CRITICAL  # open_clip logs failures
     try:
-        if not is_file:  # fetch (or find in the cache) before building the model: an offline miss fails at once
-            open_clip.download_pretrained(open_clip.get_pretrained_cfg(arch, tag))
-        clip = open_clip.create_model_and_transforms(arch, pretrained=tag, device=device)[0]
+        with hub_offline(why is not None):  # the cache only, no retries
+            if not is_file:  # fetch (or find in the cache) before building the model: an offline miss fails at once
+                open_clip.download_pretrained(open_clip.get_pretrained_cfg(arch, tag))
+            clip = open_clip.create_model_and_transforms(arch, pretrained=tag, device=device)[0]
     except (RuntimeError, OSError) as e:
         if is_file:
             raise CheckpointError(f"{spec}: the file does not load into {arch}: {str(e).splitlines()[0][:200]}") \
                 from None
         hub = (open_clip.get_pretrained_cfg(arch, tag) or {}).get("hf_hub", "").rstrip("/")
         raise CheckpointError(f"{spec}: the weights are not in the Hugging Face cache and could not be downloaded "
-                              f"(offline?); run once online to fetch {hub or 'them'} into "
+                              f"({why or str(e).splitlines()[0][:120]}); run once online to fetch {hub or 'them'} into "
                               f"{os.environ.get('HF_HOME', '~/.cache/huggingface')}.") from None
     finally:
         logging.disable(quiet)

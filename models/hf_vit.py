@@ -42,7 +42,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.any_vit import UnsupportedModelError, ViTAdapter, optional_import, pad_pseudo, pool_layer, pool_through
+from models.any_vit import (
+    UnsupportedModelError,
+    ViTAdapter,
+    hub_offline,
+    hub_unreachable,
+    optional_import,
+    pad_pseudo,
+    pool_layer,
+    pool_through,
+)
 from utils.checkpoint import CheckpointError
 
 # Top-level classes -> (the attribute holding the vision encoder, one of FAMILIES' classes; the head's attribute or
@@ -359,10 +368,6 @@ def hub_cache() -> str:
     return os.path.join(os.path.expanduser(home), "hub")
 
 
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
-
-
 def _processor_config(repo_id: str, cache: str, offline: bool) -> dict[str, Any] | None:
     """The repo's preprocessor_config.json as a dict, or None when it has none (or it cannot be fetched)."""
     hub = optional_import("huggingface_hub")
@@ -377,7 +382,8 @@ def _processor_config(repo_id: str, cache: str, offline: bool) -> dict[str, Any]
 
 def load_hf(repo_id: str, *, dtype: torch.dtype = torch.float32) -> HFViT:
     """`hf:<repo id>`: the transformers model of a Hugging Face Hub repo, from the Hub cache (downloaded into it the
-    first time; HF_HUB_OFFLINE=1: the cache only) -> HFViT in eval mode, in `dtype`.
+    first time; HF_HUB_OFFLINE=1, or a Hub that does not answer one short request (models.any_vit.hub_unreachable):
+    the cache only, with no retries) -> HFViT in eval mode, in `dtype`.
 
     The class is the one config.json's `architectures` names when it is supported (so ViTForImageClassification
     keeps its classifier), else AutoModel's. data_config comes from the repo's preprocessor_config.json when there
@@ -388,25 +394,30 @@ def load_hf(repo_id: str, *, dtype: torch.dtype = torch.float32) -> HFViT:
     """
     transformers = optional_import("transformers")
     hub = optional_import("huggingface_hub")
-    cache, offline = hub_cache(), _offline()
+    local = os.path.isdir(repo_id)
+    cache, why = hub_cache(), None if local else hub_unreachable()
+    offline = why is not None
     try:
-        if not os.path.isdir(repo_id):  # a folder written by save_pretrained loads as well
+        if not local:  # a folder written by save_pretrained loads as well
             hub.utils.validate_repo_id(repo_id)
     except hub.errors.HFValidationError:
         raise CheckpointError(f"hf:{repo_id} is not a Hugging Face repo id; write hf:<organisation>/<name> "
                               f"(letters, digits, '-', '_', '.'), e.g. hf:google/vit-base-patch16-224.") from None
     try:
-        config = transformers.AutoConfig.from_pretrained(repo_id, cache_dir=cache, local_files_only=offline)
-        arch = next((a for a in (getattr(config, "architectures", None) or []) if a in SUPPORTED
-                     and hasattr(transformers, a)), None)
-        cls = getattr(transformers, arch) if arch else transformers.AutoModel
-        model = cls.from_pretrained(repo_id, config=config, cache_dir=cache, local_files_only=offline, dtype=dtype)
+        with hub_offline(offline):
+            config = transformers.AutoConfig.from_pretrained(repo_id, cache_dir=cache, local_files_only=offline)
+            arch = next((a for a in (getattr(config, "architectures", None) or []) if a in SUPPORTED
+                         and hasattr(transformers, a)), None)
+            cls = getattr(transformers, arch) if arch else transformers.AutoModel
+            model = cls.from_pretrained(repo_id, config=config, cache_dir=cache, local_files_only=offline,
+                                        dtype=dtype)
+            processor = _processor_config(repo_id, cache, offline)
     except OSError as e:
         folder = f"models--{repo_id.replace('/', '--')}"
         if offline:
-            raise CheckpointError(f"hf:{repo_id} is not in the Hugging Face cache {cache} and HF_HUB_OFFLINE=1 "
-                                  f"forbids downloading it; download it once online (hf download {repo_id}) or set "
-                                  f"HF_HOME to the folder whose hub/ holds {folder}.") from None
+            raise CheckpointError(f"hf:{repo_id} is not in the Hugging Face cache {cache} and cannot be downloaded "
+                                  f"({why}); download it once online (hf download {repo_id}) or set HF_HOME to the "
+                                  f"folder whose hub/ holds {folder}.") from None
         reason = " ".join(str(e).split()).split(". ")[0][:200]  # transformers' first sentence
         raise CheckpointError(f"could not download hf:{repo_id} into the Hugging Face cache {cache} ({reason}); "
                               f"download it where there is a connection (hf download {repo_id}) and set HF_HOME "
@@ -416,5 +427,5 @@ def load_hf(repo_id: str, *, dtype: torch.dtype = torch.float32) -> HFViT:
         raise CheckpointError(f"hf:{repo_id} cannot be built by transformers {transformers.__version__} "
                               f"({reason}).") from None
     model.eval()
-    return HFViT(model, _processor_config(repo_id, cache, offline),
+    return HFViT(model, processor,
                  f"hf:{repo_id} (transformers {type(model).__name__})")

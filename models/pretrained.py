@@ -92,6 +92,10 @@ def resolve(source: str | os.PathLike) -> str | None:
         return None
     if text in REGISTRY or os.path.isdir(text):
         return text if text in REGISTRY else None
+    meant = library_name_meant(text)
+    if meant is not None:
+        raise CheckpointError(f"'{text}' is neither a file nor a registry name; did you mean '{meant}'? (library "
+                              f"names: {', '.join(LIBRARY_PREFIXES)})")
     close = difflib.get_close_matches(text.lower(), list(REGISTRY), n=1, cutoff=0.75)
     if close:
         raise CheckpointError(f"'{text}' is neither a file nor a registry name; did you mean '{close[0]}'? "
@@ -344,26 +348,65 @@ def infer_config(sd: Mapping[str, Tensor], num_heads: int | None = None,
 
 
 LIBRARY_PREFIXES = ("timm/", "hf:", "open_clip:")
+SPELLINGS = {"timm/": "timm/<name>[.<tag>], e.g. timm/vit_base_patch16_224.augreg2_in21k_ft_in1k",
+             "hf:": "hf:<organisation>/<name>, e.g. hf:google/vit-base-patch16-224",
+             "open_clip:": "open_clip:<architecture>/<pretrained tag>, e.g. open_clip:ViT-B-16/openai"}
+# near-misses of the schemes, lower-cased without "-", "_", " " -> the scheme meant
+_SCHEMES = {"timm": "timm/", "hf": "hf:", "huggingface": "hf:", "hfhub": "hf:", "openclip": "open_clip:",
+            "clip": "open_clip:"}
+
+
+def library_name_meant(text: str) -> str | None:
+    """The library name a near-miss spelling means, else None: "timm:vit_small_patch16_224" and "TIMM/..." ->
+    "timm/vit_small_patch16_224", "openclip:ViT-B-16/openai" -> "open_clip:ViT-B-16/openai", "hf/google/vit-base"
+    and "huggingface:google/vit-base" -> "hf:google/vit-base", timm's own "hf-hub:timm/<name>" and
+    "hf:timm/<name>" (a timm repository, which transformers cannot build) -> "timm/<name>", a Hub address
+    "hf:https://huggingface.co/google/vit-base" -> "hf:google/vit-base", "timm/timm/<name>" -> "timm/<name>"."""
+    m = re.fullmatch(r"([A-Za-z][A-Za-z_ -]*?)\s*([:/]+)\s*(.+)", text.strip())
+    if m is None:
+        return None
+    scheme, rest = _SCHEMES.get(re.sub(r"[-_ ]", "", m[1].lower())), m[3]
+    if scheme is None:
+        return None
+    if text.startswith(scheme):  # the scheme spelled right: only the rewrites below
+        rest = text.removeprefix(scheme)
+    if scheme == "hf:":
+        address = re.match(r"(https?://)?(www\.)?(huggingface\.co|hf\.co)/(models/)?", rest)
+        rest = rest[address.end():].strip("/") if address else rest
+        if rest.startswith("timm/") and rest != "timm/":
+            scheme, rest = "timm/", rest.removeprefix("timm/")
+    elif scheme == "timm/":
+        rest = rest.removeprefix("timm/")  # the Hub repo id pasted after the scheme
+    meant = scheme + rest if rest else None
+    return meant if meant != text else None
 
 
 def load_library_model(source: str | nn.Module) -> nn.Module:
     """A model of timm, transformers or open_clip with this repo's ViT interface (models.any_vit.ViTAdapter):
     "timm/<name>[.<tag>]" -> models.timm_vit.load_timm, "hf:<repo id>" -> models.hf_vit.load_hf, "open_clip:<arch>/
     <pretrained tag>" -> models.clip.load_open_clip, a model object -> models.any_vit.wrap. The library is imported
-    only here (a missing one: one line naming the pip install)."""
+    only here (a missing one: one line naming the pip install). A name that misspells the scheme
+    (`library_name_meant`) or names nothing after it: CheckpointError saying the right spelling."""
     if isinstance(source, nn.Module):
         from models.any_vit import wrap
         return wrap(source)
-    if source.startswith("timm/"):
+    meant = library_name_meant(source)
+    if meant is not None:
+        raise CheckpointError(f"'{source}' is not a name this loader reads; did you mean '{meant}'?")
+    scheme = next((p for p in LIBRARY_PREFIXES if source.startswith(p)), None)
+    if scheme is None:
+        raise CheckpointError(f"'{source}' does not start with one of {', '.join(LIBRARY_PREFIXES)}.")
+    body = source.removeprefix(scheme)
+    if not body.strip(" /"):
+        raise CheckpointError(f"'{source}' names no model; write {SPELLINGS[scheme]}.")
+    if scheme == "timm/":
         from models.timm_vit import load_timm
-        return load_timm(source.removeprefix("timm/"))
-    if source.startswith("hf:"):
+        return load_timm(body)
+    if scheme == "hf:":
         from models.hf_vit import load_hf
-        return load_hf(source.removeprefix("hf:"))
-    if source.startswith("open_clip:"):
-        from models.clip import load_open_clip
-        return load_open_clip(source.removeprefix("open_clip:"))
-    raise CheckpointError(f"'{source}' does not start with one of {', '.join(LIBRARY_PREFIXES)}.")
+        return load_hf(body)
+    from models.clip import load_open_clip
+    return load_open_clip(body)
 
 
 def is_library_name(source: object) -> bool:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import os
 import re
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -36,7 +35,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from models.any_vit import UnsupportedModelError, ViTAdapter, optional_import, pad_pseudo, pool_layer, pool_through
+from models.any_vit import (
+    UnsupportedModelError,
+    ViTAdapter,
+    hub_offline,
+    hub_unreachable,
+    optional_import,
+    pad_pseudo,
+    pool_layer,
+    pool_through,
+)
 from utils.checkpoint import CheckpointError
 
 # Attention modules whose explicit path ends in softmax -> attn_drop -> @ v (timm 1.0).
@@ -332,24 +340,26 @@ def hf_cache_dir() -> str:
 
 def load_timm(name: str) -> TimmViT:
     """load_pretrained("timm/<name>[.<tag>]"): the model timm builds from the Hub repository's config.json with its
-    model.safetensors, both through the Hugging Face cache (downloaded once; HF_HUB_OFFLINE=1 reads the cache
-    only). CheckpointError in one line: an unknown name or tag, or files that are neither cached nor downloadable
-    (naming the repository, the files and the cache folder to put them in)."""
+    model.safetensors, both through the Hugging Face cache (downloaded once). When the Hub cannot be used
+    (HF_HUB_OFFLINE=1, or it does not answer one short request: models.any_vit.hub_unreachable) the cache alone is
+    read, with no retries. CheckpointError in one line: an unknown name or tag, or files that are neither cached
+    nor downloadable (naming the repository, the files and the cache folder to put them in)."""
     timm = optional_import("timm")
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     repo = hub_repo(name)
+    why = hub_unreachable()
     try:
-        model = timm.create_model(f"hf-hub:{repo}", pretrained=True)
+        with hub_offline(why is not None):
+            model = timm.create_model(f"hf-hub:{repo}", pretrained=True)
     except (RepositoryNotFoundError, EntryNotFoundError) as e:
         if not isinstance(e, LocalEntryNotFoundError):
             raise CheckpointError(f"'timm/{name}': the Hugging Face Hub has no {repo} or no weights in it "
                                   f"({type(e).__name__}).") from None
-        offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") else ""
         raise CheckpointError(f"'timm/{name}': {repo} is not in the Hugging Face cache {hf_cache_dir()} and could "
-                              f"not be downloaded{offline}; where there is a network run `hf download {repo} "
-                              f"config.json model.safetensors` with the same HF_HOME, or copy its "
-                              f"models--{repo.replace('/', '--')} folder there.") from None
+                              f"not be downloaded ({why or 'the download failed'}); where there is a network run "
+                              f"`hf download {repo} config.json model.safetensors` with the same HF_HOME, or copy "
+                              f"its models--{repo.replace('/', '--')} folder there.") from None
     model.eval()
     return TimmViT(model, weights_note=f"released weights ({repo}, Hugging Face Hub)")
 

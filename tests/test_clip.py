@@ -129,8 +129,11 @@ def test_prompt_errors():
 
 def test_spec_errors_and_offline_message(tmp_path, monkeypatch):
     assert parse_spec("open_clip:ViT-B-16/openai") == ("ViT-B-16", "openai")
-    with pytest.raises(CheckpointError, match="open_clip:<architecture>/<pretrained tag>"):
+    with pytest.raises(CheckpointError, match=r"'open_clip:ViT-B-16' names no weights; write open_clip:ViT-B-16/"
+                                              r"<pretrained tag>, e.g. 'open_clip:ViT-B-16/openai' \(its tags: "):
         load_open_clip("open_clip:ViT-B-16")
+    with pytest.raises(CheckpointError, match="open_clip:<architecture>/<pretrained tag>"):
+        load_open_clip("open_clip:/openai")
     with pytest.raises(CheckpointError, match="did you mean 'ViT-B-16'"):
         load_open_clip("open_clip:ViT-B-61/openai")
     with pytest.raises(CheckpointError, match="neither a pretrained tag"):
@@ -143,6 +146,26 @@ def test_spec_errors_and_offline_message(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError) as e:
         load_open_clip("open_clip:ViT-B-16/openai")
     assert "run once online" in str(e.value) and "\n" not in str(e.value)
+    assert str(e.value).startswith("open_clip:ViT-B-16/openai: ") and "(HF_HUB_OFFLINE is set)" in str(e.value)
+
+
+def test_unreachable_hub_fails_at_once_in_one_line(tmp_path, monkeypatch, caplog):
+    """No HF_HUB_OFFLINE, the Hub at a closed local port: the cache only, no retries, one line saying why."""
+    import socket
+
+    import huggingface_hub.constants
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    with pytest.raises(CheckpointError) as e:
+        load_open_clip("open_clip:ViT-B-16/openai")
+    assert "\n" not in str(e.value) and f"(the Hub at http://127.0.0.1:{port} cannot be reached" in str(e.value)
+    assert "Retrying" not in caplog.text
 
 
 def test_load_from_a_weights_file(tmp_path):

@@ -441,3 +441,72 @@ def test_prompt_tokenizer_errors(tmp_path, monkeypatch):
     with pytest.raises(PromptError, match="cannot be loaded .*pass tokenizer=") as e:
         with_prompts(loaded, PROMPTS)
     assert "\n" not in str(e.value)
+
+
+# ------------------------------------------------------------------------------------- an unreachable Hugging Face Hub
+def closed_port() -> int:
+    """A local TCP port nothing listens on (bound, then closed)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_hub_unreachable_says_why(monkeypatch):
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    import huggingface_hub.constants
+
+    from models.any_vit import hub_unreachable
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{closed_port()}")
+    assert hub_unreachable().startswith("the Hub at http://127.0.0.1:")
+
+    class NotFound(BaseHTTPRequestHandler):  # any HTTP answer means the Hub is there
+        def do_HEAD(self):
+            self.send_response(404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), NotFound)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+        assert hub_unreachable() is None
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        assert hub_unreachable() == "HF_HUB_OFFLINE is set"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_hf_name_with_an_unreachable_hub_fails_at_once_in_one_line(tmp_path, monkeypatch, caplog):
+    """No HF_HUB_OFFLINE, the Hub at a closed port: an empty cache gives the one line with no retries (no
+    "Retrying" warnings); a pre-filled cache loads, its tokenizer too."""
+    import huggingface_hub.constants
+
+    from models.clip import with_prompts
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{closed_port()}")
+    with pytest.raises(CheckpointError) as e:
+        load_hf("tiny-org/missing-vit")
+    message = str(e.value)
+    assert "\n" not in message and "hf:tiny-org/missing-vit is not in the Hugging Face cache" in message
+    assert "cannot be downloaded (the Hub at http://127.0.0.1:" in message
+    assert "Retrying" not in caplog.text
+    model, tok = two_towers("siglip")
+    save_to_hub_cache(model, tmp_path, "tiny-org/tiny-siglip")
+    tok.save_pretrained(next((tmp_path / "hub" / "models--tiny-org--tiny-siglip" / "snapshots").iterdir()))
+    zs = with_prompts(load_hf("tiny-org/tiny-siglip"), PROMPTS)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert (zs(x) - transformers_logits(model, tok, "siglip", x)).abs().max() < 1e-5
+    assert "Retrying" not in caplog.text

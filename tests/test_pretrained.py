@@ -718,3 +718,40 @@ def test_mae_pretraining_file_gives_its_encoder():
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), encoder(x), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("name, meant", [
+    ("timm:vit_small_patch16_224", "timm/vit_small_patch16_224"),
+    ("TIMM/vit_small_patch16_224", "timm/vit_small_patch16_224"),
+    ("timm:/vit_small_patch16_224", "timm/vit_small_patch16_224"),
+    ("timm/timm/vit_small_patch16_224.augreg_in21k", "timm/vit_small_patch16_224.augreg_in21k"),
+    ("openclip:ViT-B-16/openai", "open_clip:ViT-B-16/openai"),
+    ("open-clip:ViT-B-16/openai", "open_clip:ViT-B-16/openai"),
+    ("open_clip/ViT-B-16/openai", "open_clip:ViT-B-16/openai"),
+    ("hf/google/vit-base-patch16-224", "hf:google/vit-base-patch16-224"),
+    ("huggingface:google/vit-base-patch16-224", "hf:google/vit-base-patch16-224"),
+    ("hf:https://huggingface.co/google/vit-base-patch16-224", "hf:google/vit-base-patch16-224"),
+    ("hf-hub:timm/vit_base_patch16_clip_224.openai", "timm/vit_base_patch16_clip_224.openai"),
+    ("hf:timm/vit_base_patch16_clip_224.openai", "timm/vit_base_patch16_clip_224.openai"),
+])
+def test_misspelt_library_names_say_the_right_spelling(name, meant):
+    """A near-miss of a scheme gives one line with the right spelling (not registry suggestions), with no import
+    of the library and no request."""
+    assert pretrained.library_name_meant(name) == meant
+    with pytest.raises(CheckpointError) as info:
+        load_pretrained(name)
+    message = str(info.value)
+    assert f"did you mean '{meant}'?" in message and "\n" not in message and "--list" not in message
+
+
+@pytest.mark.parametrize("name", ["timm/vit_small_patch16_224", "hf:google/vit-base-patch16-224",
+                                  "open_clip:ViT-B-16/openai", "deit_tiny_patch16_224", "runs/x.pth", "C:/x.pth"])
+def test_right_names_and_paths_are_no_near_misses(name):
+    assert pretrained.library_name_meant(name) is None
+
+
+@pytest.mark.parametrize("name, spelling", [("timm/", "timm/<name>[.<tag>]"), ("hf:", "hf:<organisation>/<name>"),
+                                            ("open_clip:", "open_clip:<architecture>/<pretrained tag>")])
+def test_a_scheme_alone_says_what_to_write(name, spelling):
+    with pytest.raises(CheckpointError, match=re.escape(f"'{name}' names no model; write {spelling}, e.g. ")):
+        load_pretrained(name)

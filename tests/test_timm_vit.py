@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -229,10 +230,13 @@ LOAD = textwrap.dedent("""
 """)
 
 
-def run_load(tmp_path: Path, hf_home: Path, name: str, x: torch.Tensor) -> subprocess.CompletedProcess:
+def run_load(tmp_path: Path, hf_home: Path, name: str, x: torch.Tensor, **env_vars: str) -> subprocess.CompletedProcess:
+    """load_pretrained(name) in a fresh process (huggingface_hub reads its environment at import); env_vars: the
+    environment to change (default HF_HUB_OFFLINE=1; "" removes a variable)."""
     torch.save(x, tmp_path / "x.pt")
-    env = dict(os.environ, HF_HOME=str(hf_home), HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    env = dict(os.environ, HF_HOME=str(hf_home), PYTHONPATH=str(REPO), **{"HF_HUB_OFFLINE": "1", **env_vars})
     env.pop("HF_HUB_CACHE", None)
+    env = {k: v for k, v in env.items() if v != ""}
     return subprocess.run([sys.executable, "-c", LOAD, name, str(tmp_path / "x.pt"), str(tmp_path / "out.pt")],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
 
@@ -269,6 +273,24 @@ def test_timm_name_missing_from_an_empty_cache_says_what_to_download(tmp_path):
     assert "\n" not in line and "Traceback" not in done.stderr
     assert "timm/vit_base_patch16_siglip_224.webli" in line and "hf download" in line
     assert str(tmp_path / "empty" / "hub") in line and "HF_HUB_OFFLINE" in line
+
+
+def closed_port() -> int:
+    """A local TCP port nothing listens on (bound, then closed)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_timm_name_with_an_unreachable_hub_fails_at_once_in_one_line(tmp_path):
+    """No HF_HUB_OFFLINE, the Hub at a closed port: one short request, then the cache only; no retries (which
+    would print 5 warnings over ~23 s), the one line says why."""
+    done = run_load(tmp_path, tmp_path / "empty", "timm/vit_base_patch16_siglip_224.webli", torch.randn(1, 3, 8, 8),
+                    HF_HUB_OFFLINE="", HF_ENDPOINT=f"http://127.0.0.1:{closed_port()}")
+    assert done.returncode == 3, done.stdout + done.stderr
+    line = done.stdout.strip()
+    assert "\n" not in line and "Retrying" not in done.stderr and "Traceback" not in done.stderr
+    assert "cannot be reached" in line and "hf download timm/vit_base_patch16_siglip_224.webli" in line
 
 
 @pytest.mark.parametrize("name, words", [("timm/vit_tiny_patch16_2244", "did you mean 'timm/vit_tiny_patch16_224'"),
