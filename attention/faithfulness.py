@@ -1,5 +1,6 @@
 """How faithful is a map? Deletion / insertion curves (Petsiuk et al. 2018, RISE): the target's probability
-while the patches a map ranks highest are removed from (or put back into) the image."""
+while the patches a map ranks highest are removed from (or put back into) the image. Also the pieces ROAD
+(attention.road) and SaCo (attention.saco) share: the pixel order of a patch map and chunked target probabilities."""
 
 from __future__ import annotations
 
