@@ -1,7 +1,9 @@
 """Localisation with ground truth: Focus-style mosaics (Arias-Duart et al. 2022, "Focus! Rating XAI Methods and
 Finding Biases"), 2x2 grids of photos of four different classes where the explained class sits in one known quadrant,
 scored by the share of the map's positive mass in that quadrant (Focus) and the pointing game (Zhang et al. 2018,
-"Top-down Neural Attention by Excitation Backprop": does the map's maximum fall on the object?)."""
+"Top-down Neural Attention by Excitation Backprop": does the map's maximum fall on the object?). Focus's own
+mosaics hold two photos of the explained class (chance 0.5); these hold one of four classes (chance 0.25). Quantus
+(quantus.Focus, quantus.PointingGame) scores the same way given the quadrant as the mask, except for tied maxima."""
 
 from __future__ import annotations
 
