@@ -214,13 +214,12 @@ class StackedHead(ViTAdapter):
     def forward_head(self, tokens: Tensor) -> Tensor:
         return self.head(self.inner.forward_head(tokens))
 
-    def layer_logits(self, tokens: Tensor) -> Tensor:
-        """The head on the inner model's LeGrad read-out of a layer (see attention.legrad)."""
+    @property
+    def layer_logits(self) -> Callable[[Tensor], Tensor] | None:
+        """LeGrad's read-out of a layer (attention.legrad): the head on the inner adapter's read-out of the layer's
+        output tokens (B, T, D), or None when the inner adapter has none (then LeGrad does not apply)."""
         read = getattr(self.inner, "layer_logits", None)
-        if read is None:
-            raise ValueError(f"{type(self.inner).__name__} has no layer_logits(tokens), the per-layer read-out "
-                             f"LeGrad needs.")
-        return self.head(read(tokens))
+        return None if read is None else lambda tokens: self.head(read(tokens))
 
 
 class ZeroShotHead(nn.Module):

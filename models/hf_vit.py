@@ -34,7 +34,7 @@ import contextlib
 import json
 import os
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -263,6 +263,19 @@ class HFViT(ViTAdapter):
         """The two-tower model (CLIPModel, SiglipModel: `get_text_features`) whose text tower models.clip.with_prompts
         reads, else None. forward_head already gives the image embedding those prompts are compared with."""
         return self.model if hasattr(self.model, "get_text_features") else None
+
+    @property
+    def layer_logits(self) -> Callable[[Tensor], Tensor] | None:
+        """LeGrad's read-out (attention.legrad) of one block's output tokens (B, T, D) as if it were the last block:
+        ViT / DINOv2: the final layernorm, then forward_head; CLIP: visual_projection(post_layernorm(mean of all
+        T tokens)), the rule of the authors' code for open_clip's CLIP (models.clip.OpenClipViT.layer_logits);
+        None for SigLIP (an attention-pool head: the rule is not defined there, see attention.legrad)."""
+        enc, family, head = self._parts.encoder, self._parts.family, self._parts.head
+        if family in ("vit", "dinov2"):
+            return lambda tokens: self.forward_head(enc.layernorm(tokens))
+        if family == "clip":
+            return lambda tokens: (head or nn.Identity())(enc.post_layernorm(tokens.mean(1)))
+        return None
 
     def _embed(self, x: Tensor) -> Tensor:
         """x (B, C, H, W) -> the tokens the first layer reads, (B, T_model, D), as the model's forward makes them."""

@@ -510,3 +510,63 @@ def test_hf_name_with_an_unreachable_hub_fails_at_once_in_one_line(tmp_path, mon
     with torch.no_grad():
         assert (zs(x) - transformers_logits(model, tok, "siglip", x)).abs().max() < 1e-5
     assert "Retrying" not in caplog.text
+
+
+# ---------------------------------------------------------------------------------- LeGrad's read-out, the script
+@pytest.mark.parametrize("family", ["vit", "dinov2_reg_cls", "clip", "siglip"])
+def test_layer_logits_read_a_layer_as_the_last(family):
+    """ViT / DINOv2: the last block's output read out gives the logits; CLIP: projection(post_layernorm(mean of
+    all tokens)), the LeGrad authors' read-out for CLIP; SigLIP (pool head): none."""
+    model = build(family)
+    wrapped = wrap_hf(model)
+    if family == "siglip":
+        assert wrapped.layer_logits is None
+        return
+    x = torch.randn(2, 3, 24, 40)
+    with torch.no_grad():
+        hidden = wrapped._embed(x)
+        for block in wrapped.blocks:
+            hidden = block(hidden)
+        read = wrapped.layer_logits(hidden)
+        if family == "clip":
+            want = model.visual_projection(model.vision_model.post_layernorm(hidden.mean(1)))
+        else:
+            want = wrapped(x)
+    assert (read - want).abs().max() < 1e-5
+
+
+def test_legrad_on_a_prompt_head():
+    from attention.legrad import legrad
+    from models.clip import with_prompts
+
+    model, tok = two_towers("clip")
+    zs = with_prompts(wrap_hf(model), PROMPTS, tokenizer=tok)
+    heat = legrad(zs, torch.rand(2, 3, 24, 40), target=1)
+    assert heat.shape == (2, 3, 5) and heat.min() >= 0 and heat.max() <= 1
+    model, tok = two_towers("siglip")
+    zs = with_prompts(wrap_hf(model), PROMPTS, tokenizer=tok)
+    assert zs.layer_logits is None  # so the scripts leave LeGrad out
+    with pytest.raises(ValueError, match="layer_logits"):
+        legrad(zs, torch.rand(1, 3, 32, 32), target=1)
+
+
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_vis_attn_with_prompts_on_a_transformers_folder(family, tmp_path, capsys, monkeypatch):
+    """python -m imagenet.vis_attn --model hf:<folder> --prompt ...: the top-k lists the prompts, the figure is
+    written (with a LeGrad panel where the read-out is defined: CLIP)."""
+    from PIL import Image
+
+    from imagenet import vis_attn
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model, tok = two_towers(family)
+    model.save_pretrained(tmp_path / family)
+    tok.save_pretrained(tmp_path / family)
+    Image.new("RGB", (48, 40), (200, 30, 30)).save(tmp_path / "red.png")
+    out = tmp_path / "fig.png"
+    vis_attn.main(["--image", str(tmp_path / "red.png"), "--model", f"hf:{tmp_path / family}", "--prompt",
+                   "a red bicycle", "--prompt", "a dog", "--target", "a dog", "--img-size", "32", "--output",
+                   str(out), "--device", "cpu"])
+    text = capsys.readouterr().out
+    assert out.is_file() and "a red bicycle" in text and "gradient map for a dog" in text
+    assert ("LeGrad map too" in text) == (family == "clip")
