@@ -190,3 +190,13 @@ def test_mosaic_localisation_toy_model_true_map_best():
     assert ordered(share) and share["true"] > 0.9
     assert pointing_game(h["true"], quadrant).all() and not pointing_game(h["reversed"], quadrant).any()
     assert x.shape[-1] == SIZE
+
+
+def test_imputation_matches_quantus():
+    perturb = pytest.importorskip("quantus.functions.perturb_func", reason="Quantus (optional) is the oracle here")
+    rng = np.random.default_rng(5)
+    x, removed = rng.standard_normal((3, 40, 48)), rng.random((40, 48)) < 0.5
+    removed[8:24, 16:40] = True
+    want = perturb.noisy_linear_imputation(x.copy(), np.flatnonzero(removed), noise=0.0)
+    got = noisy_linear_impute(torch.from_numpy(x)[None], torch.from_numpy(removed)[None], noise=0)[0]
+    np.testing.assert_allclose(got.numpy(), want, atol=1e-10)
