@@ -127,7 +127,7 @@ def road(model: nn.Module, x: Tensor, heatmap: Tensor, target: int | Tensor | No
          fractions: tuple[float, ...] = FRACTIONS, order: str = "morf", batch_size: int = 64, noise: float = 0.01,
          generator: torch.Generator | None = None, seed: int = 0, workers: int | None = None
          ) -> tuple[Tensor, Tensor]:
-    """ROAD curves (Rong et al. 2022, Sec. 4): the target's probability after removing a fraction of the pixels.
+    """ROAD curves (Rong et al. 2022): the target's probability after removing a fraction of the pixels.
 
     x: (B, C, H, W) normalised images; heatmap: (B, gh, gw) patch map; target: class per image (default: the
     predicted class). Pixels are ranked by the map upsampled to (H, W) (nearest: a patch's pixels share its score),
