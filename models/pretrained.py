@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import json
 import math
 import os
 import re
@@ -216,9 +217,42 @@ def _names(keys: Iterable[str], n: int = 4) -> str:
     return ", ".join(list(dict.fromkeys(re.sub(r"\.\d+(?=\.|$)", ".N", k) for k in keys))[:n])
 
 
-def refuse_unsupported(sd: Mapping[str, Tensor]) -> None:
+# Architectures whose state dict has the keys and shapes of one the built-in model builds, but which compute
+# something else through what they do not save: name pattern -> why.
+_UNSAVED_PARTS = [
+    (r"_rope", "its rotary position embedding (RoPE-ViT, Heo et al. 2024) is rebuilt by timm and never saved, so "
+               "its weights have exactly the keys and shapes of DeiT III (vit_*_rope_ape_*) and would load as DeiT "
+               "III without the rotary positions")]
+
+
+def saved_arch(obj: Mapping[str, Any], path: str | os.PathLike | None = None) -> str | None:
+    """The architecture name a checkpoint states, if any: the "arch" of timm's train.py checkpoints, else
+    "architecture" in the config.json beside the file or in the folder (timm's Hugging Face Hub layout,
+    timm.models.save_for_hf)."""
+    if isinstance(obj.get("arch"), str):
+        return obj["arch"]
+    if path is None or not os.path.exists(path):
+        return None
+    config = os.path.join(path if os.path.isdir(path) else os.path.dirname(os.fspath(path)), "config.json")
+    if not os.path.isfile(config):
+        return None
+    try:
+        with open(config, encoding="utf-8") as f:
+            arch = json.load(f).get("architecture")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return arch if isinstance(arch, str) else None
+
+
+def refuse_unsupported(sd: Mapping[str, Tensor], arch: str | None = None) -> None:
     """CheckpointError naming what a timm-keyed state dict holds, by the keys found, when the built-in
-    VisionTransformer cannot build it (another architecture, or a ViT with parts it lacks); else nothing."""
+    VisionTransformer cannot build it (another architecture, or a ViT with parts it lacks); else nothing.
+    arch: the architecture the checkpoint states (`saved_arch`), refused when its name says it needs parts its
+    weights do not hold (timm's vit_*_rope_*: rotary positions)."""
+    for pattern, why in _UNSAVED_PARTS:
+        if arch and re.search(pattern, arch):
+            raise CheckpointError(f"the checkpoint is timm's {arch}: {why}; load it with timm "
+                                  f"(load_pretrained('timm/{arch}'), or the timm model object).")
     keys = list(sd)
     for pattern, what, advice in _OTHER_MODELS:
         if found := [k for k in keys if re.search(pattern, k)]:
@@ -272,12 +306,14 @@ def weights_choice(obj: Mapping[str, Any], prefer_ema: bool | None = None) -> tu
     return use_ema, f"{'EMA' if use_ema else 'trained'} weights (prefer_ema={use_ema}; {why})"
 
 
-def to_timm_state_dict(obj: Mapping[str, Any], prefer_ema: bool | None = None
+def to_timm_state_dict(obj: Mapping[str, Any], prefer_ema: bool | None = None, arch: str | None = None
                        ) -> tuple[StateDict, dict[str, Any] | None]:
     """Any supported checkpoint dict -> (state dict with timm / this repo's keys, saved model config or None).
     Of this repo's checkpoints, the EMA or the trained weights as `weights_choice` decides. A file the built-in
-    model cannot build raises CheckpointError saying what it holds (`refuse_unsupported`)."""
+    model cannot build raises CheckpointError saying what it holds (`refuse_unsupported`; arch: the architecture
+    the checkpoint states, default its "arch")."""
     config = obj.get("model_config")
+    arch = arch or saved_arch(obj)
     if weights_choice(obj, prefer_ema)[0]:
         sd = obj["ema_model"]  # a bare state dict (older checkpoints: AveragedModel's module.* + n_averaged)
         sd = {k.removeprefix("module."): v for k, v in sd.items() if k != "n_averaged"}
@@ -294,7 +330,7 @@ def to_timm_state_dict(obj: Mapping[str, Any], prefer_ema: bool | None = None
         sd = _from_torchvision(sd)
     sd = _from_official(sd)
     if config is None:
-        refuse_unsupported(sd)
+        refuse_unsupported(sd, arch)
     return sd, config
 
 
@@ -442,7 +478,8 @@ def load_pretrained(source: str | os.PathLike | Mapping[str, Any] | nn.Module, *
         return load_library_model(source)
     name = resolve(source) if isinstance(source, str | os.PathLike) else None
     obj = (download(name) if name else read_checkpoint(source)) if isinstance(source, str | os.PathLike) else source
-    sd, config = to_timm_state_dict(obj, prefer_ema)
+    arch = saved_arch(obj, source if isinstance(source, str | os.PathLike) and not name else None)
+    sd, config = to_timm_state_dict(obj, prefer_ema, arch)
     note = weights_choice(obj, prefer_ema)[1]
     if config is None:
         config = infer_config(sd, num_heads, overrides.get("no_embed_class"))

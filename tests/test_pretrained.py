@@ -755,3 +755,34 @@ def test_right_names_and_paths_are_no_near_misses(name):
 def test_a_scheme_alone_says_what_to_write(name, spelling):
     with pytest.raises(CheckpointError, match=re.escape(f"'{name}' names no model; write {spelling}, e.g. ")):
         load_pretrained(name)
+
+
+def tiny_rope_ape():
+    """timm's RoPE-ViT with an absolute position table too (an Eva), small: its state dict has DeiT III's keys."""
+    return timm.create_model("vit_small_patch16_rope_ape_224", pretrained=False, depth=1, embed_dim=64, num_heads=2,
+                             img_size=32, num_classes=3).eval()
+
+
+def test_rope_ape_weights_are_refused_where_the_checkpoint_names_them(tmp_path):
+    """vit_*_rope_ape_* saves no rotary buffers: its keys and shapes are DeiT III's, so the name the checkpoint
+    states (timm train.py's "arch", the config.json of timm's Hub layout) is what refuses it."""
+    from timm.models import save_for_hf
+
+    model = tiny_rope_ape()
+    sd = model.state_dict()
+    assert not [k for k in sd if "rope" in k] and "blocks.0.gamma_1" in sd and sd["pos_embed"].shape[1] == 4
+    arch = "vit_small_patch16_rope_ape_224"
+    torch.save({"arch": arch, "epoch": 3, "state_dict": sd}, tmp_path / "train.pth")  # timm's train.py
+    save_for_hf(model, str(tmp_path / "hub"), safe_serialization=True)  # config.json + model.safetensors
+    for source in (tmp_path / "train.pth", tmp_path / "hub" / "model.safetensors", {"arch": arch, "model": sd}):
+        with pytest.raises(CheckpointError) as info:
+            load_pretrained(source)
+        message = str(info.value)
+        assert message.startswith(f"the checkpoint is timm's {arch}: its rotary position embedding")
+        assert f"load_pretrained('timm/{arch}')" in message and "\n" not in message
+    deit3 = {"arch": "deit3_small_patch16_224", "state_dict": sd}  # the same keys under a name without RoPE load
+    assert isinstance(load_pretrained(deit3, num_heads=2), VisionTransformer)
+    wrapped = load_pretrained(model)  # the model object: timm's own forward, rotary positions included
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(wrapped(x), model(x), atol=1e-5)
