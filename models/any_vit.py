@@ -68,7 +68,7 @@ def hub_unreachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> str | None:
     HTTP answer counts as reachable."""
     hub = optional_import("huggingface_hub")
     if os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE") or \
-            hub.constants.is_offline_mode():
+            getattr(hub.constants, "HF_HUB_OFFLINE", False):
         return "HF_HUB_OFFLINE is set"
     endpoint = hub.constants.ENDPOINT
     try:
