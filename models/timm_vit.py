@@ -7,7 +7,8 @@ Covered: timm's `VisionTransformer` and `Eva` and their subclasses (vit_* with o
 class-token / GAP / fc_norm models, deit*, distilled DeiT, the CLIP image towers vit_*_clip_* incl. QuickGELU,
 SigLIP / SigLIP 2's `map` head, eva02_* with RoPE and SwiGLU, DINOv3's vit_*_dinov3, ...). Their attention modules
 (`timm.layers.Attention`, `AttentionRope`, `EvaAttention`, `ParallelScalingBlock`) run their own explicit path
-(`fused_attn = False`, only while maps are asked for) and the probabilities are taken where timm's
+(`fused_attn = False`, only while maps are asked for; the plain `Attention` through `_lean_attention`, the same
+numbers with one T x T tensor fewer outside autograd) and the probabilities are taken where timm's
 `timm.utils.AttentionExtract` takes them: the output of each block's `attn_drop` (a forward hook), so they are the
 softmax after q/k norms, rotary embeddings and masks, in the autograd graph.
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import re
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -200,6 +202,9 @@ class TimmViT(ViTAdapter):
 
             for a in self._attn_modules:  # timm.utils.AttentionExtract's default: the output of *attn_drop
                 stack.callback(a.attn_drop.register_forward_hook(keep).remove)
+                if type(a) is optional_import("timm").layers.Attention:  # the plain one: its lean twin
+                    a.forward = functools.partial(_lean_attention, a)
+                    stack.callback(delattr, a, "forward")
         if not m.dynamic_img_size and grid != self.grid_size:
             from timm.layers import Format
             switches += [(m, "dynamic_img_size", True), (pe, "strict_img_size", False), (pe, "flatten", False),
@@ -294,10 +299,35 @@ def _class_token_update(block: nn.Module, x: Tensor) -> Tensor:
     B, T, _ = x.shape
     q, k, v = a.qkv(block.norm1(x)).reshape(B, T, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
     q, k = a.q_norm(q), a.k_norm(k)
-    attn = a.attn_drop(((q * a.scale) @ k.transpose(-2, -1)).softmax(dim=-1))
+    attn = a.attn_drop(probabilities(q, k, a.scale))
     out = (attn[:, :, :1] @ v).transpose(1, 2).reshape(B, 1, -1)
     x = x[:, :1] + block.drop_path1(block.ls1(a.proj_drop(a.proj(a.norm(out)))))
     return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+
+
+def probabilities(q: Tensor, k: Tensor, scale: float) -> Tensor:
+    """softmax(q·kᵀ·scale) over the keys: q (B, h, Tq, d), k (B, h, Tk, d) -> (B, h, Tq, Tk), the numbers of timm's
+    explicit path ((q * scale) @ kᵀ, then softmax). Outside autograd it makes one new Tq x Tk tensor instead of
+    two (and no scaled copy of q): the scale rides in the product (torch.baddbmm's alpha), the softmax is written
+    in place. With gradients it is timm's expression itself."""
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+        return ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+    (B, h, Tq, d), Tk = q.shape, k.shape[2]
+    s = torch.baddbmm(q.new_zeros(()).expand(B * h, Tq, Tk), q.reshape(B * h, Tq, d),
+                      k.reshape(B * h, Tk, d).transpose(1, 2), beta=0, alpha=scale)
+    return torch.ops.aten._softmax.out(s, -1, False, out=s).view(B, h, Tq, Tk)
+
+
+def _lean_attention(a: nn.Module, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+    """timm's Attention.forward on its explicit path (fused_attn False), the probabilities from `probabilities`;
+    attn_drop still receives them (the wrapper's hook keeps them). A mask or a gate: timm's own forward."""
+    if attn_mask is not None or is_causal or getattr(a, "gate", None) is not None:
+        return type(a).forward(a, x, attn_mask, is_causal)
+    B, N, _ = x.shape
+    q, k, v = a.qkv(x).reshape(B, N, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = a.q_norm(q), a.k_norm(k)
+    x = (a.attn_drop(probabilities(q, k, a.scale)) @ v).transpose(1, 2).reshape(B, N, -1)
+    return a.proj_drop(a.proj(a.norm(x)))
 
 
 def split_name(name: str) -> tuple[str, str | None]:
