@@ -137,6 +137,33 @@ def _prefix_names(model: nn.Module, prefix: int) -> list[str]:
     return ["class token"] + [f"register {i}" for i in range(1, prefix)]
 
 
+def _factors(stack: Tensor, rank: int) -> tuple[dict, float]:
+    """Attention (L, heads, T, T) -> (the page's "rank" and base64 "q", "qs", "k", "ks", "lse"; the largest
+    |stored - exact| probability)."""
+    parts: dict[str, list[Tensor]] = {name: [] for name in ("q", "qs", "k", "ks", "lse")}
+    err = 0.0
+    for a in stack:
+        q, k = factorize(a, rank)
+        (q8, qs), (k8, ks) = quantize(q), quantize(k)
+        shown, lse = stored_attention(q8, qs, k8, ks)
+        err = max(err, float((shown - a.double()).abs().max()))
+        for name, value in zip(parts, (q8, qs, k8, ks, lse), strict=True):
+            parts[name].append(value)
+    return {"rank": rank, **{name: _b64(torch.stack(v)) for name, v in parts.items()}}, err
+
+
+def _top_classes(model: nn.Module, x: Tensor, class_names: Sequence[str] | None) -> list[dict]:
+    """The top-5 classes of x (1, C, H, W) with their probabilities and gradient rollouts; [] without a head."""
+    if getattr(model, "config", {}).get("num_classes", 1) == 0:
+        return []
+    probs = model(x)[0].float().softmax(-1)
+    best = probs.topk(min(TOP, len(probs)))
+    maps = gradient_rollout(model, x.expand(len(best.indices), -1, -1, -1), best.indices)  # one pass for all
+    return [{"name": class_names[c] if class_names else f"class {c}", "index": c, "p": p,
+             "map": _b64(m.float().flatten())}
+            for p, c, m in zip(best.values.tolist(), best.indices.tolist(), maps, strict=True)]
+
+
 @torch.no_grad()
 def _image_data(model: nn.Module, x: Tensor, picture: np.ndarray, title: str, class_names: Sequence[str] | None,
                 rank: int | None) -> tuple[dict, float]:
@@ -154,34 +181,17 @@ def _image_data(model: nn.Module, x: Tensor, picture: np.ndarray, title: str, cl
     layers, heads, tokens = len(attn), attn[0].shape[1], attn[0].shape[-1]
     prefix = prefix_count(tokens, grid)
     head_dim = model.config["embed_dim"] // heads if "embed_dim" in getattr(model, "config", {}) else tokens
-    r = min(rank or head_dim + 1, tokens)
     stack = torch.cat(attn).float().cpu()  # (L, heads, T, T)
-    q8, qs, k8, ks, lse, err = [], [], [], [], [], 0.0
-    for a in stack:
-        q, k = factorize(a, r)
-        (qi, qsi), (ki, ksi) = quantize(q), quantize(k)
-        shown, lsei = stored_attention(qi, qsi, ki, ksi)
-        err = max(err, float((shown - a.double()).abs().max()))
-        q8.append(qi), qs.append(qsi), k8.append(ki), ks.append(ksi), lse.append(lsei)
-    has_head = getattr(model, "config", {}).get("num_classes", 1) > 0
+    factors, err = _factors(stack, min(rank or head_dim + 1, tokens))
     norms = token_norms(model, x)[0]  # (L, gh, gw)
-    top = []
-    if has_head:
-        probs = model(x)[0].float().softmax(-1)
-        best = probs.topk(min(TOP, len(probs)))
-        maps = gradient_rollout(model, x.expand(len(best.indices), -1, -1, -1), best.indices)  # one pass for all
-        for p, c, m in zip(best.values.tolist(), best.indices.tolist(), maps, strict=True):
-            top.append({"name": class_names[c] if class_names else f"class {c}", "index": c, "p": p,
-                        "map": _b64(m.float().flatten())})
     ps = model.patch_size if isinstance(getattr(model, "patch_size", None), int) else 1
     entry = {
         "title": title, "picture": _png(picture), "grid": list(grid), "tokens": tokens, "prefix": prefix,
-        "prefix_names": _prefix_names(model, prefix), "layers": layers, "heads": heads, "rank": r,
-        "q": _b64(torch.stack(q8)), "qs": _b64(torch.stack(qs)), "k": _b64(torch.stack(k8)),
-        "ks": _b64(torch.stack(ks)), "lse": _b64(torch.stack(lse)),
+        "prefix_names": _prefix_names(model, prefix), "layers": layers, "heads": heads, **factors,
         "norms": _b64(norms.float().flatten()), "norm_layers": len(norms),
         "distance": mean_attention_distance(stack[:, None].unbind(0), grid, ps, prefix_tokens=prefix).tolist(),
-        "entropy": attention_entropy(stack[:, None].unbind(0)).tolist(), "top": top, "max_error": err,
+        "entropy": attention_entropy(stack[:, None].unbind(0)).tolist(), "max_error": err,
+        "top": _top_classes(model, x, class_names),
     }
     return entry, err
 

@@ -10,11 +10,12 @@ first render, from the navigation start: reading, parsing and decoding the data 
 a patch to the updated overlay and layer x head grid (the page's own clock, from the click event to the end of
 drawing; median and max over --clicks clicks); rollout from a patch up to the last layer, the first time (the
 head-mean matrices of every layer are computed then, once) and again for another patch; and the browser's version.
---screenshot PATH saves a PNG of the page showing the first configuration after a click.
+--screenshot PATH saves a PNG of the first page, the centre patch as the query in the middle layer.
 """
 
 from __future__ import annotations
 
+import shutil
 import statistics
 import sys
 import time
@@ -25,24 +26,26 @@ import torch
 from torchvision.transforms import functional as TF
 
 from attention.explorer import explorer_html
+from imagenet.dataloaders import classes as IN
 from models.pretrained import load_pretrained
 from utils.config import build_parser
 from utils.images import load_image
 
 PROG = "python -m bench.explorer"
-CHELSEA = Path(__file__).resolve().parents[1] / "imgs" / "chelsea.jpg"
+ROOT = Path(__file__).resolve().parents[1]
+CHELSEA = "imgs/chelsea.jpg"  # relative to the repo root
 CONFIG = {  # name -> (default, help); every entry is a flag (img_size -> --img-size)
     "sizes": ("vit_b16_224,dinov2_s14_reg4_518", "configurations, comma-separated, of " + ", ".join(
         ["vit_b16_224 (timm vit_base_patch16_224: 197 tokens, 12 x 12 heads)",
          "dinov2_s14_reg4_518 (timm vit_small_patch14_reg4_dinov2 at 518 px: 1,374 tokens, 12 x 6 heads)"])),
     "model": ("", "instead of --sizes: this model (a registry name, timm/<name>, a checkpoint), at --img-size"),
     "img_size": (224, "--model: the input size in pixels"),
-    "image": (str(CHELSEA), "the photo shown (resized and center-cropped to the input size)"),
+    "image": (CHELSEA, "the photo shown (resized and center-cropped to the input size)"),
     "clicks": (10, "patch clicks timed per page"),
     "output": ("runs/bench/explorer", "folder for the pages"),
-    "screenshot": ("", "save a PNG of the first page here (after a click on a patch in the middle layer)"),
-    "chromium": ("/usr/bin/chromium", "the browser"),
-    "chromedriver": ("/usr/bin/chromedriver", "its WebDriver"),
+    "screenshot": ("", "save a PNG of the first page here (query: the centre patch, in the middle layer)"),
+    "chromium": ("", "the browser (empty: chromium on the PATH)"),
+    "chromedriver": ("", "its WebDriver (empty: chromedriver on the PATH)"),
 }
 SIZES = {"vit_b16_224": ("vit_base_patch16_224", 224, {}),
          "dinov2_s14_reg4_518": ("vit_small_patch14_reg4_dinov2", 518, {"num_classes": 0})}
@@ -100,13 +103,17 @@ def measure(driver, page: Path, clicks: int, rng: np.random.Generator, shot: str
         ActionChains(driver).move_to_element_with_offset(view, int(x), int(y)).click().perform()
         times = driver.execute_async_script(WAIT)
     click = times["clicks"][-clicks:]
-    if shot:
+    if shot:  # the centre patch as the query
+        driver.execute_script("const d = explorer.data.images[0]; explorer.set({query: d.prefix + "
+                              "Math.floor(d.grid[0] / 2) * d.grid[1] + Math.floor(d.grid[1] / 2)})")
+        driver.execute_async_script(WAIT)
         Path(shot).parent.mkdir(parents=True, exist_ok=True)
         driver.save_screenshot(shot)
     tokens = driver.execute_script("return explorer.data.images[0].tokens")
     rollout = [driver.execute_async_script(ROLLOUT, int(q)) for q in (tokens - 1, tokens // 2)]
     return {"first": first, "click_median": statistics.median(click), "click_max": max(click),
             "rollout_first": rollout[0], "rollout_again": rollout[1],
+            "on": driver.execute_script("return explorer.timings.rolloutOn"),
             "version": driver.capabilities.get("browserVersion", "?")}
 
 
@@ -117,9 +124,12 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         sys.exit(f"error: --sizes {','.join(unknown)} is not one of {', '.join(SIZES)}.")
     for exe in ("chromium", "chromedriver"):
-        if not Path(cfg[exe]).exists():
-            sys.exit(f"error: --{exe} {cfg[exe]} does not exist; install it (apt-get install chromium "
-                     f"chromium-driver) or pass its path.")
+        cfg[exe] = cfg[exe] or shutil.which(exe) or ""
+        if not Path(cfg[exe]).is_file():
+            what = f"--{exe} '{cfg[exe]}' is not a file" if cfg[exe] else f"no {exe} on the PATH"
+            sys.exit(f"error: {what}; install it (apt-get install chromium chromium-driver) or pass its path.")
+    if cfg["image"] == CHELSEA and not Path(CHELSEA).exists():
+        cfg["image"] = str(ROOT / CHELSEA)
     out = Path(cfg["output"])
     out.mkdir(parents=True, exist_ok=True)
     driver = browser(cfg, out / "profile")
@@ -129,7 +139,9 @@ def main(argv: list[str] | None = None) -> None:
             model, size = build(name, cfg)
             x, picture = photo(cfg["image"], size)
             t0 = time.perf_counter()
-            page = explorer_html(model, x, out / f"{name}.html", pictures=[picture], titles=[Path(cfg["image"]).name])
+            names = list(IN.NAMES) if model.config["num_classes"] == IN.NUM_CLASSES else None
+            page = explorer_html(model, x, out / f"{name}.html", pictures=[picture], titles=[Path(cfg["image"]).name],
+                                 class_names=names)
             made = time.perf_counter() - t0
             r = measure(driver, page.path, cfg["clicks"], rng, cfg["screenshot"] if i == 0 else "")
             d = page.path.stat().st_size / 2 ** 20
@@ -137,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
                   f"patches; written in {made:.1f} s; {d:.1f} MiB; stored attention within ±{page.max_error:.2g}")
             print(f"  open -> first map {r['first']:.0f} ms; click -> updated grid {r['click_median']:.0f} ms median, "
                   f"{r['click_max']:.0f} ms max ({cfg['clicks']} clicks); rollout to the last layer "
-                  f"{r['rollout_first']:.0f} ms first, {r['rollout_again']:.0f} ms again")
+                  f"{r['rollout_first']:.0f} ms first (on {r['on']}), {r['rollout_again']:.0f} ms again")
         print(f"browser: Chromium {r['version']} (headless, {cfg['chromium']})")
         if cfg["screenshot"]:
             print(f"saved {cfg['screenshot']}")
