@@ -74,6 +74,7 @@ def test_stored_data_equals_the_models_attention(written):
     page, attn, path, model, x = written
     data = page_data(path.read_text())
     assert path.read_text() == page.html and len(data["images"]) == 2
+    assert page._repr_html_().startswith("<iframe srcdoc=")  # Jupyter shows the page inline
     for b, entry in enumerate(data["images"]):
         assert (entry["tokens"], entry["prefix"], entry["grid"]) == (19, 3, [4, 4])
         err = (decode(entry) - attn[b]).abs().max().item()
@@ -240,3 +241,17 @@ def test_mnist_cli_writes_several_test_digits(tmp_path):
     assert all(d["grid"] == [4, 4] and len(d["top"]) == 5 for d in data["images"])
     figure = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=120)  # the figure: one digit
     assert figure.returncode != 0 and "--html" in figure.stderr and figure.stderr.count("\n") == 1
+
+
+def test_imagenet_cli_writes_the_page_of_a_photo(tmp_path):
+    torch.manual_seed(0)
+    model = VisionTransformer(embed_dim=32, hidden_dim=64, num_heads=2, num_layers=2, patch_size=8, num_channels=3,
+                              num_patches=16, num_classes=10)
+    torch.save({"model_config": dict(model.config), "model": model.state_dict(), "epoch": 0}, tmp_path / "m.pth")
+    done = subprocess.run([sys.executable, "-m", "imagenet.vis_attn", "--model", str(tmp_path / "m.pth"),
+                           "--img-size", "32", "--html", str(tmp_path / "e.html")], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "saved" in done.stdout and "1." in done.stdout  # the top-5 as before
+    entry = page_data((tmp_path / "e.html").read_text())["images"][0]
+    assert entry["title"] == "chelsea.jpg" and entry["grid"] == [4, 6] and len(entry["top"]) == 5  # 32 x 48 px
