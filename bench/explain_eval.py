@@ -63,13 +63,14 @@ CONFIG = {  # name -> (default, help); every entry is a flag (batch_size -> --ba
     "batch_size": (25, "images per batch of maps and of scoring"),
     "chunk": (64, "images per forward inside a metric"),
     "steps": (10, "deletion / insertion steps (each changes 1/steps of the patches)"),
-    "groups": (10, "SaCo's patch groups K"),
-    "seed": (0, "seed of the random map, ROAD's noise and the mosaics"),
+    "groups": (10, "SaCo's salience-ranked pixel groups K"),
+    "seed": (0, "seed of the random map, the mosaics, ROAD's noise and the tie order of ROAD / SaCo"),
     "device": ("auto", hardware.DEVICE_HELP),
     "output": ("runs/explain_eval", "folder for table.md, table.json and figure.png"),
 }
 METRICS = ("road", "saco", "deletion", "insertion", "localisation")
 FRACTIONS = tuple(round(0.1 * i, 1) for i in range(1, 10))  # ROAD: share of the pixels removed
+ROAD_CURVES = ("morf", "lerf", "morf top-1", "lerf top-1")  # mean probability / top-1 accuracy per fraction
 # table column -> (metric it comes from, better: "high" | "low")
 COLUMNS = {"ROAD MoRF": ("road", "low"), "ROAD LeRF": ("road", "high"), "ROAD gap": ("road", "high"),
            "SaCo": ("saco", "high"), "deletion AUC": ("deletion", "low"), "insertion AUC": ("insertion", "high"),
@@ -128,9 +129,9 @@ def check_config(cfg: dict) -> None:
     if cfg["images"] is None:
         raise UsageError("--images is required: pass a folder of photos, e.g. --images PHOTOS with ImageNet sample "
                          "photos named <wnid>_<name>.JPEG.")
-    for key in ("batch_size", "chunk", "steps", "groups"):
-        if cfg[key] < 1:
-            raise UsageError(f"--{key.replace('_', '-')} {cfg[key]} must be at least 1.")
+    for key, least in (("batch_size", 1), ("chunk", 1), ("steps", 1), ("groups", 2)):
+        if cfg[key] < least:
+            raise UsageError(f"--{key.replace('_', '-')} {cfg[key]} must be at least {least}.")
     for key in ("limit", "mosaics"):
         if cfg[key] < 0:
             raise UsageError(f"--{key} {cfg[key]} must be 0 (the default count) or a positive count.")
@@ -168,8 +169,7 @@ def predict(model: nn.Module, x: Tensor, batch_size: int) -> Tensor:
     return torch.cat([model(b).argmax(-1) for b in x.split(batch_size)])
 
 
-def build_mosaics(model: nn.Module, x: Tensor, labels: Tensor, predicted: Tensor, count: int,
-                  seed: int) -> Mosaics | str:
+def build_mosaics(x: Tensor, labels: Tensor, predicted: Tensor, count: int, seed: int) -> Mosaics | str:
     """Mosaics of the photos the model classifies correctly alone (attention.localisation.make_mosaics), or the
     reason there are none (a sentence)."""
     right = (predicted == labels).nonzero()[:, 0]
@@ -190,9 +190,11 @@ def score(metric: str, model: nn.Module, x: Tensor, heat: Tensor, target: Tensor
           generator: torch.Generator) -> dict[str, Tensor]:
     """One metric on one batch -> {per-image quantity: (B, ...)}."""
     if metric == "road":
-        morf, _ = road(model, x, heat, target, FRACTIONS, "morf", cfg["chunk"], generator=generator, seed=cfg["seed"])
-        lerf, _ = road(model, x, heat, target, FRACTIONS, "lerf", cfg["chunk"], generator=generator, seed=cfg["seed"])
-        return {"morf": morf, "lerf": lerf}
+        out = {}
+        for order in ("morf", "lerf"):
+            out[order], out[f"{order} top-1"] = road(model, x, heat, target, FRACTIONS, order, cfg["chunk"],
+                                                     generator=generator, seed=cfg["seed"])
+        return out
     if metric == "saco":
         return {"saco": saco(model, x, heat, target, cfg["groups"], cfg["chunk"], seed=cfg["seed"])}
     return {metric: deletion_score(model, x, heat, target, cfg["steps"], metric, cfg["chunk"])}
@@ -211,10 +213,10 @@ def columns(values: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def mean_se(v: Tensor) -> tuple[float, float]:
-    """Mean and standard error of the mean (std with n - 1 / sqrt n; NaN for one value)."""
+def mean_se(v: Tensor) -> tuple[float, float | None]:
+    """Mean and standard error of the mean (std with n - 1 over sqrt n; None for a single value)."""
     v = v.double()
-    return float(v.mean()), float(v.std() / len(v) ** 0.5) if len(v) > 1 else float("nan")
+    return float(v.mean()), float(v.std() / len(v) ** 0.5) if len(v) > 1 else None
 
 
 # ------------------------------------------------------------------------------------------------------ output
@@ -235,7 +237,8 @@ def markdown(results: dict, columns_shown: list[str]) -> str:
                 cells.append("n/a")
                 continue
             m = f"{row[c]['mean']:.3f}"
-            cells.append(f"{f'**{m}**' if row[c]['mean'] == best[c] else m} ± {row[c]['se']:.3f}")
+            se = "" if row[c]["se"] is None else f" ± {row[c]['se']:.3f}"
+            cells.append(f"{f'**{m}**' if row[c]['mean'] == best[c] else m}{se}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -356,7 +359,7 @@ def prepare(cfg: dict, metrics: list[str], model: nn.Module, files: list[Path], 
     if "localisation" in metrics:
         built = "the true classes are unknown (no <wnid>_ file names), so no photo is known to be classified " \
                 "correctly" if labels is None else \
-            build_mosaics(model, x, target, predicted, cfg["mosaics"] or len(x), cfg["seed"])
+            build_mosaics(x, target, predicted, cfg["mosaics"] or len(x), cfg["seed"])
         mosaics, why_none = (None, built) if isinstance(built, str) else (built, None)
     return x, target, top1, mosaics, why_none
 
@@ -393,7 +396,7 @@ def run(cfg: dict, argv: list[str]) -> dict:
         results[name] = {c: dict(zip(("mean", "se"), mean_se(v), strict=True), n=len(v)) for c, v in cols.items()}
         per_image[name] = {c: v.tolist() for c, v in cols.items()}
         if "morf" in values:
-            curves[name] = {o: values[o].mean(0).tolist() for o in ("morf", "lerf")}
+            curves[name] = {o: values[o].double().mean(0).tolist() for o in ROAD_CURVES}
     bar.close()
     if mosaics is None:
         seconds.pop("localisation", None)

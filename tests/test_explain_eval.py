@@ -1,4 +1,4 @@
-"""bench.explain_eval end to end: a tiny ViT that has learnt eight tiny photos (so the mosaics have photos it
+"""bench.explain_eval end to end: a tiny ViT that has learnt six tiny photos (so the mosaics have photos it
 classifies correctly), every method x metric in the table, the JSON and the figure written; bad input in one line;
 and a few real photos with the real DeiT-tiny weights when ../shared/data is there."""
 
@@ -65,14 +65,14 @@ def exit_message(argv: list[str], capsys) -> str:
 
 
 def test_tiny_model_end_to_end(tmp_path, capsys):
-    photos = write_photos(tmp_path / "photos")
+    photos = write_photos(tmp_path / "photos", 6)
     weights = str(learnt_checkpoint(tmp_path / "tiny.pth", photos))
     out = tmp_path / "out"
     argv = ["--images", str(photos), "--model", weights, "--device", "cpu", "--limit", "0", "--mosaics", "6",
             "--steps", "2", "--groups", "3", "--batch-size", "5", "--output", str(out)]
     info = explain_eval.main(argv)
     printed = capsys.readouterr().out
-    assert "8 photos" in printed and "true class" in printed and "top-1 100.0%" in printed and "6 mosaics" in printed
+    assert "6 photos" in printed and "true class" in printed and "top-1 100.0%" in printed and "6 mosaics" in printed
 
     table = (out / "table.md").read_text()
     header = table.splitlines()[[i for i, line in enumerate(table.splitlines()) if line.startswith("| method")][0]]
@@ -83,7 +83,7 @@ def test_tiny_model_end_to_end(tmp_path, capsys):
 
     saved = json.loads((out / "table.json").read_text())
     assert saved["command"] == "python -m bench.explain_eval " + " ".join(argv)
-    assert saved["photos"] == 8 and saved["mosaics"] == 6 and saved["target"] == "true class"
+    assert saved["photos"] == 6 and saved["mosaics"] == 6 and saved["target"] == "true class"
     assert {"cpu", "torch_threads"} <= saved["machine"].keys() and saved["torch"] == torch.__version__
     assert set(saved["seconds"]) == {"maps", *explain_eval.METRICS}
     for name in METHODS:
@@ -91,14 +91,14 @@ def test_tiny_model_end_to_end(tmp_path, capsys):
         assert set(cells) == set(explain_eval.COLUMNS), name
         assert all(math.isfinite(c["mean"]) and math.isfinite(c["se"]) for c in cells.values()), name
         assert -1 <= cells["SaCo"]["mean"] <= 1 and 0 <= cells["quadrant share"]["mean"] <= 1
-        assert cells["ROAD MoRF"]["n"] == 8 and cells["pointing game"]["n"] == 6
+        assert cells["ROAD MoRF"]["n"] == 6 and cells["pointing game"]["n"] == 6
         assert len(saved["road_curves"][name]["morf"]) == len(explain_eval.FRACTIONS)
     assert saved == json.loads(json.dumps(info))  # what main returns is what it wrote
     assert (out / "figure.png").stat().st_size > 10_000
 
-    # the same run again: the same numbers (seeded random map, ROAD noise, mosaics)
-    again = explain_eval.main(argv[:-1] + [str(tmp_path / "again")])
-    assert again["results"] == info["results"]
+    # again for the random map: the same numbers (seeded map, ROAD noise, mosaics)
+    again = explain_eval.main(argv[:-1] + [str(tmp_path / "again"), "--methods", "random"])
+    assert again["results"]["random"] == info["results"]["random"]
 
 
 def test_subsets_and_predicted_class(tmp_path, capsys):
@@ -119,13 +119,15 @@ def test_subsets_and_predicted_class(tmp_path, capsys):
 
 def test_bad_input(tmp_path, capsys):
     message = exit_message([], capsys)
-    assert "--images is required" in message
+    assert "--images is required" in message and "folder of photos" in message
     assert "does not exist" in exit_message(["--images", str(tmp_path / "nope")], capsys)
+    assert "no image files" in exit_message(["--images", str(tmp_path)], capsys)
     photos = write_photos(tmp_path / "photos", 2)
     message = exit_message(["--images", str(photos), "--methods", "rollout,LeGrad"], capsys)
     assert "--methods 'rollout'" in message and "attention rollout" in message
     assert "--metrics 'auc'" in exit_message(["--images", str(photos), "--metrics", "auc"], capsys)
     assert "--steps 0" in exit_message(["--images", str(photos), "--steps", "0"], capsys)
+    assert "--groups 1 must be at least 2" in exit_message(["--images", str(photos), "--groups", "1"], capsys)
     (photos / "n01484850_shark.png").write_bytes(b"not a png")
     weights = tmp_path / "tiny.pth"
     torch.save(VisionTransformer(64, 128, 1, 1, 16, 3, 4, 1000).state_dict(), weights)
@@ -148,7 +150,7 @@ def test_real_deit_tiny(tmp_path):
     for f in right[:4]:
         shutil.copy(f, photos / f.name)
     info = explain_eval.main(["--images", str(photos), "--model", str(DEIT), "--device", "cpu", "--mosaics", "4",
-                              "--methods", "gradient rollout,CP-LRP,random", "--steps", "2", "--groups", "2",
+                              "--methods", "CP-LRP,random", "--steps", "2", "--groups", "2",
                               "--output", str(tmp_path / "out")])
     assert info["photos"] == 4 and info["mosaics"] == 4 and info["top1"] == 1.0
     for name, cells in info["results"].items():
