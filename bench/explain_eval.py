@@ -394,7 +394,7 @@ def run(cfg: dict, argv: list[str]) -> dict:
             continue
         cols = columns(values)
         results[name] = {c: dict(zip(("mean", "se"), mean_se(v), strict=True), n=len(v)) for c, v in cols.items()}
-        per_image[name] = {c: v.tolist() for c, v in cols.items()}
+        per_image[name] = {c: [round(a, 6) for a in v.tolist()] for c, v in cols.items()}
         if "morf" in values:
             curves[name] = {o: values[o].double().mean(0).tolist() for o in ROAD_CURVES}
     bar.close()
