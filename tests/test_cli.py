@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,7 +76,7 @@ def stated_defaults(entry: str) -> list[str]:
 
 def test_scripts_are_found():
     expected = {"mnist.train", "mnist.vis_attn", "imagenet.train", "imagenet.vis_attn", "models.pretrained",
-                "imagenet.dataloaders.imagenet-1k", "bench.faithfulness", "bench.randaugment",
+                "imagenet.dataloaders.imagenet-1k", "bench.explain_eval", "bench.randaugment",
                 "bench.imagenet_throughput", "bench.vit_speed", "bench.machine"}
     assert expected <= set(SCRIPTS), sorted(expected - set(SCRIPTS))
 
@@ -143,36 +142,6 @@ def write_photos(folder: Path) -> Path:
     ramp = np.tile(np.linspace(0, 65535, 48), (40, 1)).astype(np.uint16)
     Image.fromarray(ramp).save(folder / "n01443537_goldfish.png")
     return folder
-
-
-def tiny_checkpoint(path: Path) -> Path:
-    from models.vit import VisionTransformer
-
-    torch.manual_seed(0)
-    model = VisionTransformer(64, 128, 1, 1, 16, 3, 4, 1000)  # 32 px, 2 x 2 patches, ImageNet's 1000 classes
-    torch.save(model.state_dict(), path)
-    return path
-
-
-def test_faithfulness_input(tmp_path, capsys):
-    from bench import faithfulness
-
-    message = exit_message(faithfulness.main, [], capsys)
-    assert "--images is required" in message and "folder of photos" in message
-    assert "does not exist" in exit_message(faithfulness.main, ["--images", str(tmp_path / "nope")], capsys)
-    assert "no image files" in exit_message(faithfulness.main, ["--images", str(tmp_path)], capsys)
-    assert "--steps 0" in exit_message(faithfulness.main, ["--images", str(tmp_path), "--steps", "0"], capsys)
-    photos = write_photos(tmp_path / "photos")
-    weights = str(tiny_checkpoint(tmp_path / "tiny.pth"))
-    (photos / "n01484850_shark.png").write_bytes(b"not a png")
-    message = exit_message(faithfulness.main, ["--images", str(photos), "--weights", weights, "--device", "cpu"],
-                           capsys)
-    assert "n01484850_shark.png" in message and "cannot be decoded" in message
-    (photos / "n01484850_shark.png").unlink()
-    faithfulness.main(["--images", str(photos), "--weights", weights, "--device", "cpu", "--steps", "2"])
-    out = capsys.readouterr().out
-    assert "2 images" in out and "top-1" in out and "unknown" not in out
-    assert all(f"| {name} |" in out for name in faithfulness.METHODS)
 
 
 def test_randaugment_input(tmp_path, capsys):
