@@ -17,6 +17,10 @@ Any photo size and aspect, any PIL mode and bit depth (16-bit PNGs too), EXIF or
 --img-size, center-cropped), then both are center-cropped to multiples of the patch size; the model resamples its
 position embedding for the new patch grid.
 
+`--html PATH` writes the attention explorer instead of the figure (`attention.explorer`, docs/explorer.md): one HTML
+file, no server, where a click on a patch shows its attention row or column in every layer and head, rollout from it,
+the gradient rollout of each of the top-5 classes and the token norms.
+
 `--inspect` draws how the model looks instead (`attention.figures.inspection_figure`): the principal components of
 its patch-embedding filters, the similarity of its position embeddings, and the mean attention distance and entropy
 of every head against depth over --num-images photos of a folder, or one photo (--inspect-images; each resized to

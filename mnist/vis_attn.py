@@ -7,6 +7,9 @@ token's attention in every layer x head (`attention.figures.attention_figure`). 
 brought to the MNIST form first (gray, light digit on black, scaled into a 20x20 box, centred by centre of mass in
 28x28). The figure goes to runs/mnist/attention.png unless --output names another file.
 
+`--html PATH` writes the attention explorer of the --index digits (several: `--index 0 1 2 3`) instead of the figure
+(`attention.explorer`, docs/explorer.md): one HTML file, no server; click a patch, see where it looks.
+
 `--inspect` draws how the model looks instead (`attention.figures.inspection_figure`): the principal components of its
 patch-embedding filters, the similarity of its position embeddings, and the mean attention distance and entropy of
 every head against depth over the first --num-images test digits; the table of those is printed and the figure goes

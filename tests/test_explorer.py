@@ -255,3 +255,15 @@ def test_imagenet_cli_writes_the_page_of_a_photo(tmp_path):
     assert "saved" in done.stdout and "1." in done.stdout  # the top-5 as before
     entry = page_data((tmp_path / "e.html").read_text())["images"][0]
     assert entry["title"] == "chelsea.jpg" and entry["grid"] == [4, 6] and len(entry["top"]) == 5  # 32 x 48 px
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    path = tmp_path / "out.html"
+    path.write_text("old")
+
+    def refuse(src, dst):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr("attention.explorer.os.replace", refuse)
+    with pytest.raises(OSError, match="No space"):
+        explorer_html(small_vit(), torch.randn(1, 3, 32, 32), path)
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["out.html"]
