@@ -53,7 +53,7 @@ from imagenet.dataloaders.dataset import is_image_file
 from imagenet.dataloaders.transforms import device_transform, eval_transform
 from models.clip import PREFIX as OPEN_CLIP
 from models.clip import load_open_clip, with_prompts
-from models.pretrained import REGISTRY, load_pretrained, registry_name
+from models.pretrained import REGISTRY, library_name_meant, load_pretrained, registry_name
 from models.vit import VisionTransformer
 from utils import hardware
 from utils.checkpoint import CheckpointError, read_checkpoint
@@ -196,6 +196,9 @@ def load_model(path: str, heads: int, need_head: bool = True) -> tuple[VisionTra
         inside = f" such as '{Path(path) / 'checkpoint.pth'}'" if (Path(path) / "checkpoint.pth").is_file() else ""
         raise InputError(f"--model '{path}' is a folder; pass the checkpoint file in it{inside}, or a registry name.")
     if name is None and not Path(path).is_file():
+        meant = library_name_meant(path)
+        if meant:
+            raise InputError(f"--model '{path}' is not a name this script reads; did you mean '{meant}'?")
         close = difflib.get_close_matches(path, list(REGISTRY), n=1, cutoff=0.75)
         hint = (f"did you mean {close[0]}? " if close else "") + (
             "pass --model runs/imagenet/checkpoint.pth (what imagenet.train writes) or a name such as "
