@@ -18,7 +18,6 @@ import base64
 import html
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from attention.inspection import attention_entropy, mean_attention_distance
+from utils.checkpoint import atomic_write, output_file
 from utils.ema import eval_mode
 from utils.img2attn import gradient_rollout, prefix_count, to_rgb, token_norms
 
@@ -102,12 +102,10 @@ def _png(picture: np.ndarray) -> str:
 
 def check_path(path: str | os.PathLike) -> Path:
     """ExplorerError (one sentence) unless an HTML file can be written at `path`; missing folders are made."""
-    path = Path(path)
-    if path.is_dir():
-        raise ExplorerError(f"path '{path}' is a folder; pass a file name such as '{path / 'explore.html'}'.")
-    blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
-    if blocker is not None:
-        raise ExplorerError(f"path '{path}' lies under '{blocker}', which is a file, not a folder.")
+    try:
+        path = output_file(path, "path", "explore.html")
+    except ValueError as e:
+        raise ExplorerError(str(e)) from None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -225,22 +223,9 @@ def explorer_html(model: nn.Module, x: Tensor, path: str | os.PathLike | None = 
     data = json.dumps({"version": 1, "images": images}, separators=(",", ":")).replace("</", "<\\/")
     page = TEMPLATE.read_text(encoding="utf-8").replace(SLOT, data, 1)
     if target is not None:
-        _write_atomically(target, page)
+        atomic_write(target, lambda f: f.write(page.encode("utf-8")))  # renamed into place: never half a page
     return Explorer(page, target, err)
 
 
 def _as_array(picture: np.ndarray | Tensor) -> np.ndarray:
     return picture.detach().cpu().numpy() if isinstance(picture, Tensor) else np.asarray(picture)
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    """Write `text` to a temporary file beside `path`, then rename it into place: never a half-written page."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

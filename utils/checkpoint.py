@@ -57,6 +57,18 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
         raise
 
 
+def output_file(path: str | os.PathLike, label: str = "--output", example: str = "attention.png") -> Path:
+    """Path(path), or ValueError (one sentence naming `label` and the value) when no file can be made there: a folder
+    (suggests `example` inside it) or a path under an existing file. Checked before any work."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{label} '{path}' is a folder; pass a file name such as '{path / example}'.")
+    blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise ValueError(f"{label} '{path}' lies under '{blocker}', which is a file, not a folder.")
+    return path
+
+
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
     """torch.save `state` to `path` atomically (`atomic_write`)."""
     atomic_write(path, lambda f: torch.save(state, f))

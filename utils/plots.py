@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from utils.checkpoint import atomic_write
+from utils.checkpoint import atomic_write, output_file
 
 
 def figure_path(path: str | os.PathLike, flag: str = "--output") -> Path:
@@ -23,12 +23,7 @@ def figure_path(path: str | os.PathLike, flag: str = "--output") -> Path:
     suffix matplotlib cannot write (none, .txt, ...); the missing parent folders are made by `save_figure`."""
     from matplotlib.backend_bases import FigureCanvasBase
 
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"{flag} '{path}' is a folder; pass a file name such as '{path / 'attention.png'}'.")
-    blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
-    if blocker is not None:
-        raise ValueError(f"{flag} '{path}' lies under '{blocker}', which is a file, not a folder.")
+    path = output_file(path, flag)
     kinds = FigureCanvasBase.get_supported_filetypes()
     if path.suffix[1:].lower() not in kinds:
         raise ValueError(f"{flag} '{path}' needs a file type matplotlib writes: .png, or one of "
