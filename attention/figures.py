@@ -27,7 +27,7 @@ HEAD_CMAP = "inferno"  # the layer x head grid
 def attention_figure(ex: Explanation, image: Tensor | np.ndarray, class_names: Sequence[str] | None = None,
                      topk: int = 5, index: int = 0, label: int | None = None, *,
                      extra: Mapping[str, tuple[Tensor, str]] | None = None, query: str = "class token",
-                     kind: str = "classes") -> Figure:
+                     kind: str = "classes", probability: str = "softmax") -> Figure:
     """One picture of where the model looks at image `index` of `ex` -> matplotlib Figure.
 
     image: what to show, (H, W) / (H, W, 3) uint8 or float in [0, 1] (or channels first). label: the image's true
@@ -39,14 +39,17 @@ def attention_figure(ex: Explanation, image: Tensor | np.ndarray, class_names: S
     extra: more maps for the top row, {title: (maps (B, grid_h, grid_w), colour-bar label)}, e.g. LeGrad's.
     query: the token whose row the maps show: "class token", or for models without one (SigLIP's attention pool,
     models.any_vit's pseudo token) "attention-pool query", which the figure then says. kind: what the head's
-    outputs are ("classes", or "prompts" for a zero-shot head)."""
+    outputs are ("classes", or "prompts" for a zero-shot head). probability: how logits become the percentages,
+    "softmax" over the outputs or "sigmoid" per output (SigLIP's zero-shot head)."""
+    if probability not in ("softmax", "sigmoid"):
+        raise ValueError(f"probability={probability!r} must be 'softmax' or 'sigmoid'.")
     n_layers, n_heads = len(ex.attn), ex.attn[0].shape[1]
     cell = min(max(1.25, 10 / n_layers), 2.0)  # inches a layer x head panel: 14 x 14 patches at 150 dpi, 13 px each
     width = max(n_layers * cell, 10) + 1.0
     top_h, low_h = width / 4 + 1.1, n_heads * cell + 0.6  # room under the maps for their colour bars
     fig = Figure(figsize=(width, top_h + low_h), facecolor="white", layout="constrained")
     upper, lower = fig.subfigures(2, 1, height_ratios=[top_h, low_h])
-    _summary_row(upper, ex, image, class_names, topk, index, label, extra or {}, query, kind)
+    _summary_row(upper, ex, image, class_names, topk, index, label, extra or {}, query, kind, probability)
     note = "" if query == "class token" else " (no class token: every map is the attention-pool query's row)"
     lower.suptitle(f"{_adjective(query)} attention in every layer × head (each panel scaled to its own range){note}",
                    fontsize=12)
@@ -62,12 +65,17 @@ def _adjective(query: str) -> str:
     return "class-token" if query == "class token" else query
 
 
-def _title(ex: Explanation, index: int, name: Callable[[int], str], label: int | None) -> str:
+def _probs(ex: Explanation, index: int, probability: str) -> Tensor:
+    logits = ex.logits[index].float()
+    return logits.sigmoid() if probability == "sigmoid" else logits.softmax(-1)
+
+
+def _title(ex: Explanation, index: int, name: Callable[[int], str], label: int | None, probability: str) -> str:
     """"predicted: X (p %)", and "true: Y" when the label is known."""
     truth = f"   true: {name(label)}" if label is not None else ""
     if ex.logits is None:
         return f"no classification head: attention maps only{truth}"
-    probs = ex.logits[index].float().softmax(-1)
+    probs = _probs(ex, index, probability)
     c = int(probs.argmax())
     return f"predicted: {name(c)}  ({float(probs[c]):.1%}){truth}"
 
@@ -87,7 +95,7 @@ def _colour_bar(fig: SubFigure, ax: Axes, values: Tensor, cmap: str, label: str)
 
 def _summary_row(upper: SubFigure, ex: Explanation, image: Tensor | np.ndarray,
                  class_names: Sequence[str] | None, topk: int, index: int, label: int | None,
-                 extra: Mapping[str, tuple[Tensor, str]], query: str, kind: str) -> None:
+                 extra: Mapping[str, tuple[Tensor, str]], query: str, kind: str, probability: str) -> None:
     """The image, the top-k bars and the map overlays (each with its colour bar), under the prediction."""
     has_head = ex.logits is not None
 
@@ -96,7 +104,7 @@ def _summary_row(upper: SubFigure, ex: Explanation, image: Tensor | np.ndarray,
 
     maps = {"attention rollout": (ex.rollout[index], f"share of the {query}'s attention")}
     if has_head:
-        probs = ex.logits[index].float().softmax(-1)
+        probs = _probs(ex, index, probability)
         top, target = probs.topk(min(topk, probs.numel())), int(ex.target[index])
         maps[f"gradient rollout: {name(target)[:28]}"] = (ex.gradient_rollout[index], "relevance (arbitrary units)")
     maps.update({title: (m[index], what) for title, (m, what) in extra.items()})
@@ -104,7 +112,7 @@ def _summary_row(upper: SubFigure, ex: Explanation, image: Tensor | np.ndarray,
     img = to_rgb(image)
     k = max(1, -(-224 // max(img.shape[:2])))  # upscale small images (MNIST) so overlays are smooth
     img = img.repeat(k, 0).repeat(k, 1)
-    upper.suptitle(_title(ex, index, name, label), fontsize=15, fontweight="bold")
+    upper.suptitle(_title(ex, index, name, label, probability), fontsize=15, fontweight="bold")
     ax = upper.subplots(1, 1 + has_head + len(maps))
     ax[0].imshow(img, interpolation="nearest")
     ax[0].set_title("input", fontsize=12)
@@ -117,7 +125,8 @@ def _summary_row(upper: SubFigure, ex: Explanation, image: Tensor | np.ndarray,
     if has_head:
         ax[1].set_xlim(0, 1)
         ax[1].set_ylim(len(top.values) - 0.5, -0.9)
-        ax[1].set_title(f"top-{len(top.values)} {kind}", fontsize=12)
+        each = " (sigmoid, each on its own)" if probability == "sigmoid" else ""
+        ax[1].set_title(f"top-{len(top.values)} {kind}{each}", fontsize=12)
         ax[1].set_axis_off()
     panels = ax[1 + has_head:]
     for a, (title, (m, what)) in zip(panels, maps.items(), strict=True):

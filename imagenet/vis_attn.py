@@ -252,6 +252,17 @@ def inspect(cfg: dict) -> None:
     print(f"saved {cfg['output']}")
 
 
+def probability_of(model) -> str:
+    """How the model's logits become probabilities: "sigmoid" per prompt for SigLIP's zero-shot head
+    (models.clip.ZeroShotHead.probability), else "softmax"."""
+    return getattr(getattr(model, "head", None), "probability", "softmax")
+
+
+def probabilities(logits: Tensor, probability: str) -> Tensor:
+    """logits (K,) -> probabilities (K,): a softmax over the K outputs, or a sigmoid for each."""
+    return logits.float().sigmoid() if probability == "sigmoid" else logits.float().softmax(-1)
+
+
 def print_top5(probs: Tensor, names: Sequence[str] | None) -> None:
     top = probs.topk(min(5, len(probs)))
     for rank, (p, c) in enumerate(zip(top.values.tolist(), top.indices.tolist(), strict=True), 1):
@@ -306,15 +317,16 @@ def run(cfg: dict) -> None:
     if num_classes and (getattr(model, "layer_logits", None) is not None or isinstance(model, VisionTransformer)):
         extra["LeGrad"] = (legrad(model, x, ex.target), "relevance, min-max scaled")
     query = "attention-pool query" if getattr(model, "pool_query", False) else "class token"
+    probability = probability_of(model)
     fig = attention_figure(ex, np.asarray(shown), class_names=names, topk=5, label=label, extra=extra, query=query,
-                           kind="prompts" if cfg["prompt"] else "classes")
+                           kind="prompts" if cfg["prompt"] else "classes", probability=probability)
     save_figure(fig, cfg["output"])
     if label is not None:
         print(f"true class (from the file name): {names[label] if names else label} (index {label})")
     if num_classes == 0:
         print(f"saved {cfg['output']} ({cfg['model']} has no classification head: maps only, no top-5)")
         return
-    print_top5(ex.logits[0].float().softmax(-1), names)
+    print_top5(probabilities(ex.logits[0], probability), names)
     what = names[tgt] if names and tgt is not None else "the top class" if tgt is None else f"class {tgt}"
     print(f"saved {cfg['output']} (gradient map for {what}{', LeGrad map too' if extra else ''})")
 
@@ -325,7 +337,7 @@ def write_explorer(cfg: dict, model, x: Tensor, shown: Image.Image, names: Seque
                          class_names=names)
     if model.config["num_classes"]:
         with torch.no_grad():
-            print_top5(model(x)[0].float().softmax(-1), names)
+            print_top5(probabilities(model(x)[0], probability_of(model)), names)
     print(f"saved {cfg['html']} ({page.path.stat().st_size / 1024:,.0f} KiB; stored attention within "
           f"±{page.max_error:.2g})")
 

@@ -237,6 +237,12 @@ class ZeroShotHead(nn.Module):
         bias = None if logit_bias is None else torch.as_tensor(logit_bias).detach().float().reshape(())
         self.register_buffer("logit_bias", bias)
 
+    @property
+    def probability(self) -> str:
+        """How the logits become probabilities: "sigmoid" per prompt for SigLIP (trained with a sigmoid loss, Zhai
+        et al. 2023: its logit_bias), "softmax" over the prompts for CLIP (contrastive softmax loss)."""
+        return "softmax" if self.logit_bias is None else "sigmoid"
+
     def forward(self, image: Tensor) -> Tensor:
         logits = self.logit_scale * F.normalize(image, dim=-1) @ self.text.to(image.dtype).T
         return logits if self.logit_bias is None else logits + self.logit_bias

@@ -570,3 +570,9 @@ def test_vis_attn_with_prompts_on_a_transformers_folder(family, tmp_path, capsys
     text = capsys.readouterr().out
     assert out.is_file() and "a red bicycle" in text and "gradient map for a dog" in text
     assert ("LeGrad map too" in text) == (family == "clip")
+    shown = sum(float(line.split("%")[0].split(".", 1)[1]) for line in text.splitlines()
+                if line[:2] in ("1.", "2.") and "%" in line)  # the two prompts' percentages
+    if family == "clip":  # a softmax over the prompts
+        assert abs(shown - 100) < 0.2, text
+    else:  # SigLIP: a sigmoid per prompt (its bias -2.5: far from summing to 100 %)
+        assert shown < 90, text
