@@ -151,10 +151,14 @@ def _factors(stack: Tensor, rank: int) -> tuple[dict, float]:
 
 
 def _top_classes(model: nn.Module, x: Tensor, class_names: Sequence[str] | None) -> list[dict]:
-    """The top-5 classes of x (1, C, H, W) with their probabilities and gradient rollouts; [] without a head."""
+    """The top-5 classes of x (1, C, H, W) with their probabilities (softmax; a sigmoid per prompt for a head that
+    says so: SigLIP's zero-shot head, models.clip.ZeroShotHead.probability) and gradient rollouts; [] without a
+    head."""
     if getattr(model, "config", {}).get("num_classes", 1) == 0:
         return []
-    probs = model(x)[0].float().softmax(-1)
+    logits = model(x)[0].float()
+    sigmoid = getattr(getattr(model, "head", None), "probability", "softmax") == "sigmoid"
+    probs = logits.sigmoid() if sigmoid else logits.softmax(-1)
     best = probs.topk(min(TOP, len(probs)))
     maps = gradient_rollout(model, x.expand(len(best.indices), -1, -1, -1), best.indices)  # one pass for all
     return [{"name": class_names[c] if class_names else f"class {c}", "index": c, "p": p,
