@@ -309,12 +309,14 @@ def probabilities(q: Tensor, k: Tensor, scale: float) -> Tensor:
     """softmax(q·kᵀ·scale) over the keys: q (B, h, Tq, d), k (B, h, Tk, d) -> (B, h, Tq, Tk), the numbers of timm's
     explicit path ((q * scale) @ kᵀ, then softmax). Outside autograd it makes one new Tq x Tk tensor instead of
     two (and no scaled copy of q): the scale rides in the product (torch.baddbmm's alpha), the softmax is written
-    in place. With gradients it is timm's expression itself."""
+    in place (on the CPU). With gradients it is timm's expression itself."""
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
         return ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1)
     (B, h, Tq, d), Tk = q.shape, k.shape[2]
     s = torch.baddbmm(q.new_zeros(()).expand(B * h, Tq, Tk), q.reshape(B * h, Tq, d),
                       k.reshape(B * h, Tk, d).transpose(1, 2), beta=0, alpha=scale)
+    if s.device.type != "cpu":  # the in-place softmax is checked on CPU kernels only
+        return s.softmax(dim=-1).view(B, h, Tq, Tk)
     return torch.ops.aten._softmax.out(s, -1, False, out=s).view(B, h, Tq, Tk)
 
 
