@@ -85,7 +85,7 @@ OPTIONS = {
     "inspect": (False, "instead: the ViT paper's Fig. 7 (patch-filter components, position-embedding similarity, "
                        "mean attention distance per head) and attention entropy over --inspect-images; prints the "
                        "distance / entropy table (weights without a head work too)"),
-    "inspect_images": (CHELSEA, "--inspect: a folder of photos, or one photo"),
+    "inspect_images": (CHELSEA, "--inspect: a folder of photos, or one photo (--inspect --image X: X)"),
     "num_images": (32, "--inspect: photos taken from the folder, evenly spaced over its sorted names"),
     "html": (None, "instead of the figure: this HTML file, the attention explorer (attention.explorer; click a "
                    "patch, see where it looks; one file, no server)"),
@@ -343,7 +343,9 @@ def write_explorer(cfg: dict, model, x: Tensor, shown: Image.Image, names: Seque
 
 
 def parse_args(argv: list[str] | None = None) -> dict:
-    cfg, _ = parse_config("python -m imagenet.vis_attn", __doc__, {"options": OPTIONS}, argv, aliases=ALIASES)
+    cfg, given = parse_config("python -m imagenet.vis_attn", __doc__, {"options": OPTIONS}, argv, aliases=ALIASES)
+    if cfg["inspect"] and "image" in given and "inspect_images" not in given:
+        cfg["inspect_images"] = cfg["image"]  # --inspect --image X: inspect X
     repeated = argparse.ArgumentParser(add_help=False)  # --prompt may be given many times: keep them all
     repeated.add_argument("--prompt", action="append", default=[])
     prompts = repeated.parse_known_args(argv)[0].prompt

@@ -342,6 +342,10 @@ def test_imagenet_tracks_attention_and_inspects(tmp_path, capsys):
                        str(tmp_path / "inspect.png")])
     text = capsys.readouterr().out
     assert "2 photo(s)" in text and "| 2 |" in text and (tmp_path / "inspect.png").is_file()
+    one = next((tmp_path / "data" / "val" / "a").iterdir())
+    imagenet_vis.main(["--inspect", "--model", str(out / "checkpoint.pth"), "--image", str(one), "--img-size", "32",
+                       "--out", str(tmp_path / "inspect.png")])  # --image names what --inspect reads
+    assert f"1 photo(s) of {one}" in capsys.readouterr().out
     (tmp_path / "empty").mkdir()
     for argv, words in ((["--inspect-images", str(tmp_path / "empty")], "holds no images"),
                         (["--img-size", "30"], "not a multiple of the patch size"),
