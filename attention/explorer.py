@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from attention.inspection import attention_entropy, mean_attention_distance
+from models.any_vit import output_probability, probabilities
 from utils.checkpoint import atomic_write, output_file
 from utils.ema import eval_mode
 from utils.img2attn import gradient_rollout, prefix_count, to_rgb, token_norms
@@ -156,9 +157,7 @@ def _top_classes(model: nn.Module, x: Tensor, class_names: Sequence[str] | None)
     head."""
     if getattr(model, "config", {}).get("num_classes", 1) == 0:
         return []
-    logits = model(x)[0].float()
-    sigmoid = getattr(getattr(model, "head", None), "probability", "softmax") == "sigmoid"
-    probs = logits.sigmoid() if sigmoid else logits.softmax(-1)
+    probs = probabilities(model(x)[0], output_probability(model))
     best = probs.topk(min(TOP, len(probs)))
     maps = gradient_rollout(model, x.expand(len(best.indices), -1, -1, -1), best.indices)  # one pass for all
     return [{"name": class_names[c] if class_names else f"class {c}", "index": c, "p": p,

@@ -56,7 +56,7 @@ def deletion_score(model: nn.Module, x: Tensor, heatmap: Tensor, target: int | T
     (ties: lower patch index first): "deletion" replaces them with the image's per-channel mean (lower AUC =
     better map); "insertion" starts from the all-mean image and puts them back (higher = better).
     Returns (B,) trapezoid AUC of softmax[target] over the fraction of patches changed, in [0, 1].
-    All (steps + 1)·B images go through the model in chunks of batch_size, in eval mode.
+    All (steps + 1)·B images go through the model in chunks of batch_size (target_probs), in eval mode.
     """
     if mode not in ("deletion", "insertion"):
         raise ValueError(f"mode={mode!r} must be 'deletion' or 'insertion'.")
@@ -67,13 +67,14 @@ def deletion_score(model: nn.Module, x: Tensor, heatmap: Tensor, target: int | T
     count = torch.linspace(0, gh * gw, steps + 1, device=x.device).round()  # patches changed at each step
     mean = x.mean((2, 3), keepdim=True).expand_as(x)
     start, end = (x, mean) if mode == "deletion" else (mean, x)
+
+    def make(idx: Tensor) -> Tensor:  # image idx = s·B + b: image b at step s
+        s, b = idx // B, idx % B
+        changed = (rank[b] < count[s, None]).view(-1, 1, gh, gw)
+        changed = changed.repeat_interleave(H // gh, 2).repeat_interleave(W // gw, 3)
+        return torch.where(changed, end[b], start[b])
+
     with eval_mode(model):
         target = model(x).argmax(-1) if target is None else per_image_targets(target, B, x.device)
-        probs = []
-        for idx in torch.arange((steps + 1) * B, device=x.device).split(batch_size):
-            s, b = idx // B, idx % B
-            changed = (rank[b] < count[s, None]).view(-1, 1, gh, gw)
-            changed = changed.repeat_interleave(H // gh, 2).repeat_interleave(W // gw, 3)
-            p = model(torch.where(changed, end[b], start[b])).softmax(-1)
-            probs.append(p.gather(1, target[b, None])[:, 0])
-    return torch.trapezoid(torch.cat(probs).view(steps + 1, B).T, dx=1 / steps, dim=1)
+        probs = target_probs(model, make, (steps + 1) * B, target.repeat(steps + 1), batch_size)[0]
+    return torch.trapezoid(probs.view(steps + 1, B).T, dx=1 / steps, dim=1)

@@ -17,6 +17,7 @@ from matplotlib.figure import Figure, SubFigure
 from torch import Tensor
 
 from attention.inspection import patch_distances
+from models.any_vit import probabilities
 from utils.img2attn import Explanation, cls_attention, overlay, to_rgb
 from utils.img_to_patch import mosaic
 
@@ -65,17 +66,12 @@ def _adjective(query: str) -> str:
     return "class-token" if query == "class token" else query
 
 
-def _probs(ex: Explanation, index: int, probability: str) -> Tensor:
-    logits = ex.logits[index].float()
-    return logits.sigmoid() if probability == "sigmoid" else logits.softmax(-1)
-
-
 def _title(ex: Explanation, index: int, name: Callable[[int], str], label: int | None, probability: str) -> str:
     """"predicted: X (p %)", and "true: Y" when the label is known."""
     truth = f"   true: {name(label)}" if label is not None else ""
     if ex.logits is None:
         return f"no classification head: attention maps only{truth}"
-    probs = _probs(ex, index, probability)
+    probs = probabilities(ex.logits[index], probability)
     c = int(probs.argmax())
     return f"predicted: {name(c)}  ({float(probs[c]):.1%}){truth}"
 
@@ -104,7 +100,7 @@ def _summary_row(upper: SubFigure, ex: Explanation, image: Tensor | np.ndarray,
 
     maps = {"attention rollout": (ex.rollout[index], f"share of the {query}'s attention")}
     if has_head:
-        probs = _probs(ex, index, probability)
+        probs = probabilities(ex.logits[index], probability)
         top, target = probs.topk(min(topk, probs.numel())), int(ex.target[index])
         maps[f"gradient rollout: {name(target)[:28]}"] = (ex.gradient_rollout[index], "relevance (arbitrary units)")
     maps.update({title: (m[index], what) for title, (m, what) in extra.items()})

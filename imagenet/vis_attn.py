@@ -51,6 +51,7 @@ from imagenet.dataloaders import classes as IN
 from imagenet.dataloaders import constants as IN1K
 from imagenet.dataloaders.dataset import is_image_file
 from imagenet.dataloaders.transforms import device_transform, eval_transform
+from models.any_vit import output_probability, probabilities
 from models.clip import PREFIX as OPEN_CLIP
 from models.clip import load_open_clip, with_prompts
 from models.pretrained import REGISTRY, library_name_meant, load_pretrained, registry_name
@@ -252,17 +253,6 @@ def inspect(cfg: dict) -> None:
     print(f"saved {cfg['output']}")
 
 
-def probability_of(model) -> str:
-    """How the model's logits become probabilities: "sigmoid" per prompt for SigLIP's zero-shot head
-    (models.clip.ZeroShotHead.probability), else "softmax"."""
-    return getattr(getattr(model, "head", None), "probability", "softmax")
-
-
-def probabilities(logits: Tensor, probability: str) -> Tensor:
-    """logits (K,) -> probabilities (K,): a softmax over the K outputs, or a sigmoid for each."""
-    return logits.float().sigmoid() if probability == "sigmoid" else logits.float().softmax(-1)
-
-
 def print_top5(probs: Tensor, names: Sequence[str] | None) -> None:
     top = probs.topk(min(5, len(probs)))
     for rank, (p, c) in enumerate(zip(top.values.tolist(), top.indices.tolist(), strict=True), 1):
@@ -317,7 +307,7 @@ def run(cfg: dict) -> None:
     if num_classes and (getattr(model, "layer_logits", None) is not None or isinstance(model, VisionTransformer)):
         extra["LeGrad"] = (legrad(model, x, ex.target), "relevance, min-max scaled")
     query = "attention-pool query" if getattr(model, "pool_query", False) else "class token"
-    probability = probability_of(model)
+    probability = output_probability(model)
     fig = attention_figure(ex, np.asarray(shown), class_names=names, topk=5, label=label, extra=extra, query=query,
                            kind="prompts" if cfg["prompt"] else "classes", probability=probability)
     save_figure(fig, cfg["output"])
@@ -337,7 +327,7 @@ def write_explorer(cfg: dict, model, x: Tensor, shown: Image.Image, names: Seque
                          class_names=names)
     if model.config["num_classes"]:
         with torch.no_grad():
-            print_top5(probabilities(model(x)[0], probability_of(model)), names)
+            print_top5(probabilities(model(x)[0], output_probability(model)), names)
     print(f"saved {cfg['html']} ({page.path.stat().st_size / 1024:,.0f} KiB; stored attention within "
           f"±{page.max_error:.2g})")
 

@@ -93,6 +93,17 @@ def hub_offline(on: bool = True) -> Iterator[None]:
         constants.HF_HUB_OFFLINE = saved
 
 
+def output_probability(model: nn.Module) -> str:
+    """How the model's logits become probabilities: "sigmoid", one per output, for a head that says so (SigLIP's
+    zero-shot head, models.clip.ZeroShotHead.probability: a sigmoid loss), else "softmax" over the outputs."""
+    return getattr(getattr(model, "head", None), "probability", "softmax")
+
+
+def probabilities(logits: Tensor, probability: str = "softmax") -> Tensor:
+    """logits (..., K) -> probabilities (..., K), float32: a softmax over K, or a sigmoid for each ("sigmoid")."""
+    return logits.float().sigmoid() if probability == "sigmoid" else logits.float().softmax(-1)
+
+
 def pad_pseudo(a: Tensor) -> Tensor:
     """A block's attention over T tokens (B, h, T, T) -> (B, h, 1 + T, 1 + T) with the pool-query pseudo token 0,
     which attends only to itself and which nothing attends to."""

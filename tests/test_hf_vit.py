@@ -251,11 +251,9 @@ def save_to_hub_cache(model, home, repo_id: str, processor: dict | None = None) 
     (repo / "refs" / "main").write_text(rev)
 
 
-def test_load_from_a_prefilled_cache_with_no_request(tmp_path, monkeypatch):
-    model = build("vit")
-    save_to_hub_cache(model, tmp_path, "tiny-org/tiny-vit", dict(image_mean=[0.1] * 3, image_std=[0.2] * 3,
-                                                                resample=3, size={"height": 32, "width": 32}))
-    monkeypatch.setenv("HF_HOME", str(tmp_path))
+def offline_cache(monkeypatch, home) -> None:
+    """The Hugging Face cache under `home` (HF_HOME), HF_HUB_OFFLINE=1, and any socket connection an error."""
+    monkeypatch.setenv("HF_HOME", str(home))
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
@@ -264,6 +262,13 @@ def test_load_from_a_prefilled_cache_with_no_request(tmp_path, monkeypatch):
 
     monkeypatch.setattr(socket.socket, "connect", no_connection)
     monkeypatch.setattr(socket, "create_connection", no_connection)
+
+
+def test_load_from_a_prefilled_cache_with_no_request(tmp_path, monkeypatch):
+    model = build("vit")
+    save_to_hub_cache(model, tmp_path, "tiny-org/tiny-vit", dict(image_mean=[0.1] * 3, image_std=[0.2] * 3,
+                                                                resample=3, size={"height": 32, "width": 32}))
+    offline_cache(monkeypatch, tmp_path)
     loaded = load_hf("tiny-org/tiny-vit")
     assert isinstance(loaded, HFViT) and not loaded.training
     assert type(loaded.model).__name__ == "ViTForImageClassification"  # config.json's architectures, not AutoModel
@@ -403,15 +408,7 @@ def test_prompts_by_name_from_a_prefilled_cache(family, tmp_path, monkeypatch):
     save_to_hub_cache(model, tmp_path, repo_id)
     snapshot = next((tmp_path / "hub" / f"models--tiny-org--tiny-{family}" / "snapshots").iterdir())
     tok.save_pretrained(snapshot)  # tokenizer.json + tokenizer_config.json, as the Hub repos hold them
-    monkeypatch.setenv("HF_HOME", str(tmp_path))
-    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-    def no_connection(*args, **kwargs):
-        raise AssertionError("a network request was made")
-
-    monkeypatch.setattr(socket.socket, "connect", no_connection)
-    monkeypatch.setattr(socket, "create_connection", no_connection)
+    offline_cache(monkeypatch, tmp_path)
     loaded = load_pretrained(f"hf:{repo_id}")
     assert loaded.clip_model is loaded.model
     check_prompt_head(with_prompts(loaded, PROMPTS), model, tok, family)
