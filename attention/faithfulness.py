@@ -43,12 +43,13 @@ def target_probs(model: nn.Module, make: Callable[[Tensor], Tensor], count: int,
     for idx in torch.arange(count, device=target.device).split(batch_size):
         p = model(make(idx)).softmax(-1)
         out.append(torch.stack([p.gather(1, target[idx, None])[:, 0], (p.argmax(-1) == target[idx]).float()]))
-    return torch.cat(out, 1)
+    return torch.cat(out, 1) if out else torch.zeros(2, 0, device=target.device)
 
 
 @torch.no_grad()
 def deletion_score(model: nn.Module, x: Tensor, heatmap: Tensor, target: int | Tensor | None = None,
-                   steps: int = 10, mode: str = "deletion", batch_size: int = 64) -> Tensor:
+                   steps: int = 10, mode: str = "deletion", batch_size: int = 64, ends: Tensor | None = None
+                   ) -> Tensor:
     """How faithful is a map? Area under the target-probability curve while patches go, most important first.
 
     x: (B, C, H, W); heatmap: (B, gh, gw), one score per patch (H, W multiples of gh, gw); target: class per
@@ -56,7 +57,9 @@ def deletion_score(model: nn.Module, x: Tensor, heatmap: Tensor, target: int | T
     (ties: lower patch index first): "deletion" replaces them with the image's per-channel mean (lower AUC =
     better map); "insertion" starts from the all-mean image and puts them back (higher = better).
     Returns (B,) trapezoid AUC of softmax[target] over the fraction of patches changed, in [0, 1].
-    All (steps + 1)·B images go through the model in chunks of batch_size (target_probs), in eval mode.
+    All (steps + 1)·B images go through the model in chunks of batch_size (target_probs), in eval mode; with
+    ends = (2, B) softmax[target] of x and of the all-mean image (known from an earlier call), the steps' end
+    points are not run again: (steps - 1)·B images.
     """
     if mode not in ("deletion", "insertion"):
         raise ValueError(f"mode={mode!r} must be 'deletion' or 'insertion'.")
@@ -76,5 +79,11 @@ def deletion_score(model: nn.Module, x: Tensor, heatmap: Tensor, target: int | T
 
     with eval_mode(model):
         target = model(x).argmax(-1) if target is None else per_image_targets(target, B, x.device)
-        probs = target_probs(model, make, (steps + 1) * B, target.repeat(steps + 1), batch_size)[0]
+        if ends is None:
+            probs = target_probs(model, make, (steps + 1) * B, target.repeat(steps + 1), batch_size)[0]
+        else:  # the images of steps 1 .. steps - 1 only
+            inner = target_probs(model, lambda idx: make(idx + B), (steps - 1) * B, target.repeat(steps - 1),
+                                 batch_size)[0]
+            first, last = (ends[0], ends[1]) if mode == "deletion" else (ends[1], ends[0])
+            probs = torch.cat([first.to(inner), inner, last.to(inner)])
     return torch.trapezoid(probs.view(steps + 1, B).T, dx=1 / steps, dim=1)

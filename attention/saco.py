@@ -26,7 +26,7 @@ def saco_from_drops(salience: Tensor, drop: Tensor) -> Tensor:
 
 @torch.no_grad()
 def saco(model: nn.Module, x: Tensor, heatmap: Tensor, target: int | Tensor | None = None, groups: int = 10,
-         batch_size: int = 64, seed: int = 0) -> Tensor:
+         batch_size: int = 64, seed: int = 0, full: Tensor | None = None) -> Tensor:
     """SaCo (Wu et al. 2024): x (B, C, H, W), heatmap (B, gh, gw) patch map, target class per image (default: the
     predicted class) -> (B,) in [-1, 1]; 1 = salience order and size agree with the model, -1 = reversed.
 
@@ -34,7 +34,8 @@ def saco(model: nn.Module, x: Tensor, heatmap: Tensor, target: int | Tensor | No
     `seed`, attention.faithfulness.pixel_order) are ranked by salience and cut into `groups` = K groups of
     H·W/K pixels (most salient first); s(G_i) = the summed salience of the group's pixels; each group alone is
     replaced by the image's per-channel mean (the paper's per-sample mean), drop_i = softmax[target](x) -
-    softmax[target](perturbed); then saco_from_drops. B·K perturbed images go through the model in eval mode.
+    softmax[target](perturbed); then saco_from_drops. B·K perturbed images go through the model in eval mode (and
+    the B images themselves unless `full`, their (B,) softmax[target], is given).
     """
     if groups < 2:
         raise ValueError(f"groups={groups} must be at least 2.")
@@ -47,7 +48,8 @@ def saco(model: nn.Module, x: Tensor, heatmap: Tensor, target: int | Tensor | No
     mean = x.mean((2, 3), keepdim=True)
     with eval_mode(model):
         target = model(x).argmax(-1) if target is None else per_image_targets(target, B, x.device)
-        full = target_probs(model, lambda idx: x[idx], B, target, batch_size)[0]
+        if full is None:
+            full = target_probs(model, lambda idx: x[idx], B, target, batch_size)[0]
 
         def make(idx: Tensor) -> Tensor:
             b, k = idx // groups, idx % groups

@@ -17,7 +17,9 @@ Metrics (docs/explain_eval.md says where each comes from):
   localisation  on 2x2 mosaics of four photos of four classes, each classified correctly alone (Arias-Duart et al.
                 2022): the map's share in the explained photo's quadrant (0.25 = chance) and the pointing game.
 Every cell is the mean +- standard error over images (mosaics). Writes table.md, table.json and figure.png (ROAD
-curves and every method's map of one mosaic) under --output.
+curves and every method's map of one mosaic) under --output. The maps are computed in fp32; the metrics' forwards
+in --amp's precision (auto: bf16 where the hardware does it natively); the photos' and their all-mean images'
+probabilities, which SaCo, deletion and insertion share, are computed once for every method.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import platform
 import shlex
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +39,7 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from attention.attribution import METHODS, random_map
-from attention.faithfulness import deletion_score
+from attention.faithfulness import deletion_score, target_probs
 from attention.localisation import Mosaics, make_mosaics, pointing_game, quadrant_share
 from attention.road import road
 from attention.saco import saco
@@ -66,6 +69,7 @@ CONFIG = {  # name -> (default, help); every entry is a flag (batch_size -> --ba
     "groups": (10, "SaCo's salience-ranked pixel groups K"),
     "seed": (0, "seed of the random map, the mosaics, ROAD's noise and the tie order of ROAD / SaCo"),
     "device": ("auto", hardware.DEVICE_HELP),
+    "amp": ("auto", "precision of the metrics' forwards (the maps are always fp32): " + hardware.AMP_HELP),
     "output": ("runs/explain_eval", "folder for table.md, table.json and figure.png"),
 }
 METRICS = ("road", "saco", "deletion", "insertion", "localisation")
@@ -186,9 +190,34 @@ def maps_of(method, model: nn.Module, x: Tensor, target: Tensor, batch_size: int
                       zip(x.split(batch_size), target.split(batch_size), strict=True)])
 
 
-def score(metric: str, model: nn.Module, x: Tensor, heat: Tensor, target: Tensor, cfg: dict,
+class Autocast(nn.Module):
+    """`model` run under `hw.autocast()` (--amp), its logits returned as float32: the metrics' forwards."""
+
+    def __init__(self, model: nn.Module, hw: hardware.Hardware):
+        super().__init__()
+        self.model, self.hw = model, hw
+
+    def forward(self, x: Tensor) -> Tensor:
+        with self.hw.autocast():
+            return self.model(x).float()
+
+
+@torch.no_grad()
+def endpoints(scorer: nn.Module, x: Tensor, target: Tensor, chunk: int) -> Tensor:
+    """(2, N) softmax[target] of the photos and of their all-mean images: shared by SaCo (the unperturbed
+    probability) and deletion / insertion (their first and last steps), computed once for every method."""
+    n = len(x)
+
+    def make(idx: Tensor) -> Tensor:  # idx < n: photo idx; else photo idx - n with every pixel its mean
+        b = idx % n
+        return torch.where((idx < n).view(-1, 1, 1, 1), x[b], x[b].mean((2, 3), keepdim=True))
+
+    return target_probs(scorer, make, 2 * n, target.repeat(2), chunk)[0].view(2, n)
+
+
+def score(metric: str, model: nn.Module, x: Tensor, heat: Tensor, target: Tensor, ends: Tensor, cfg: dict,
           generator: torch.Generator) -> dict[str, Tensor]:
-    """One metric on one batch -> {per-image quantity: (B, ...)}."""
+    """One metric on one batch -> {per-image quantity: (B, ...)}; ends: the batch's (2, B) endpoints."""
     if metric == "road":
         out = {}
         for order in ("morf", "lerf"):
@@ -196,8 +225,8 @@ def score(metric: str, model: nn.Module, x: Tensor, heat: Tensor, target: Tensor
                                                      generator=generator, seed=cfg["seed"])
         return out
     if metric == "saco":
-        return {"saco": saco(model, x, heat, target, cfg["groups"], cfg["chunk"], seed=cfg["seed"])}
-    return {metric: deletion_score(model, x, heat, target, cfg["steps"], metric, cfg["chunk"])}
+        return {"saco": saco(model, x, heat, target, cfg["groups"], cfg["chunk"], seed=cfg["seed"], full=ends[0])}
+    return {metric: deletion_score(model, x, heat, target, cfg["steps"], metric, cfg["chunk"], ends)}
 
 
 def columns(values: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -278,10 +307,10 @@ def figure(curves: dict, example: tuple[Tensor, str, dict[str, Tensor]], mean_st
     return fig
 
 
-def machine(device: torch.device) -> dict:
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-    return {"cpu": cpu_name(), "torch_threads": torch.get_num_threads(), "device": str(device), "gpu": gpu,
-            "python": platform.python_version()}
+def machine(hw: hardware.Hardware) -> dict:
+    gpu = torch.cuda.get_device_name(hw.device) if hw.device.type == "cuda" else None
+    return {"cpu": cpu_name(), "torch_threads": torch.get_num_threads(), "device": str(hw.device), "gpu": gpu,
+            "amp": hw.amp, "hardware": hw.summary, "python": platform.python_version()}
 
 
 # ------------------------------------------------------------------------------------------------------ main
@@ -293,12 +322,12 @@ def setup(cfg: dict) -> tuple:
     out = Path(cfg["output"])
     figure_path(out / "figure.png", "--output")
     files = list_images(cfg["images"], cfg["limit"])
-    device = hardware.resolve_device(cfg["device"])
-    model = load_pretrained(cfg["model"]).to(device).eval()
+    hw = hardware.resolve(cfg["device"], cfg["amp"])
+    model = load_pretrained(cfg["model"]).to(hw.device).eval()
     if model.config["num_classes"] == 0:
         raise UsageError(f"--model {cfg['model']} has no classification head: the maps explain a class; pass a "
                          f"classifier (e.g. deit_tiny_patch16_224).")
-    return methods, metrics, out, files, device, model
+    return methods, metrics, out, files, hw, model
 
 
 class Unsupported(Exception):
@@ -313,17 +342,29 @@ def method_maps(method, model: nn.Module, x: Tensor, target: Tensor, batch_size:
         raise Unsupported(str(e).splitlines()[0]) from None
 
 
-def evaluate(name: str, method, model: nn.Module, x: Tensor, target: Tensor, mosaics: Mosaics | None,
+@dataclass
+class Photos:
+    """The photos (N, C, H, W) preprocessed, the class explained in each (N,) and their endpoints (2, N)."""
+
+    x: Tensor
+    target: Tensor
+    ends: Tensor
+
+
+def evaluate(name: str, method, model: nn.Module, scorer: nn.Module, photos: Photos, mosaics: Mosaics | None,
              metrics: list[str], cfg: dict, seconds: dict[str, float], bar: tqdm) -> tuple[dict[str, Tensor], Tensor]:
-    """One method: its maps of every photo (batch by batch) scored by every metric, and of every mosaic ->
-    ({per-image quantity: (N, ...) or (M,)}, the map of the first mosaic (else of the first photo)).
-    Adds each part's wall time to `seconds`; raises Unsupported when the method does not run on this model."""
+    """One method: its maps of every photo (batch by batch, from `model`) scored by every metric (forwards through
+    `scorer`), and of every mosaic -> ({per-image quantity: (N, ...) or (M,)}, the map of the first mosaic (else of
+    the first photo)). Adds each part's wall time to `seconds`; raises Unsupported when the method does not run on
+    this model."""
     values: dict[str, list[Tensor]] = {}
     example = None
-    for i, (xb, tb) in enumerate(zip(x.split(cfg["batch_size"]), target.split(cfg["batch_size"]), strict=True)):
+    bs = cfg["batch_size"]
+    for i, (xb, tb, eb) in enumerate(zip(photos.x.split(bs), photos.target.split(bs), photos.ends.split(bs, 1),
+                                         strict=True)):
         bar.set_description(f"{name}: maps")
         t0 = time.perf_counter()
-        heat = method_maps(method, model, xb, tb, cfg["batch_size"])
+        heat = method_maps(method, model, xb, tb, bs)
         example = heat[0].cpu() if example is None else example
         seconds["maps"] += time.perf_counter() - t0
         bar.update()
@@ -331,15 +372,15 @@ def evaluate(name: str, method, model: nn.Module, x: Tensor, target: Tensor, mos
             bar.set_description(f"{name}: {metric}")
             t0 = time.perf_counter()
             gen = torch.Generator().manual_seed(cfg["seed"] * 100_003 + i)  # ROAD's noise, the same every run
-            for k, v in score(metric, model, xb, heat, tb, cfg, gen).items():
+            for k, v in score(metric, scorer, xb, heat, tb, eb, cfg, gen).items():
                 values.setdefault(k, []).append(v.detach().cpu())
             seconds[metric] += time.perf_counter() - t0
             bar.update()
     if mosaics is not None:
         bar.set_description(f"{name}: localisation")
         t0 = time.perf_counter()
-        mx, mt, mq = (t.to(x.device) for t in (mosaics.x, mosaics.target, mosaics.quadrant))
-        heat = method_maps(method, model, mx, mt, cfg["batch_size"])
+        mx, mt, mq = (t.to(photos.x.device) for t in (mosaics.x, mosaics.target, mosaics.quadrant))
+        heat = method_maps(method, model, mx, mt, bs)
         values["share"], values["pointing"] = [quadrant_share(heat, mq).cpu()], [pointing_game(heat, mq).cpu()]
         example = heat[0].cpu()
         seconds["localisation"] += time.perf_counter() - t0
@@ -348,7 +389,7 @@ def evaluate(name: str, method, model: nn.Module, x: Tensor, target: Tensor, mos
 
 
 def prepare(cfg: dict, metrics: list[str], model: nn.Module, files: list[Path], device: torch.device) -> tuple:
-    """Photos, their targets (the true class when the file names give it, else the prediction), top-1 (or None)
+    """Photos (their targets: the true class when the file names give it, else the prediction), top-1 (or None)
     and the mosaics (or None, and why)."""
     x = load_photos(files, model).to(device)
     labels = labels_of(files, model.config["num_classes"])
@@ -365,8 +406,8 @@ def prepare(cfg: dict, metrics: list[str], model: nn.Module, files: list[Path], 
 
 
 def run(cfg: dict, argv: list[str]) -> dict:
-    methods, metrics, out, files, device, model = setup(cfg)
-    x, target, top1, mosaics, why_none = prepare(cfg, metrics, model, files, device)
+    methods, metrics, out, files, hw, model = setup(cfg)
+    x, target, top1, mosaics, why_none = prepare(cfg, metrics, model, files, hw.device)
     n, known = len(x), top1 is not None
     if why_none:
         print(f"localisation skipped: {why_none}.")
@@ -379,14 +420,18 @@ def run(cfg: dict, argv: list[str]) -> dict:
         table_methods["random"] = random_map(cfg["seed"])  # a fresh generator: the same maps every run
     scored = [m for m in metrics if m != "localisation"]
     batches = -(-n // cfg["batch_size"])
-    seconds = {"maps": 0.0, **dict.fromkeys(metrics, 0.0)}
+    seconds = {"endpoints": 0.0, "maps": 0.0, **dict.fromkeys(metrics, 0.0)}
+    scorer, t0 = Autocast(model, hw), time.perf_counter()
+    shared = {"saco", "deletion", "insertion"} & set(metrics)  # the metrics that use the endpoints
+    photos = Photos(x, target, endpoints(scorer, x, target, cfg["chunk"]) if shared else torch.full((2, n), torch.nan))
+    seconds["endpoints"] = time.perf_counter() - t0
     results, curves, per_image, skipped, examples = {}, {}, {}, {}, {}
     bar = tqdm(total=len(methods) * (batches * (1 + len(scored)) + (mosaics is not None)), desc="scoring",
                unit="step")
     for name in methods:
         try:
-            values, examples[name] = evaluate(name, table_methods[name], model, x, target, mosaics, metrics, cfg,
-                                              seconds, bar)
+            values, examples[name] = evaluate(name, table_methods[name], model, scorer, photos, mosaics, metrics,
+                                              cfg, seconds, bar)
         except Unsupported as e:
             skipped[name] = str(e)
             tqdm.write(f"{name} skipped: {e}")
@@ -402,7 +447,7 @@ def run(cfg: dict, argv: list[str]) -> dict:
         seconds.pop("localisation", None)
     info = {"command": PROG + (" " + shlex.join(argv) if argv else ""), "model": cfg["model"],
             "weights": model.weights_note, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "torch": torch.__version__, "machine": machine(device), "photos": n, "images": str(cfg["images"]),
+            "torch": torch.__version__, "machine": machine(hw), "photos": n, "images": str(cfg["images"]),
             "target": "true class" if known else "predicted class", "top1": top1,
             "mosaics": 0 if mosaics is None else len(mosaics.x), "no_mosaics_because": why_none,
             "config": {k: str(v) if isinstance(v, Path) else v for k, v in cfg.items()}, "seconds": seconds,
@@ -423,7 +468,8 @@ def write(info: dict, shown: list[str], out: Path) -> None:
     m, top1 = info["machine"], info["top1"]
     note = (f"{info['photos']} photos from {info['images']}, {info['mosaics']} mosaics; {info['model']}; explained "
             f"class: {info['target']}" + (f" (top-1 {top1:.1%})" if top1 is not None else "")
-            + f"; {info['date']}; {m['gpu'] or m['cpu']}, {m['torch_threads']} threads, torch {info['torch']}.\n"
+            + f"; {info['date']}; {m['gpu'] or m['cpu']}, {m['torch_threads']} threads, torch {info['torch']}; "
+            f"maps in fp32, the metrics' forwards in {'fp32' if m['amp'] == 'none' else m['amp'] + ' autocast'}.\n"
             f"`{info['command']}`\n\n± = standard error of the mean over images (over mosaics for quadrant share "
             f"and pointing game); ROAD = the target's probability averaged over 10..90 % of the pixels removed.")
     sec = info["seconds"]

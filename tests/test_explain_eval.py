@@ -15,6 +15,8 @@ import torch
 from PIL import Image
 
 from attention.attribution import METHODS
+from attention.faithfulness import deletion_score
+from attention.saco import saco
 from bench import explain_eval
 from imagenet.dataloaders.classes import NAMES, WNIDS
 from models.pretrained import load_pretrained
@@ -85,7 +87,7 @@ def test_tiny_model_end_to_end(tmp_path, capsys):
     assert saved["command"] == "python -m bench.explain_eval " + " ".join(argv)
     assert saved["photos"] == 6 and saved["mosaics"] == 6 and saved["target"] == "true class"
     assert {"cpu", "torch_threads"} <= saved["machine"].keys() and saved["torch"] == torch.__version__
-    assert set(saved["seconds"]) == {"maps", *explain_eval.METRICS}
+    assert set(saved["seconds"]) == {"endpoints", "maps", *explain_eval.METRICS}
     for name in METHODS:
         cells = saved["results"][name]
         assert set(cells) == set(explain_eval.COLUMNS), name
@@ -99,6 +101,33 @@ def test_tiny_model_end_to_end(tmp_path, capsys):
     # again for the random map: the same numbers (seeded map, ROAD noise, mosaics)
     again = explain_eval.main(argv[:-1] + [str(tmp_path / "again"), "--methods", "random"])
     assert again["results"]["random"] == info["results"]["random"]
+
+
+def test_shared_endpoints_and_precision(tmp_path, capsys):
+    """The photos' and all-mean images' probabilities, computed once for every method, give what the metric
+    functions give on their own (fp32); --amp bf16 runs the metrics' forwards in bf16 and says so."""
+    photos = write_photos(tmp_path / "photos", 5)
+    weights = str(learnt_checkpoint(tmp_path / "tiny.pth", photos))
+    argv = ["--images", str(photos), "--model", weights, "--device", "cpu", "--limit", "0", "--steps", "3",
+            "--groups", "3", "--batch-size", "2", "--methods", "gradient rollout,centre", "--metrics",
+            "saco,deletion,insertion"]
+    info = explain_eval.main(argv + ["--amp", "none", "--output", str(tmp_path / "fp32")])
+    assert info["machine"]["amp"] == "none" and "fp32" in (tmp_path / "fp32" / "table.md").read_text()
+    model = load_pretrained(weights).eval()
+    files = explain_eval.list_images(photos, 0)
+    x, y = explain_eval.load_photos(files, model), explain_eval.labels_of(files, 1000)
+    for name in ("gradient rollout", "centre"):
+        heat = METHODS[name](model, x, y).detach()
+        direct = {"SaCo": saco(model, x, heat, y, 3), "deletion AUC": deletion_score(model, x, heat, y, 3),
+                  "insertion AUC": deletion_score(model, x, heat, y, 3, "insertion")}
+        for column, values in direct.items():
+            assert np.allclose(info["per_image"][name][column], values, atol=2e-6), (name, column)
+
+    bf16 = explain_eval.main(argv + ["--amp", "bf16", "--output", str(tmp_path / "bf16")])
+    assert bf16["machine"]["amp"] == "bf16" and "bf16 autocast" in (tmp_path / "bf16" / "table.md").read_text()
+    for name, cells in bf16["results"].items():  # (SaCo's pair signs may flip where two drops are close)
+        for column in ("deletion AUC", "insertion AUC"):
+            assert cells[column]["mean"] == pytest.approx(info["results"][name][column]["mean"], abs=0.01), name
 
 
 def test_subsets_and_predicted_class(tmp_path, capsys):

@@ -69,6 +69,18 @@ def test_saco_and_deletion_separate_true_random_reversed():
     assert ordered(auc), auc
 
 
+def test_known_endpoints_give_the_same_scores():
+    """deletion_score(ends=...) and saco(full=...) skip the forwards of x and the all-mean image, nothing else."""
+    x, model, h = images(3), TopLeft(), maps(3)["random"]
+    mean = x.mean((2, 3), keepdim=True).expand_as(x)
+    ends = torch.stack([model(x).softmax(-1)[:, 0], model(mean).softmax(-1)[:, 0]])
+    for mode in ("deletion", "insertion"):
+        for steps in (1, 4):
+            assert torch.allclose(deletion_score(model, x, h, 0, steps, mode, ends=ends),
+                                  deletion_score(model, x, h, 0, steps, mode), atol=1e-6), (mode, steps)
+    assert torch.allclose(saco(model, x, h, 0, 4, full=ends[0]), saco(model, x, h, 0, 4), atol=1e-6)
+
+
 def test_saco_coefficient_is_one_for_agreeing_order_and_minus_one_for_reversed():
     salience = torch.tensor([[5.0, 4.0, 2.0, 1.5, 0.0]])
     drops = torch.tensor([[0.9, 0.5, 0.4, 0.1, -0.2]])
