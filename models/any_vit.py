@@ -24,6 +24,7 @@ the pool's attention, rollout / gradient rollout use the pool as the query, and 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import os
 from collections.abc import Iterator
@@ -63,16 +64,22 @@ HUB_PROBE_TIMEOUT_S = 3.0  # one request to the Hub's endpoint before a download
 
 def hub_unreachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> str | None:
     """Why the Hugging Face Hub cannot be used now, or None when it can: "HF_HUB_OFFLINE is set" (read from the
-    environment at the call), or "<endpoint> did not answer" when one HEAD request to huggingface_hub's endpoint
-    ($HF_ENDPOINT), through huggingface_hub's own session (its proxies), fails or takes over `timeout` seconds. Any
-    HTTP answer counts as reachable."""
+    environment at the call), or "the Hub at <endpoint> cannot be reached: <error>" when one HEAD request to
+    huggingface_hub's endpoint ($HF_ENDPOINT), through huggingface_hub's own session (its proxies), fails or takes
+    over `timeout` seconds. Any HTTP answer counts as reachable. The request is made once per endpoint and its answer
+    kept for the process, so a load that asks several times (the model, then its tokenizer) waits at most once."""
     hub = optional_import("huggingface_hub")
     if os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE") or \
             getattr(hub.constants, "HF_HUB_OFFLINE", False):
         return "HF_HUB_OFFLINE is set"
-    endpoint = hub.constants.ENDPOINT
+    return _probe(hub.constants.ENDPOINT, timeout)
+
+
+@functools.cache
+def _probe(endpoint: str, timeout: float) -> str | None:
+    """hub_unreachable's one HEAD request to `endpoint`, its answer cached per (endpoint, timeout)."""
     try:
-        hub.utils.get_session().head(endpoint, timeout=timeout)
+        optional_import("huggingface_hub").utils.get_session().head(endpoint, timeout=timeout)
     except Exception as e:  # noqa: BLE001 (httpx / requests connection errors, timeouts, proxy errors)
         return f"the Hub at {endpoint} cannot be reached: {type(e).__name__}"
     return None

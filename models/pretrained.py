@@ -85,18 +85,18 @@ def registry_name(name: str) -> str | None:
 
 
 def resolve(source: str | os.PathLike) -> str | None:
-    """The registry name `source` is, or None when it is an existing path (read_checkpoint reads or refuses it).
+    """The registry name `source` is, or None when it is an existing path (read_checkpoint reads or refuses it) or
+    a library name ("timm/...", "hf:...", "open_clip:...": load_library_model reads it).
 
-    Neither: CheckpointError, with "did you mean" when `source` is close to a registry name (difflib)."""
+    Neither: CheckpointError in one sentence, the one every script prints for a bad --model: the right spelling of
+    a misspelt library name (`library_name_meant`), "did you mean" for a near-miss registry name (difflib), or that
+    the file does not exist."""
     text = os.fspath(source)
     if os.path.isfile(text) or not isinstance(source, str):
         return None
-    if text in REGISTRY or os.path.isdir(text):
+    _check_spelling(text)
+    if text in REGISTRY or os.path.isdir(text) or is_library_name(text):
         return text if text in REGISTRY else None
-    meant = library_name_meant(text)
-    if meant is not None:
-        raise CheckpointError(f"'{text}' is neither a file nor a registry name; did you mean '{meant}'? (library "
-                              f"names: {', '.join(LIBRARY_PREFIXES)})")
     close = difflib.get_close_matches(text.lower(), list(REGISTRY), n=1, cutoff=0.75)
     if close:
         raise CheckpointError(f"'{text}' is neither a file nor a registry name; did you mean '{close[0]}'? "
@@ -417,6 +417,13 @@ def library_name_meant(text: str) -> str | None:
     return meant if meant != text else None
 
 
+def _check_spelling(text: str) -> None:
+    """CheckpointError saying the right spelling when `text` misspells a library name (`library_name_meant`)."""
+    meant = library_name_meant(text)
+    if meant is not None:
+        raise CheckpointError(f"'{text}' is not a model name this repo reads; did you mean '{meant}'?")
+
+
 def load_library_model(source: str | nn.Module) -> nn.Module:
     """A model of timm, transformers or open_clip with this repo's ViT interface (models.any_vit.ViTAdapter):
     "timm/<name>[.<tag>]" -> models.timm_vit.load_timm, "hf:<repo id>" -> models.hf_vit.load_hf, "open_clip:<arch>/
@@ -426,9 +433,7 @@ def load_library_model(source: str | nn.Module) -> nn.Module:
     if isinstance(source, nn.Module):
         from models.any_vit import wrap
         return wrap(source)
-    meant = library_name_meant(source)
-    if meant is not None:
-        raise CheckpointError(f"'{source}' is not a name this loader reads; did you mean '{meant}'?")
+    _check_spelling(source)
     scheme = next((p for p in LIBRARY_PREFIXES if source.startswith(p)), None)
     if scheme is None:
         raise CheckpointError(f"'{source}' does not start with one of {', '.join(LIBRARY_PREFIXES)}.")
@@ -469,6 +474,7 @@ def load_pretrained(source: str | os.PathLike | Mapping[str, Any] | nn.Module, *
     Raises CheckpointError (one sentence) for a missing file or unknown name ("did you mean"), an unreadable or
     refused file, or weights of an architecture the built-in model cannot build (saying what they are).
     """
+    name = resolve(source) if isinstance(source, str | os.PathLike) else None
     if isinstance(source, nn.Module) or is_library_name(source):
         given = {k: v for k, v in dict(num_heads=num_heads, prefer_ema=prefer_ema, **overrides).items()
                  if v is not None}
@@ -476,7 +482,6 @@ def load_pretrained(source: str | os.PathLike | Mapping[str, Any] | nn.Module, *
             raise CheckpointError(f"{', '.join(given)} apply to this repo's ViT, not to another library's model "
                                   f"({source if isinstance(source, str) else type(source).__name__}).")
         return load_library_model(source)
-    name = resolve(source) if isinstance(source, str | os.PathLike) else None
     obj = (download(name) if name else read_checkpoint(source)) if isinstance(source, str | os.PathLike) else source
     arch = saved_arch(obj, source if isinstance(source, str | os.PathLike) and not name else None)
     sd, config = to_timm_state_dict(obj, prefer_ema, arch)

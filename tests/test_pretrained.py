@@ -742,6 +742,9 @@ def test_misspelt_library_names_say_the_right_spelling(name, meant):
         load_pretrained(name)
     message = str(info.value)
     assert f"did you mean '{meant}'?" in message and "\n" not in message and "--list" not in message
+    if name.startswith(pretrained.LIBRARY_PREFIXES):  # the same sentence from the library loader
+        with pytest.raises(CheckpointError, match=f"^{re.escape(message)}$"):
+            pretrained.load_library_model(name)
 
 
 @pytest.mark.parametrize("name", ["timm/vit_small_patch16_224", "hf:google/vit-base-patch16-224",
@@ -786,3 +789,30 @@ def test_rope_ape_weights_are_refused_where_the_checkpoint_names_them(tmp_path):
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(wrapped(x), model(x), atol=1e-5)
+
+
+def test_the_hub_is_probed_once_per_endpoint(monkeypatch):
+    """hub_unreachable: one request per endpoint for the process, its answer kept; HF_HUB_OFFLINE read at each
+    call."""
+    hub = pytest.importorskip("huggingface_hub")
+    from models import any_vit
+
+    asked = []
+
+    class Session:
+        def head(self, url, timeout):
+            asked.append(url)
+            if "down" in url:
+                raise ConnectionError(url)
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub.utils, "get_session", Session)
+    for endpoint, why in (("http://hub-up.invalid", None), ("http://hub-down.invalid", "cannot be reached")):
+        monkeypatch.setattr(hub.constants, "ENDPOINT", endpoint)
+        for _ in range(3):
+            answer = any_vit.hub_unreachable()
+            assert answer is None if why is None else why in answer
+    assert asked == ["http://hub-up.invalid", "http://hub-down.invalid"]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert any_vit.hub_unreachable() == "HF_HUB_OFFLINE is set" and len(asked) == 2
