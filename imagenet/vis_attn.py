@@ -19,7 +19,8 @@ position embedding for the new patch grid.
 
 `--html PATH` writes the attention explorer instead of the figure (`attention.explorer`, docs/explorer.md): one HTML
 file, no server, where a click on a patch shows its attention row or column in every layer and head, rollout from it,
-the gradient rollout of each of the top-5 classes and the token norms.
+the gradient rollout of each of the top-5 classes (and of --target, after them when it is not among them; the
+printed address, `<file>#mode=grad:<k>`, opens the page on its map) and the token norms.
 
 `--inspect` draws how the model looks instead (`attention.figures.inspection_figure`): the principal components of
 its patch-embedding filters, the similarity of its position embeddings, and the mean attention distance and entropy
@@ -31,7 +32,9 @@ goes to runs/imagenet/inspect.png (or --output).
 from __future__ import annotations
 
 import argparse
+import base64
 import difflib
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,11 +42,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch import Tensor
+from torch import Tensor, nn
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from attention.explorer import check_path, explorer_html
+from attention.explorer import SLOT, TEMPLATE, check_path, explorer_html
 from attention.figures import attention_figure, inspection_figure
 from attention.inspection import attention_table, inspect_model
 from attention.legrad import legrad
@@ -52,15 +55,14 @@ from imagenet.dataloaders import constants as IN1K
 from imagenet.dataloaders.dataset import is_image_file
 from imagenet.dataloaders.transforms import device_transform, eval_transform
 from models.any_vit import output_probability, probabilities
-from models.clip import PREFIX as OPEN_CLIP
-from models.clip import load_open_clip, with_prompts
-from models.pretrained import REGISTRY, library_name_meant, load_pretrained, registry_name
+from models.clip import with_prompts
+from models.pretrained import load_pretrained
 from models.vit import VisionTransformer
 from utils import hardware
-from utils.checkpoint import CheckpointError, read_checkpoint
+from utils.checkpoint import CheckpointError, atomic_write, read_checkpoint
 from utils.config import UsageError, parse_config
 from utils.images import load_image
-from utils.img2attn import explain
+from utils.img2attn import explain, gradient_rollout
 from utils.plots import figure_path, save_figure
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,8 +81,8 @@ OPTIONS = {
     "output": (None, "the figure's file (.png, .pdf, .svg, ...; folders are made; default "
                      "runs/imagenet/attention.png, with --inspect runs/imagenet/inspect.png)"),
     "img_size": (224, "shorter side of the model input, in pixels"),
-    "target": ("", "class of the gradient map: index, WordNet id, name (\"tiger cat\") or one of the --prompt "
-                   "texts; empty = the top class"),
+    "target": ("", "class of the gradient map (with --html: a map among the page's classes): index, WordNet id, "
+                   "name (\"tiger cat\") or one of the --prompt texts; empty = the top class"),
     "num_heads": (0, "attention heads of foreign weights (0: embed_dim // 64, right for DeiT / timm / torchvision)"),
     "device": ("auto", hardware.DEVICE_HELP + "; maps in fp32"),
     "inspect": (False, "instead: the ViT paper's Fig. 7 (patch-filter components, position-embedding similarity, "
@@ -94,9 +96,6 @@ OPTIONS = {
 ALIASES = {"image": ["--image-path"], "model": ["--model-path"], "output": ["--output-path", "--out"]}
 OUTPUTS = {False: "runs/imagenet/attention.png", True: "runs/imagenet/inspect.png"}  # runs/ is git-ignored
 # -------------------------------------------------------------------------------------------------------------------
-
-
-SCHEMES = ("timm/", "hf:", OPEN_CLIP)  # library names: load_pretrained dispatches (models.clip for open_clip)
 
 
 class InputError(UsageError):
@@ -183,36 +182,21 @@ def resolve_target(value: str, names: Sequence[str] | None, num_classes: int) ->
                      f"class index 0..{num_classes - 1}" + (f" or a name such as {names[0]!r}." if names else "."))
 
 
-def load_model(path: str, heads: int, need_head: bool = True) -> tuple[VisionTransformer, dict]:
-    """A registry name (downloaded once), a library name (timm/..., hf:..., open_clip:...) or a checkpoint file ->
-    (model, the checkpoint dict; {} for a name)."""
-    if path.startswith(SCHEMES) and not Path(path).exists():
-        model = load_open_clip(path) if path.startswith(OPEN_CLIP) else load_pretrained(path)
-        if need_head and model.config["num_classes"] == 0:
-            raise CheckpointError(f"{path} has no classification head (an image tower: add --prompt TEXT for a "
-                                  f"CLIP / SigLIP model).")
-        return model, {}
-    name = None if Path(path).is_file() else registry_name(path)
+def load_model(path: str, heads: int) -> tuple[nn.Module, dict]:
+    """--model: a registry name (downloaded once), a library name (timm/..., hf:..., open_clip:...) or a checkpoint
+    file -> (model, the checkpoint dict; {} for a name). A bad name or a missing file: load_pretrained's sentence
+    (models.pretrained.resolve); a folder or weights for other than RGB photos: this script's."""
     if Path(path).is_dir():
         inside = f" such as '{Path(path) / 'checkpoint.pth'}'" if (Path(path) / "checkpoint.pth").is_file() else ""
         raise InputError(f"--model '{path}' is a folder; pass the checkpoint file in it{inside}, or a registry name.")
-    if name is None and not Path(path).is_file():
-        meant = library_name_meant(path)
-        if meant:
-            raise InputError(f"--model '{path}' is not a name this script reads; did you mean '{meant}'?")
-        close = difflib.get_close_matches(path, list(REGISTRY), n=1, cutoff=0.75)
-        hint = (f"did you mean {close[0]}? " if close else "") + (
-            "pass --model runs/imagenet/checkpoint.pth (what imagenet.train writes) or a name such as "
-            "deit_tiny_patch16_224 (python -m models.pretrained --list).")
-        raise InputError(f"checkpoint '{path}' does not exist and is not a registry name; {hint}")
-    ckpt = {} if name else read_checkpoint(path)
-    try:
-        model = load_pretrained(name or ckpt, num_heads=heads or None)
-    except CheckpointError as e:
-        raise CheckpointError(f"{path}: {e}") from None
-    if need_head and model.config["num_classes"] == 0:
-        raise CheckpointError(f"{path} has no classification head (a feature extractor such as DINO); the top-5 and "
-                              f"the gradient map need one.")
+    if not Path(path).is_file():
+        model, ckpt = load_pretrained(path, num_heads=heads or None), {}
+    else:
+        ckpt = read_checkpoint(path)
+        try:
+            model = load_pretrained(ckpt, num_heads=heads or None)
+        except CheckpointError as e:
+            raise CheckpointError(f"{path}: {e}") from None
     if model.config["num_channels"] != 3:
         raise CheckpointError(f"{path} takes {model.config['num_channels']}-channel images, not RGB photos "
                               f"(an MNIST model? use mnist.vis_attn).")
@@ -240,7 +224,7 @@ def inspect(cfg: dict) -> None:
     if cfg["num_images"] < 1:
         raise InputError(f"--num-images {cfg['num_images']} must be at least 1.")
     dev = hardware.resolve_device(cfg["device"])
-    model, _ = load_model(cfg["model"], cfg["num_heads"], need_head=False)
+    model, _ = load_model(cfg["model"], cfg["num_heads"])
     if cfg["img_size"] % model.patch_size:
         raise InputError(f"--img-size {cfg['img_size']} is not a multiple of the patch size {model.patch_size}.")
     x = inspection_inputs(shipped(cfg["inspect_images"]), cfg["num_images"], cfg["img_size"]).to(dev)
@@ -282,7 +266,7 @@ def run(cfg: dict) -> None:
         return inspect(cfg)
     photo = load_image(shipped(cfg["image"]))  # the photo first: cheap to check
     dev = hardware.resolve_device(cfg["device"])
-    model, ckpt = load_model(cfg["model"], cfg["num_heads"], need_head=False)
+    model, ckpt = load_model(cfg["model"], cfg["num_heads"])
     if cfg["prompt"]:
         model = with_prompts(model, cfg["prompt"])
     model.eval().to(dev)
@@ -301,7 +285,7 @@ def run(cfg: dict) -> None:
     x = TF.normalize(TF.to_tensor(shown), mean, std)[None].to(dev)  # (1, 3, H, W)
     print(input_line(cfg["image"], photo, shown, model.patch_grid(*x.shape[-2:])))
     if cfg["html"]:
-        return write_explorer(cfg, model, x, shown, names)
+        return write_explorer(cfg, model, x, shown, names, tgt)
     ex = explain(model, x, tgt)
     extra = {}
     if num_classes and (getattr(model, "layer_logits", None) is not None or isinstance(model, VisionTransformer)):
@@ -321,15 +305,41 @@ def run(cfg: dict) -> None:
     print(f"saved {cfg['output']} (gradient map for {what}{', LeGrad map too' if extra else ''})")
 
 
-def write_explorer(cfg: dict, model, x: Tensor, shown: Image.Image, names: Sequence[str] | None) -> None:
-    """--html: the attention explorer of the photo; prints the top-5 and the file's size."""
-    page = explorer_html(model, x, cfg["html"], pictures=[np.asarray(shown)], titles=[Path(cfg["image"]).name],
+def write_explorer(cfg: dict, model, x: Tensor, shown: Image.Image, names: Sequence[str] | None,
+                   target: int | None) -> None:
+    """--html: the attention explorer of the photo, with the gradient rollout of --target among its classes;
+    prints the top-5, the file's size and, with --target, the page's address opening on that class's map."""
+    page = explorer_html(model, x, None, pictures=[np.asarray(shown)], titles=[Path(cfg["image"]).name],
                          class_names=names)
+    html, index = (page.html, None) if target is None else with_target(page.html, model, x, target, names)
+    atomic_write(cfg["html"], lambda f: f.write(html.encode("utf-8")))  # renamed into place: never half a page
     if model.config["num_classes"]:
         with torch.no_grad():
             print_top5(probabilities(model(x)[0], output_probability(model)), names)
-    print(f"saved {cfg['html']} ({page.path.stat().st_size / 1024:,.0f} KiB; stored attention within "
+    print(f"saved {cfg['html']} ({Path(cfg['html']).stat().st_size / 1024:,.0f} KiB; stored attention within "
           f"±{page.max_error:.2g})")
+    if index is not None:
+        print(f"gradient rollout of {names[target] if names else f'class {target}'}: open "
+              f"{Path(cfg['html']).resolve().as_uri()}#mode=grad:{index}")
+
+
+def with_target(page: str, model, x: Tensor, target: int, names: Sequence[str] | None) -> tuple[str, int]:
+    """An explorer page of one image x (1, C, H, W) with the gradient rollout of class `target` among its classes
+    (`utils.img2attn.gradient_rollout`, stored as attention.explorer stores the top-5's: float32, base64), after
+    the top-5 when not in it -> (the page, the class's place there: the page's map "grad:<place>")."""
+    head = TEMPLATE.read_text(encoding="utf-8").split(SLOT)[0]  # the page's JSON data follows the template's head
+    end = page.index("</script>", len(head))
+    data = json.loads(page[len(head):end])
+    top = data["images"][0]["top"]
+    place = next((i for i, t in enumerate(top) if t["index"] == target), len(top))
+    if place == len(top):
+        rollout = gradient_rollout(model, x, target)[0].float().flatten().cpu().numpy()
+        with torch.no_grad():
+            p = probabilities(model(x)[0], output_probability(model))[target].item()
+        top.append({"name": names[target] if names else f"class {target}", "index": target, "p": p,
+                    "map": base64.b64encode(rollout.tobytes()).decode("ascii")})
+    text = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
+    return page[:len(head)] + text + page[end:], place
 
 
 def parse_args(argv: list[str] | None = None) -> dict:

@@ -1,6 +1,7 @@
 """ImageNet pipeline on the CPU: classes, dataset checks, one epoch (1 process and torchrun x 2), exact resume,
 bad input, vis_attn and fine-tuning with the DeiT-tiny weights (those skip without ../shared/data)."""
 
+import base64
 import json
 import os
 import re
@@ -14,14 +15,19 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms import functional as TF
 
 from imagenet import train, vis_attn
 from imagenet.dataloaders import classes
 from imagenet.dataloaders import constants as IN1K
 from imagenet.dataloaders.dataset import DatasetError, build_datasets
 from imagenet.dataloaders.transforms import eval_transform, mixup_cutmix, train_transform
+from models.pretrained import load_pretrained
+from models.vit import VisionTransformer
 from utils import distributed
-from utils.checkpoint import checkpoint_state
+from utils.checkpoint import CheckpointError, checkpoint_state
+from utils.images import load_image
+from utils.img2attn import gradient_rollout
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -553,6 +559,51 @@ def test_vis_attn_bad_input(trained, tmp_path):
         assert words in exit_message(vis_attn.main, [*argv, "--out", str(tmp_path / "f.png")])
     assert_one_line_error(run_module("imagenet.vis_attn", "--image", str(tmp_path / "text.jpg"), "--model", ckpt),
                           "cannot be decoded")
+
+
+def test_vis_attn_bad_model_says_what_load_pretrained_says(tmp_path):
+    """A near-miss registry name, a misspelt library name, a missing file: the script's line is load_pretrained's
+    sentence; a folder keeps the script's own hint."""
+    for model in ("deit_tiny_patch16_22", "timm:vit_small_patch16_224", "hf:timm/vit_small_patch16_224",
+                  str(tmp_path / "none.pth"), "nope"):
+        with pytest.raises(CheckpointError) as e:
+            load_pretrained(model)
+        assert exit_message(vis_attn.main, ["--model", model, "--out", str(tmp_path / "f.png")]) == f"error: {e.value}"
+    (tmp_path / "run").mkdir()
+    folder = exit_message(vis_attn.main, ["--model", str(tmp_path / "run")])
+    assert "is a folder; pass the checkpoint file in it" in folder
+
+
+def page_data(html: str) -> dict:
+    """The JSON data of an attention-explorer page."""
+    return json.loads(re.search(r'id="explorer-data">(.*?)</script>', html, re.S).group(1))
+
+
+def test_vis_attn_html_target_holds_that_class_rollout(tmp_path, capsys):
+    """--html --target N: the page's classes hold N's gradient rollout (after the top-5 when N is not in it, in its
+    place when it is), and the script prints the address that opens on it; without --target the top-5 alone."""
+    torch.manual_seed(0)
+    model = VisionTransformer(embed_dim=32, hidden_dim=64, num_heads=2, num_layers=2, patch_size=8, num_channels=3,
+                              num_patches=16, num_classes=10).eval()
+    torch.save({"model_config": dict(model.config), "model": model.state_dict(), "epoch": 0}, tmp_path / "m.pth")
+    shown = vis_attn.model_input(load_image(vis_attn.shipped(vis_attn.CHELSEA)), 32, 8)
+    x = TF.normalize(TF.to_tensor(shown), IN1K.MEAN, IN1K.STD)[None]
+    with torch.no_grad():
+        ranked = model(x)[0].argsort(descending=True).tolist()
+    for target, place in ((None, None), (ranked[-1], 5), (ranked[2], 2)):
+        page = tmp_path / f"{target}.html"
+        vis_attn.main(["--model", str(tmp_path / "m.pth"), "--img-size", "32", "--html", str(page)]
+                      + ["--target", str(target)] * (target is not None))
+        top = page_data(page.read_text())["images"][0]["top"]
+        assert [t["index"] for t in top[:5]] == ranked[:5] and len(top) == 5 + (place == 5)
+        out = capsys.readouterr().out
+        if target is None:
+            assert "#mode=grad:" not in out
+            continue
+        assert top[place]["index"] == target and f"{page.resolve().as_uri()}#mode=grad:{place}" in out
+        stored = np.frombuffer(base64.b64decode(top[place]["map"]), np.float32)
+        expected = gradient_rollout(model, x, target)[0].flatten().numpy()
+        np.testing.assert_allclose(stored, expected, atol=1e-6)
 
 
 @needs_shared
