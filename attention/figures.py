@@ -10,10 +10,13 @@ from typing import Any
 
 import matplotlib
 import numpy as np
+from matplotlib.artist import Artist
 from matplotlib.axes import Axes
+from matplotlib.backend_bases import RendererBase
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure, SubFigure
+from matplotlib.text import Text
 from torch import Tensor
 
 from attention.inspection import patch_distances
@@ -23,6 +26,66 @@ from utils.img_to_patch import mosaic
 
 OVERLAY_CMAP = "jet"  # the map overlays (utils.img2attn.overlay's default)
 HEAD_CMAP = "inferno"  # the layer x head grid
+ELLIPSIS = "…"
+TOPK_WIDTH = 1.5  # the top-k panel's width, in map panels: room for class names beside the percentages
+PANEL_WIDTH = 2.0  # inches a map of the top row gets at least: room for its title and colour-bar label
+
+
+def first_synonym(name: str) -> str:
+    """A WordNet-style class name "Pembroke, Pembroke Welsh corgi" -> "Pembroke" (its first synonym); a name
+    without a comma as it is."""
+    return name.split(",", 1)[0].strip() or name
+
+
+def fit_text(text: Text, renderer: RendererBase, width: float, candidates: Sequence[str], suffix: str = "") -> None:
+    """Set `text` to the first of `candidates` + suffix at most `width` display pixels wide as `renderer` draws it;
+    else the last candidate with its last line cut to the longest start that fits with an ellipsis "…" (+ suffix
+    while at least one character stays, else without it); else its lines above the last and "…", or "" when it
+    has one line (not even the ellipsis fits)."""
+    def fits(s: str) -> bool:
+        text.set_text(s)
+        return text.get_window_extent(renderer).width <= width
+
+    if any(fits(s + suffix) for s in candidates):
+        return
+    head, newline, last = candidates[-1].rpartition("\n")  # the lines above the last are kept whole
+    for end, least in ((suffix, 1), ("", 0)) if suffix else (("", 0),):
+        def cut(n: int, end: str = end) -> str:
+            return head + newline + last[:n].rstrip() + ELLIPSIS + end
+
+        lo, hi = least - 1, len(last)  # the first lo characters fit (lo = least - 1: not even `least` do)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if fits(cut(mid)) else (lo, mid - 1)
+        if lo >= least:
+            text.set_text(cut(lo))
+            return
+    text.set_text(head + newline + ELLIPSIS if head else "")
+
+
+class TextFitter(Artist):
+    """Draws nothing: added to a (sub)figure, it runs at every draw after the layout and before the other artists
+    (lowest zorder) and fits each text given to `add` to its room (`fit_text`), so long labels are shortened for
+    whatever size and dpi the figure is drawn at."""
+
+    zorder = -1e9
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.set_in_layout(False)
+        self._texts: list[tuple[Text, Callable[[RendererBase], float], list[str], str]] = []
+
+    def add(self, text: Text, room: Callable[[RendererBase], float], candidates: Sequence[str],
+            suffix: str = "") -> Text:
+        """Fit `text` into room(renderer) display pixels at every draw; candidates: longest first."""
+        text.set_text(candidates[0] + suffix)
+        self._texts.append((text, room, list(candidates), suffix))
+        return text
+
+    def draw(self, renderer: RendererBase) -> None:
+        for text, room, candidates, suffix in self._texts:
+            fit_text(text, renderer, room(renderer), candidates, suffix)
+        self.stale = False
 
 
 def attention_figure(ex: Explanation, image: Tensor | np.ndarray, class_names: Sequence[str] | None = None,
@@ -41,12 +104,16 @@ def attention_figure(ex: Explanation, image: Tensor | np.ndarray, class_names: S
     query: the token whose row the maps show: "class token", or for models without one (SigLIP's attention pool,
     models.any_vit's pseudo token) "attention-pool query", which the figure then says. kind: what the head's
     outputs are ("classes", or "prompts" for a zero-shot head). probability: how logits become the percentages,
-    "softmax" over the outputs or "sigmoid" per output (SigLIP's zero-shot head)."""
+    "softmax" over the outputs or "sigmoid" per output (SigLIP's zero-shot head). Long names are fitted at every
+    draw, whatever the figure's size (TextFitter): a class name or prompt as it is, else a class's first synonym
+    ("Pembroke, Pembroke Welsh corgi" -> "Pembroke"), else cut with "…"; the percentages are never cut."""
     if probability not in ("softmax", "sigmoid"):
         raise ValueError(f"probability={probability!r} must be 'softmax' or 'sigmoid'.")
     n_layers, n_heads = len(ex.attn), ex.attn[0].shape[1]
     cell = min(max(1.25, 10 / n_layers), 2.0)  # inches a layer x head panel: 14 x 14 patches at 150 dpi, 13 px each
-    width = max(n_layers * cell, 10) + 1.0
+    has_head = ex.logits is not None
+    panels = 3 + len(extra or {}) + (TOPK_WIDTH + 1) * has_head  # the top row, in map panels (_summary_row)
+    width = max(n_layers * cell, 10, PANEL_WIDTH * panels) + 1.0
     top_h, low_h = width / 4 + 1.1, n_heads * cell + 0.6  # room under the maps for their colour bars
     fig = Figure(figsize=(width, top_h + low_h), facecolor="white", layout="constrained")
     upper, lower = fig.subfigures(2, 1, height_ratios=[top_h, low_h])
@@ -76,6 +143,11 @@ def _title(ex: Explanation, index: int, name: Callable[[int], str], label: int |
     return f"predicted: {name(c)}  ({float(probs[c]):.1%}){truth}"
 
 
+def _width(artist: Artist | Axes | SubFigure) -> Callable[[RendererBase], float]:
+    """The display width of `artist` (an Axes, a subfigure, a text) as drawn by a renderer."""
+    return lambda renderer: artist.get_window_extent(renderer).width
+
+
 def _colour_bar(fig: SubFigure, ax: Axes, values: Tensor, cmap: str, label: str) -> None:
     """A horizontal colour bar under `ax` from the smallest to the largest of `values` (what the overlay's
     colours span: `overlay` scales each map to its own range)."""
@@ -92,47 +164,77 @@ def _colour_bar(fig: SubFigure, ax: Axes, values: Tensor, cmap: str, label: str)
 def _summary_row(upper: SubFigure, ex: Explanation, image: Tensor | np.ndarray,
                  class_names: Sequence[str] | None, topk: int, index: int, label: int | None,
                  extra: Mapping[str, tuple[Tensor, str]], query: str, kind: str, probability: str) -> None:
-    """The image, the top-k bars and the map overlays (each with its colour bar), under the prediction."""
+    """The image, the top-k bars and the map overlays (each with its colour bar), under the prediction. Long class
+    names and prompts are fitted at every draw (TextFitter): as they are, else a class's first synonym, else cut
+    with an ellipsis; the title to the figure's width, the map titles to their panel, the top-k to its bars."""
     has_head = ex.logits is not None
+    fitter = upper.add_artist(TextFitter())
 
     def name(c: int) -> str:
         return class_names[c] if class_names is not None else f"class {c}"
 
+    def short(c: int) -> str:
+        return first_synonym(name(c)) if kind == "classes" else name(c)
+
     maps = {"attention rollout": (ex.rollout[index], f"share of the {query}'s attention")}
+    grad = ""
     if has_head:
-        probs = probabilities(ex.logits[index], probability)
-        top, target = probs.topk(min(topk, probs.numel())), int(ex.target[index])
-        maps[f"gradient rollout: {name(target)[:28]}"] = (ex.gradient_rollout[index], "relevance (arbitrary units)")
+        grad = f"gradient rollout: {name(int(ex.target[index]))}"
+        maps[grad] = (ex.gradient_rollout[index], "relevance (arbitrary units)")
     maps.update({title: (m[index], what) for title, (m, what) in extra.items()})
     maps[f"token norm, layer {len(ex.attn)}"] = (ex.token_norms[index, -1], "L2 norm of the patch token")
     img = to_rgb(image)
     k = max(1, -(-224 // max(img.shape[:2])))  # upscale small images (MNIST) so overlays are smooth
     img = img.repeat(k, 0).repeat(k, 1)
-    upper.suptitle(_title(ex, index, name, label, probability), fontsize=15, fontweight="bold")
-    ax = upper.subplots(1, 1 + has_head + len(maps))
+    title = upper.suptitle(_title(ex, index, name, label, probability), fontsize=15, fontweight="bold")
+    fitter.add(title, _width(upper), [_title(ex, index, name, label, probability),
+                                      _title(ex, index, short, label, probability)])
+    ratios = [1.0] + [TOPK_WIDTH] * has_head + [1.0] * len(maps)
+    ax = upper.subplots(1, len(ratios), width_ratios=ratios)
     ax[0].imshow(img, interpolation="nearest")
     ax[0].set_title("input", fontsize=12)
-    for i, (p, c) in enumerate(zip(top.values.tolist(), top.indices.tolist(), strict=True) if has_head else ()):
-        ax[1].barh(i, p, height=0.3, color="#d62728" if c == target else "#8c96a3")
-        ax[1].barh(i, 1, height=0.3, color="#8c96a3", alpha=0.15)
-        ax[1].text(0, i - 0.28, name(c)[:28] + (" (true)" if c == label else ""), fontsize=11, va="bottom",
-                   fontweight="bold" if c == label else "normal")
-        ax[1].text(1, i - 0.28, f"{p:.1%}", fontsize=11, va="bottom", ha="right")
     if has_head:
-        ax[1].set_xlim(0, 1)
-        ax[1].set_ylim(len(top.values) - 0.5, -0.9)
-        each = " (sigmoid, each on its own)" if probability == "sigmoid" else ""
-        ax[1].set_title(f"top-{len(top.values)} {kind}{each}", fontsize=12)
-        ax[1].set_axis_off()
+        _top_k(ax[1], fitter, probabilities(ex.logits[index], probability), int(ex.target[index]), topk, label,
+               name, short, kind, probability)
     panels = ax[1 + has_head:]
     for a, (title, (m, what)) in zip(panels, maps.items(), strict=True):
         a.imshow(overlay(img, m, cmap=OVERLAY_CMAP), interpolation="bilinear")
         a.set_title(title, fontsize=12)
+        if title == grad:  # a class name or prompt: on a line of its own when it does not fit after the words
+            c = int(ex.target[index])
+            fitter.add(a.title, _width(a), [title, f"gradient rollout: {short(c)}", f"gradient rollout\n{name(c)}",
+                                            f"gradient rollout\n{short(c)}"])
+        elif title in extra:
+            fitter.add(a.title, _width(a), [title])
         _colour_bar(upper, a, m, OVERLAY_CMAP, what)
     for a in [ax[0], *panels]:  # a thin frame keeps white images apart from the page
         a.set_xticks([])
         a.set_yticks([])
         a.spines[:].set_color("#bbbbbb")
+
+
+def _top_k(ax: Axes, fitter: TextFitter, probs: Tensor, target: int, topk: int, label: int | None,
+           name: Callable[[int], str], short: Callable[[int], str], kind: str, probability: str) -> None:
+    """The top-k bars of probs (K,), each under its name (left, fitted to the room the percentage leaves, bold
+    with " (true)" for the label) and its percentage (right); the target's bar red."""
+    top = probs.topk(min(topk, probs.numel()))
+    gap = 0.5 * 11  # points between a name and its percentage
+    for i, (p, c) in enumerate(zip(top.values.tolist(), top.indices.tolist(), strict=True)):
+        ax.barh(i, p, height=0.3, color="#d62728" if c == target else "#8c96a3")
+        ax.barh(i, 1, height=0.3, color="#8c96a3", alpha=0.15)
+        pct = ax.text(1, i - 0.28, f"{p:.1%}", fontsize=11, va="bottom", ha="right")
+        text = ax.text(0, i - 0.28, name(c), fontsize=11, va="bottom", fontweight="bold" if c == label else "normal")
+        text.set_in_layout(False)  # fitted inside the panel after the layout (TextFitter)
+
+        def room(renderer: RendererBase, pct: Text = pct) -> float:
+            return _width(ax)(renderer) - _width(pct)(renderer) - renderer.points_to_pixels(gap)
+
+        fitter.add(text, room, list(dict.fromkeys([name(c), short(c)])), " (true)" if c == label else "")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(max(len(top.values), 5) - 0.5, -0.9)  # rows of one height for any k, from the top
+    each = " (sigmoid, each on its own)" if probability == "sigmoid" else ""
+    ax.set_title(f"top-{len(top.values)} {kind}{each}", fontsize=12)
+    ax.set_axis_off()
 
 
 def _head_grid(lower: SubFigure, ex: Explanation, index: int, query: str = "class token") -> None:
