@@ -130,10 +130,24 @@ def _attention(model: nn.Module, x: Tensor) -> list[Tensor]:
     return [a.detach() for a in attn]
 
 
-def _prefix_names(model: nn.Module, prefix: int) -> list[str]:
+def prefix_names(model: nn.Module, prefix: int) -> list[str]:
+    """The names of `model`'s first `prefix` tokens, in token order -> `prefix` strings: first, for a model whose
+    head pools the tokens, the pool's query (models.any_vit's pseudo token: "pool query" for an attention pool,
+    "average pool" for GAP), then "class token", "distillation token" (timm's `dist_token` of distilled DeiT,
+    Touvron et al. 2021) and "register 1" .. "register R" (config["reg_tokens"], Darcet et al. 2024); "prefix token
+    1" .. when the model's attributes do not account for `prefix` tokens."""
+    config = getattr(model, "config", None) or {}
+    names = []
     if getattr(model, "pool_query", False):
-        return ["pool query"] + [f"token {i}" for i in range(1, prefix)]
-    return ["class token"] + [f"register {i}" for i in range(1, prefix)]
+        names.append("average pool" if config.get("global_pool") == "avg" else "pool query")
+    net = getattr(model, "model", model)  # the wrapped library model (timm's has dist_token / cls_token)
+    distilled = isinstance(getattr(net, "dist_token", None), Tensor)
+    registers = int(config.get("reg_tokens") or 0)
+    classes = prefix - len(names) - distilled - registers  # timm: cls_token None (GAP) -> 0
+    if classes not in (0, 1) or (classes and getattr(net, "cls_token", 0) is None):
+        return [f"prefix token {i}" for i in range(1, prefix + 1)]
+    return names + ["class token"] * classes + ["distillation token"] * distilled + \
+        [f"register {i}" for i in range(1, registers + 1)]
 
 
 def _factors(stack: Tensor, rank: int) -> tuple[dict, float]:
@@ -188,7 +202,7 @@ def _image_data(model: nn.Module, x: Tensor, picture: np.ndarray, title: str, cl
     ps = model.patch_size if isinstance(getattr(model, "patch_size", None), int) else 1
     entry = {
         "title": title, "picture": _png(picture), "grid": list(grid), "tokens": tokens, "prefix": prefix,
-        "prefix_names": _prefix_names(model, prefix), "layers": layers, "heads": heads, **factors,
+        "prefix_names": prefix_names(model, prefix), "layers": layers, "heads": heads, **factors,
         "norms": _b64(norms.float().flatten()), "norm_layers": len(norms),
         "distance": mean_attention_distance(stack[:, None].unbind(0), grid, ps, prefix_tokens=prefix).tolist(),
         "entropy": attention_entropy(stack[:, None].unbind(0)).tolist(), "max_error": err,

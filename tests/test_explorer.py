@@ -97,8 +97,38 @@ def test_timm_register_model_is_stored_to_int8_precision(tmp_path):
     with torch.no_grad():
         _, attn = model(x, return_attn=True)
     entry = page_data(page.html)["images"][0]
-    assert entry["prefix"] == 5 and entry["prefix_names"][1:] == [f"register {i}" for i in range(1, 5)]
+    assert entry["prefix"] == 5 and entry["prefix_names"] == ["class token"] + [f"register {i}" for i in range(1, 5)]
     assert (decode(entry) - torch.cat(attn).double()).abs().max() < 0.02
+
+
+def tiny_timm(name: str, **kwargs) -> nn.Module:
+    timm = pytest.importorskip("timm")
+    from models.pretrained import load_pretrained
+
+    torch.manual_seed(0)
+    return load_pretrained(timm.create_model(name, pretrained=False, img_size=32, depth=2, embed_dim=32, num_heads=2,
+                                             num_classes=3, **kwargs).eval())
+
+
+def test_distilled_deit_has_a_distillation_token_not_a_register():
+    model = tiny_timm("deit_tiny_distilled_patch16_224")  # timm's dist_token after the class token
+    x = torch.randn(1, 3, 32, 32)
+    entry = page_data(explorer_html(model, x, None).html)["images"][0]
+    assert entry["prefix"] == 2 and entry["prefix_names"] == ["class token", "distillation token"]
+    with torch.no_grad():
+        _, attn = model(x, return_attn=True)
+    assert (decode(entry) - torch.cat(attn).double()).abs().max() < 0.02
+
+
+@pytest.mark.parametrize("name,kwargs,names", [
+    ("vit_small_patch16_224", dict(global_pool="avg", class_token=False, reg_tokens=2),  # GAP: no class token
+     ["average pool", "register 1", "register 2"]),
+    ("vit_small_patch16_224", dict(global_pool="avg"), ["average pool", "class token"]),  # GAP beside a class token
+    ("vit_base_patch16_siglip_224", {}, ["pool query"]),  # SigLIP's attention pool, no class token
+])
+def test_pooling_models_name_their_pool_query_and_no_class_token_they_lack(name, kwargs, names):
+    entry = page_data(explorer_html(tiny_timm(name, **kwargs), torch.randn(1, 3, 32, 32), None).html)["images"][0]
+    assert entry["prefix"] == len(names) and entry["prefix_names"] == names
 
 
 def test_bad_input_is_one_sentence_and_writes_nothing(tmp_path):
@@ -210,6 +240,8 @@ def test_url_hash_reproduces_a_view_and_grid_and_table_select(written, browser):
     open_page(browser, path, "#image=1&mode=row&layer=2&head=0&query=1")
     view = shown(browser)
     assert (view["image"], view["layer"], view["head"], view["query"]) == (1, 2, 0, 1)
+    chips = [b.text for b in browser.find_elements(By.CSS_SELECTOR, "#chips button")]
+    assert chips == ["class token", "register 1", "register 2"]  # the prefix tokens, by the model's names
     np.testing.assert_allclose(view["values"], attn[1, 2, 0, 1, 3:], atol=page.max_error + 1e-5, rtol=0)
     assert browser.execute_script("return location.hash") == "#image=1&mode=row&layer=2&head=0&query=1"
     grid = browser.find_element(By.ID, "grid")  # 3 layers (rows) x 2 heads + the mean (columns): layer 0, head 1
