@@ -39,9 +39,9 @@ def first_synonym(name: str) -> str:
 
 def fit_text(text: Text, renderer: RendererBase, width: float, candidates: Sequence[str], suffix: str = "") -> None:
     """Set `text` to the first of `candidates` + suffix at most `width` display pixels wide as `renderer` draws it;
-    else the last candidate with its last line cut to the longest start that fits with an ellipsis "…" (+ suffix
-    while at least one character stays, else without it); else its lines above the last and "…", or "" when it
-    has one line (not even the ellipsis fits)."""
+    else the last candidate with its last line cut to the longest start that fits (trailing spaces and punctuation
+    dropped) and an ellipsis "…" (+ suffix while at least one character stays, else without it); else its lines
+    above the last and "…", or "" when it has one line (not even the ellipsis fits)."""
     def fits(s: str) -> bool:
         text.set_text(s)
         return text.get_window_extent(renderer).width <= width
@@ -51,7 +51,7 @@ def fit_text(text: Text, renderer: RendererBase, width: float, candidates: Seque
     head, newline, last = candidates[-1].rpartition("\n")  # the lines above the last are kept whole
     for end, least in ((suffix, 1), ("", 0)) if suffix else (("", 0),):
         def cut(n: int, end: str = end) -> str:
-            return head + newline + last[:n].rstrip() + ELLIPSIS + end
+            return head + newline + last[:n].rstrip(" ,;:-") + ELLIPSIS + end
 
         lo, hi = least - 1, len(last)  # the first lo characters fit (lo = least - 1: not even `least` do)
         while lo < hi:
