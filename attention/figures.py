@@ -117,14 +117,16 @@ def attention_figure(ex: Explanation, image: Tensor | np.ndarray, class_names: S
     top_h, low_h = width / 4 + 1.1, n_heads * cell + 0.6  # room under the maps for their colour bars
     fig = Figure(figsize=(width, top_h + low_h), facecolor="white", layout="constrained")
     upper, lower = fig.subfigures(2, 1, height_ratios=[top_h, low_h])
-    _summary_row(upper, ex, image, class_names, topk, index, label, extra or {}, query, kind, probability)
-    note = "" if query == "class token" else " (no class token: every map is the attention-pool query's row)"
-    lower.suptitle(f"{_adjective(query)} attention in every layer × head (each panel scaled to its own range){note}",
-                   fontsize=12)
+    fitter = fig.add_artist(TextFitter())
+    _summary_row(upper, fitter, ex, image, class_names, topk, index, label, extra or {}, query, kind, probability)
+    note = "" if query == "class token" else "(no class token: every map is the attention-pool query's row)"
+    head = f"{_adjective(query)} attention in every layer × head (each panel scaled to its own range)"
+    fitter.add(lower.suptitle(head, fontsize=12), _width(lower), [f"{head} {note}".strip(), f"{head}\n{note}".strip()])
     grid_w = n_layers * cell + 1.5  # the panels, the head labels and the colour bar
     if grid_w < width:  # few layers: centre the grid rather than spread its columns over the page
         lower = lower.subfigures(1, 3, width_ratios=[(width - grid_w) / 2, grid_w, (width - grid_w) / 2])[1]
     _head_grid(lower, ex, index, query)
+    fig.draw_without_rendering()  # fits the texts once: savefig lays the figure out once, before they are fitted
     return fig
 
 
@@ -161,14 +163,13 @@ def _colour_bar(fig: SubFigure, ax: Axes, values: Tensor, cmap: str, label: str)
     bar.set_label(label, fontsize=9)
 
 
-def _summary_row(upper: SubFigure, ex: Explanation, image: Tensor | np.ndarray,
+def _summary_row(upper: SubFigure, fitter: TextFitter, ex: Explanation, image: Tensor | np.ndarray,
                  class_names: Sequence[str] | None, topk: int, index: int, label: int | None,
                  extra: Mapping[str, tuple[Tensor, str]], query: str, kind: str, probability: str) -> None:
     """The image, the top-k bars and the map overlays (each with its colour bar), under the prediction. Long class
     names and prompts are fitted at every draw (TextFitter): as they are, else a class's first synonym, else cut
     with an ellipsis; the title to the figure's width, the map titles to their panel, the top-k to its bars."""
     has_head = ex.logits is not None
-    fitter = upper.add_artist(TextFitter())
 
     def name(c: int) -> str:
         return class_names[c] if class_names is not None else f"class {c}"

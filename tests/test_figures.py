@@ -41,6 +41,16 @@ def shown_as(text: str, name: str, kind: str, suffix: str) -> bool:
     return bool(ellipsis) and whole[-1].startswith(start) and (end == suffix and start or end == "")
 
 
+def saved_and_drawn(fig, path):
+    """Save `fig` as the scripts do, then draw it again as saved (savefig lays it out once, on its first pass; no
+    layout after it) -> the renderer, for the text extents of what was saved."""
+    save_figure(fig, path)
+    fig.set_layout_engine("none")
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return canvas.get_renderer()
+
+
 def boxes_apart(a, b) -> bool:
     return a.x1 <= b.x0 or b.x1 <= a.x0 or a.y1 <= b.y0 or b.y1 <= a.y0
 
@@ -58,12 +68,9 @@ def test_long_labels_fit_beside_their_percentages(tmp_path, layers, topk, kind, 
     extra = {"LeGrad, a long extra title that cannot fit": (ex.rollout, "relevance")} if legrad else None
     fig = attention_figure(ex, image, class_names=NAMES, topk=topk, label=TRUE, kind=kind, extra=extra)
     fig.set_size_inches(fig.get_size_inches() * scale)
-    save_figure(fig, tmp_path / "attn.png")
+    renderer = saved_and_drawn(fig, tmp_path / "attn.png")
     with Image.open(tmp_path / "attn.png") as png:
         assert png.size[0] > 600
-    canvas = FigureCanvasAgg(fig)
-    canvas.draw()
-    renderer = canvas.get_renderer()
     upper = fig.subfigs[0]
     top = upper.axes[1]
     panel = top.get_window_extent(renderer)
@@ -103,3 +110,16 @@ def test_short_names_are_shown_whole_and_first_synonym():
     shown = {t.get_text() for t in fig.subfigs[0].axes[1].texts if t.get_ha() == "left"}
     assert shown == {"corgi (true)", "terrier", "apple", "dog", "tench"}
     assert first_synonym("Pembroke, Pembroke Welsh corgi") == "Pembroke" and first_synonym("tench") == "tench"
+
+
+def test_titles_that_take_two_lines_get_the_room_for_them(tmp_path):
+    ex, image = explanation(2)  # a narrow figure: the grid's title and the gradient-rollout title wrap
+    fig = attention_figure(ex, image, class_names=NAMES, kind="prompts", query="attention-pool query")
+    renderer = saved_and_drawn(fig, tmp_path / "attn.png")
+    upper, lower = fig.subfigs
+    grid_title = lower._suptitle.get_window_extent(renderer)
+    assert "\n(no class token" in lower._suptitle.get_text()
+    assert inside_horizontally(grid_title, lower.bbox)
+    assert all(boxes_apart(grid_title, a.title.get_window_extent(renderer)) for a in fig.axes if a.get_title())
+    for a in upper.axes[2:]:  # every map's title above its panel
+        assert a.title.get_window_extent(renderer).y0 >= a.get_window_extent(renderer).y1 - 0.5, a.get_title()
