@@ -64,9 +64,10 @@ def fit_text(text: Text, renderer: RendererBase, width: float, candidates: Seque
 
 
 class TextFitter(Artist):
-    """Draws nothing: added to a (sub)figure, it runs at every draw after the layout and before the other artists
-    (lowest zorder) and fits each text given to `add` to its room (`fit_text`), so long labels are shortened for
-    whatever size and dpi the figure is drawn at."""
+    """Draws nothing: added to a figure, it runs at every draw after the layout and before the other artists (lowest
+    zorder) and fits each text given to `add` to its room (`fit_text`), so long labels are shortened for whatever
+    size and dpi the figure is drawn at. When that changes a text the layout reads (a title), the figure's layout
+    engine runs again and the texts are fitted to the new layout (savefig lays a figure out once)."""
 
     zorder = -1e9
 
@@ -83,9 +84,18 @@ class TextFitter(Artist):
         return text
 
     def draw(self, renderer: RendererBase) -> None:
+        before = [text.get_text() for text, *_ in self._texts]
+        self._fit(renderer)
+        engine = self.figure.get_layout_engine() if isinstance(self.figure, Figure) else None
+        if engine is not None and any(text.get_in_layout() and text.get_text() != old
+                                      for (text, *_), old in zip(self._texts, before, strict=True)):
+            engine.execute(self.figure)
+            self._fit(renderer)
+        self.stale = False
+
+    def _fit(self, renderer: RendererBase) -> None:
         for text, room, candidates, suffix in self._texts:
             fit_text(text, renderer, room(renderer), candidates, suffix)
-        self.stale = False
 
 
 def attention_figure(ex: Explanation, image: Tensor | np.ndarray, class_names: Sequence[str] | None = None,
@@ -126,7 +136,6 @@ def attention_figure(ex: Explanation, image: Tensor | np.ndarray, class_names: S
     if grid_w < width:  # few layers: centre the grid rather than spread its columns over the page
         lower = lower.subfigures(1, 3, width_ratios=[(width - grid_w) / 2, grid_w, (width - grid_w) / 2])[1]
     _head_grid(lower, ex, index, query)
-    fig.draw_without_rendering()  # fits the texts once: savefig lays the figure out once, before they are fitted
     return fig
 
 
