@@ -165,23 +165,24 @@ def _factors(stack: Tensor, rank: int) -> tuple[dict, float]:
     return {"rank": rank, **{name: _b64(torch.stack(v)) for name, v in parts.items()}}, err
 
 
-def _top_classes(model: nn.Module, x: Tensor, class_names: Sequence[str] | None) -> list[dict]:
-    """The top-5 classes of x (1, C, H, W) with their probabilities (softmax; a sigmoid per prompt for a head that
-    says so: SigLIP's zero-shot head, models.clip.ZeroShotHead.probability) and gradient rollouts; [] without a
-    head."""
+def _top_classes(model: nn.Module, x: Tensor, class_names: Sequence[str] | None, target: int | None = None
+                 ) -> list[dict]:
+    """The top-5 classes of x (1, C, H, W), then `target` when not among them, with their probabilities (softmax; a
+    sigmoid per prompt for a head that says so: SigLIP's zero-shot head, models.clip.ZeroShotHead.probability) and
+    gradient rollouts; [] without a head."""
     if getattr(model, "config", {}).get("num_classes", 1) == 0:
         return []
     probs = probabilities(model(x)[0], output_probability(model))
-    best = probs.topk(min(TOP, len(probs)))
-    maps = gradient_rollout(model, x.expand(len(best.indices), -1, -1, -1), best.indices)  # one pass for all
-    return [{"name": class_names[c] if class_names else f"class {c}", "index": c, "p": p,
-             "map": _b64(m.float().flatten())}
-            for p, c, m in zip(best.values.tolist(), best.indices.tolist(), maps, strict=True)]
+    classes = probs.topk(min(TOP, len(probs))).indices.tolist()
+    classes += [target] if target is not None and target not in classes else []
+    maps = gradient_rollout(model, x.expand(len(classes), -1, -1, -1), torch.tensor(classes, device=x.device))
+    return [{"name": class_names[c] if class_names else f"class {c}", "index": c, "p": probs[c].item(),
+             "map": _b64(m.float().flatten())} for c, m in zip(classes, maps, strict=True)]
 
 
 @torch.no_grad()
 def _image_data(model: nn.Module, x: Tensor, picture: np.ndarray, title: str, class_names: Sequence[str] | None,
-                rank: int | None) -> tuple[dict, float]:
+                rank: int | None, target: int | None = None) -> tuple[dict, float]:
     """One image x (1, C, H, W) -> (its entry in the page's data, max |stored - exact| attention)."""
     if not callable(getattr(model, "patch_grid", None)):
         raise ExplorerError(f"{type(model).__name__} has no patch_grid(H, W), so no attention maps to show; pass a "
@@ -206,22 +207,25 @@ def _image_data(model: nn.Module, x: Tensor, picture: np.ndarray, title: str, cl
         "norms": _b64(norms.float().flatten()), "norm_layers": len(norms),
         "distance": mean_attention_distance(stack[:, None].unbind(0), grid, ps, prefix_tokens=prefix).tolist(),
         "entropy": attention_entropy(stack[:, None].unbind(0)).tolist(), "max_error": err,
-        "top": _top_classes(model, x, class_names),
+        "top": _top_classes(model, x, class_names, target),
     }
+    entry["open"] = next((f"grad:{i}" for i, t in enumerate(entry["top"]) if t["index"] == target), None)
     return entry, err
 
 
 def explorer_html(model: nn.Module, x: Tensor, path: str | os.PathLike | None = "runs/explore.html", *,
                   pictures: Sequence[np.ndarray] | np.ndarray | Tensor | None = None,
                   titles: Sequence[str] | None = None, class_names: Sequence[str] | None = None,
-                  rank: int | None = None) -> Explorer:
+                  rank: int | None = None, targets: Sequence[int | None] | None = None) -> Explorer:
     """The attention explorer of `model` on images x (B, C, H, W) (the model's input), written atomically to
     `path` (a temporary file renamed into place; None: not written) -> Explorer (shows inline in Jupyter).
 
     pictures: what the page shows for each image, (H, W), (H, W, 3) or (C, H, W), uint8 or float in [0, 1]
     (default: x min-max scaled per image). titles: one per image. class_names: the head's classes, for the top-5.
-    rank: of the stored factorisation (default head_dim + 1, exact). ExplorerError (one sentence) for a model with
-    no attention maps, an image it cannot take or a path that cannot be written, before anything is written."""
+    rank: of the stored factorisation (default head_dim + 1, exact). targets: one class index (or None) per image
+    whose gradient rollout the page holds, after the top-5 when not among them, and opens on. ExplorerError (one
+    sentence) for a model with no attention maps, an image it cannot take or a path that cannot be written, before
+    anything is written."""
     target = check_path(path) if path is not None else None
     if not isinstance(x, Tensor) or x.dim() != 4:
         raise ExplorerError(f"images of shape {tuple(getattr(x, 'shape', ()))} are not a batch (B, C, H, W).")
@@ -231,10 +235,14 @@ def explorer_html(model: nn.Module, x: Tensor, path: str | os.PathLike | None = 
     if len(pictures) != len(x):
         raise ExplorerError(f"{len(pictures)} pictures for {len(x)} images; pass one per image.")
     titles = list(titles) if titles is not None else [f"image {i}" for i in range(len(x))]
+    targets = list(targets) if targets is not None else [None] * len(x)
+    if len(targets) != len(x):
+        raise ExplorerError(f"{len(targets)} targets for {len(x)} images; pass one per image (None: the top-5 only).")
     images, err = [], 0.0
     with eval_mode(model):
         for i in range(len(x)):
-            entry, e = _image_data(model, x[i:i + 1], _as_array(pictures[i]), titles[i], class_names, rank)
+            entry, e = _image_data(model, x[i:i + 1], _as_array(pictures[i]), titles[i], class_names, rank,
+                                   targets[i])
             images.append(entry)
             err = max(err, e)
     data = json.dumps({"version": 1, "images": images}, separators=(",", ":")).replace("</", "<\\/")

@@ -19,8 +19,8 @@ position embedding for the new patch grid.
 
 `--html PATH` writes the attention explorer instead of the figure (`attention.explorer`, docs/explorer.md): one HTML
 file, no server, where a click on a patch shows its attention row or column in every layer and head, rollout from it,
-the gradient rollout of each of the top-5 classes (and of --target, after them when it is not among them; the
-printed address, `<file>#mode=grad:<k>`, opens the page on its map) and the token norms.
+the gradient rollout of each of the top-5 classes (and of --target, after them when it is not among them: the page
+opens on its map) and the token norms.
 
 `--inspect` draws how the model looks instead (`attention.figures.inspection_figure`): the principal components of
 its patch-embedding filters, the similarity of its position embeddings, and the mean attention distance and entropy
@@ -32,9 +32,7 @@ goes to runs/imagenet/inspect.png (or --output).
 from __future__ import annotations
 
 import argparse
-import base64
 import difflib
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -46,7 +44,7 @@ from torch import Tensor, nn
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from attention.explorer import SLOT, TEMPLATE, check_path, explorer_html
+from attention.explorer import check_path, explorer_html
 from attention.figures import attention_figure, inspection_figure
 from attention.inspection import attention_table, inspect_model
 from attention.legrad import legrad
@@ -59,10 +57,10 @@ from models.clip import with_prompts
 from models.pretrained import load_pretrained
 from models.vit import VisionTransformer
 from utils import hardware
-from utils.checkpoint import CheckpointError, atomic_write, read_checkpoint
+from utils.checkpoint import CheckpointError, read_checkpoint
 from utils.config import UsageError, parse_config
 from utils.images import load_image
-from utils.img2attn import explain, gradient_rollout
+from utils.img2attn import explain
 from utils.plots import figure_path, save_figure
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -307,39 +305,15 @@ def run(cfg: dict) -> None:
 
 def write_explorer(cfg: dict, model, x: Tensor, shown: Image.Image, names: Sequence[str] | None,
                    target: int | None) -> None:
-    """--html: the attention explorer of the photo, with the gradient rollout of --target among its classes;
-    prints the top-5, the file's size and, with --target, the page's address opening on that class's map."""
-    page = explorer_html(model, x, None, pictures=[np.asarray(shown)], titles=[Path(cfg["image"]).name],
-                         class_names=names)
-    html, index = (page.html, None) if target is None else with_target(page.html, model, x, target, names)
-    atomic_write(cfg["html"], lambda f: f.write(html.encode("utf-8")))  # renamed into place: never half a page
+    """--html: the attention explorer of the photo, opening on the gradient rollout of --target (among its
+    classes); prints the top-5 and the file's size."""
+    page = explorer_html(model, x, cfg["html"], pictures=[np.asarray(shown)], titles=[Path(cfg["image"]).name],
+                         class_names=names, targets=[target])
     if model.config["num_classes"]:
         with torch.no_grad():
             print_top5(probabilities(model(x)[0], output_probability(model)), names)
-    print(f"saved {cfg['html']} ({Path(cfg['html']).stat().st_size / 1024:,.0f} KiB; stored attention within "
+    print(f"saved {cfg['html']} ({page.path.stat().st_size / 1024:,.0f} KiB; stored attention within "
           f"±{page.max_error:.2g})")
-    if index is not None:
-        print(f"gradient rollout of {names[target] if names else f'class {target}'}: open "
-              f"{Path(cfg['html']).resolve().as_uri()}#mode=grad:{index}")
-
-
-def with_target(page: str, model, x: Tensor, target: int, names: Sequence[str] | None) -> tuple[str, int]:
-    """An explorer page of one image x (1, C, H, W) with the gradient rollout of class `target` among its classes
-    (`utils.img2attn.gradient_rollout`, stored as attention.explorer stores the top-5's: float32, base64), after
-    the top-5 when not in it -> (the page, the class's place there: the page's map "grad:<place>")."""
-    head = TEMPLATE.read_text(encoding="utf-8").split(SLOT)[0]  # the page's JSON data follows the template's head
-    end = page.index("</script>", len(head))
-    data = json.loads(page[len(head):end])
-    top = data["images"][0]["top"]
-    place = next((i for i, t in enumerate(top) if t["index"] == target), len(top))
-    if place == len(top):
-        rollout = gradient_rollout(model, x, target)[0].float().flatten().cpu().numpy()
-        with torch.no_grad():
-            p = probabilities(model(x)[0], output_probability(model))[target].item()
-        top.append({"name": names[target] if names else f"class {target}", "index": target, "p": p,
-                    "map": base64.b64encode(rollout.tobytes()).decode("ascii")})
-    text = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
-    return page[:len(head)] + text + page[end:], place
 
 
 def parse_args(argv: list[str] | None = None) -> dict:

@@ -579,9 +579,9 @@ def page_data(html: str) -> dict:
     return json.loads(re.search(r'id="explorer-data">(.*?)</script>', html, re.S).group(1))
 
 
-def test_vis_attn_html_target_holds_that_class_rollout(tmp_path, capsys):
+def test_vis_attn_html_target_holds_that_class_rollout(tmp_path):
     """--html --target N: the page's classes hold N's gradient rollout (after the top-5 when N is not in it, in its
-    place when it is), and the script prints the address that opens on it; without --target the top-5 alone."""
+    place when it is), and the page opens on it; without --target the top-5 alone."""
     torch.manual_seed(0)
     model = VisionTransformer(embed_dim=32, hidden_dim=64, num_heads=2, num_layers=2, patch_size=8, num_channels=3,
                               num_patches=16, num_classes=10).eval()
@@ -594,13 +594,13 @@ def test_vis_attn_html_target_holds_that_class_rollout(tmp_path, capsys):
         page = tmp_path / f"{target}.html"
         vis_attn.main(["--model", str(tmp_path / "m.pth"), "--img-size", "32", "--html", str(page)]
                       + ["--target", str(target)] * (target is not None))
-        top = page_data(page.read_text())["images"][0]["top"]
+        entry = page_data(page.read_text())["images"][0]
+        top = entry["top"]
         assert [t["index"] for t in top[:5]] == ranked[:5] and len(top) == 5 + (place == 5)
-        out = capsys.readouterr().out
         if target is None:
-            assert "#mode=grad:" not in out
+            assert entry["open"] is None
             continue
-        assert top[place]["index"] == target and f"{page.resolve().as_uri()}#mode=grad:{place}" in out
+        assert top[place]["index"] == target and entry["open"] == f"grad:{place}"  # the page opens on it
         stored = np.frombuffer(base64.b64decode(top[place]["map"]), np.float32)
         expected = gradient_rollout(model, x, target)[0].flatten().numpy()
         np.testing.assert_allclose(stored, expected, atol=1e-6)

@@ -500,7 +500,7 @@ def test_vis_scripts_bad_inputs_are_one_line(tmp_path, monkeypatch):
     photo = ["--image", tmp_path / "seven.png", "--img-size", "32"]
     imagenet_cases = [
         (["--model", tmp_path / "run"], "is a folder; pass the checkpoint file in it"),
-        (["--model", "deit_tiny_patch16_22"], "did you mean deit_tiny_patch16_224?"),
+        (["--model", "deit_tiny_patch16_22"], "did you mean 'deit_tiny_patch16_224'?"),
         (["--model", "timm:vit_small_patch16_224"], "did you mean 'timm/vit_small_patch16_224'?"),
         (["--model", "openclip:ViT-B-16/openai"], "did you mean 'open_clip:ViT-B-16/openai'?"),
         (["--model", weights, "--image", tmp_path], "is a folder, not an image file"),
