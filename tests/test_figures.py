@@ -10,10 +10,11 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from PIL import Image
 
-from attention.figures import ELLIPSIS, attention_figure, first_synonym
+from attention.figures import attention_figure, first_synonym
 from models.vit import VisionTransformer
 from utils.img2attn import explain
 from utils.plots import save_figure
+from utils.text_fit import ELLIPSIS
 
 NAMES = ["Pembroke, Pembroke Welsh corgi",
          "American Staffordshire terrier, Staffordshire terrier, American pit bull terrier, pit bull terrier",
