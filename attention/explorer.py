@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from attention.inspection import attention_entropy, mean_attention_distance
-from models.any_vit import output_probability, probabilities
+from models.any_vit import output_probability, prefix_names, probabilities
 from utils.checkpoint import atomic_write, output_file
 from utils.ema import eval_mode
 from utils.img2attn import gradient_rollout, prefix_count, to_rgb, token_norms
@@ -128,26 +128,6 @@ def _attention(model: nn.Module, x: Tensor) -> list[Tensor]:
     if not attn or any(not isinstance(a, Tensor) or a.dim() != 4 or a.shape[-1] != a.shape[-2] for a in attn):
         raise ExplorerError(f"{name}(x, return_attn=True) gives no (B, heads, T, T) attention maps to show.")
     return [a.detach() for a in attn]
-
-
-def prefix_names(model: nn.Module, prefix: int) -> list[str]:
-    """The names of `model`'s first `prefix` tokens, in token order -> `prefix` strings: first, for a model whose
-    head pools the tokens, the pool's query (models.any_vit's pseudo token: "pool query" for an attention pool,
-    "average pool" for GAP), then "class token", "distillation token" (timm's `dist_token` of distilled DeiT,
-    Touvron et al. 2021) and "register 1" .. "register R" (config["reg_tokens"], Darcet et al. 2024); "prefix token
-    1" .. when the model's attributes do not account for `prefix` tokens."""
-    config = getattr(model, "config", None) or {}
-    names = []
-    if getattr(model, "pool_query", False):
-        names.append("average pool" if config.get("global_pool") == "avg" else "pool query")
-    net = getattr(model, "model", model)  # the wrapped library model (timm's has dist_token / cls_token)
-    distilled = isinstance(getattr(net, "dist_token", None), Tensor)
-    registers = int(config.get("reg_tokens") or 0)
-    classes = prefix - len(names) - distilled - registers  # timm: cls_token None (GAP) -> 0
-    if classes not in (0, 1) or (classes and getattr(net, "cls_token", 0) is None):
-        return [f"prefix token {i}" for i in range(1, prefix + 1)]
-    return names + ["class token"] * classes + ["distillation token"] * distilled + \
-        [f"register {i}" for i in range(1, registers + 1)]
 
 
 def _factors(stack: Tensor, rank: int) -> tuple[dict, float]:

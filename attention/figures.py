@@ -50,8 +50,9 @@ def attention_figure(ex: Explanation, image: Tensor | np.ndarray, class_names: S
     gradient panel. Below: the class token's attention in every layer (columns) x head (rows), each panel scaled
     to its own range (one colour bar: panel minimum to maximum). Register tokens are left out.
     extra: more maps for the top row, {title: (maps (B, grid_h, grid_w), colour-bar label)}, e.g. LeGrad's.
-    query: the token whose row the maps show: "class token", or for models without one (SigLIP's attention pool,
-    models.any_vit's pseudo token) "attention-pool query", which the figure then says. kind: what the head's
+    query: the token whose row the maps show: "class token", or for models without one models.any_vit's pseudo
+    token, named by models.any_vit.prefix_names ("pool query" for SigLIP's attention pool, "average pool" for GAP),
+    which the figure then says. kind: what the head's
     outputs are ("classes", or "prompts" for a zero-shot head). probability: how logits become the percentages,
     "softmax" over the outputs or "sigmoid" per output (SigLIP's zero-shot head). Long names are fitted at every
     draw, whatever the figure's size (TextFitter): a class name or prompt as it is, else a class's first synonym
@@ -68,7 +69,7 @@ def attention_figure(ex: Explanation, image: Tensor | np.ndarray, class_names: S
     upper, lower = fig.subfigures(2, 1, height_ratios=[top_h, low_h])
     fitter = fig.add_artist(TextFitter())
     _summary_row(upper, fitter, ex, image, class_names, topk, index, label, extra or {}, query, kind, probability)
-    note = "" if query == "class token" else "(no class token: every map is the attention-pool query's row)"
+    note = "" if query == "class token" else f"(no class token: every map is the {query}'s row)"
     head = f"{_adjective(query)} attention in every layer × head (each panel scaled to its own range)"
     fitter.add(lower.suptitle(head, fontsize=12), _width(lower), [f"{head} {note}".strip(), f"{head}\n{note}".strip()])
     grid_w = n_layers * cell + 1.5  # the panels, the head labels and the colour bar

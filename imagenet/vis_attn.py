@@ -52,7 +52,7 @@ from imagenet.dataloaders import classes as IN
 from imagenet.dataloaders import constants as IN1K
 from imagenet.dataloaders.dataset import is_image_file
 from imagenet.dataloaders.transforms import device_transform, eval_transform
-from models.any_vit import output_probability, probabilities
+from models.any_vit import output_probability, prefix_names, probabilities
 from models.clip import with_prompts
 from models.pretrained import load_pretrained
 from models.vit import VisionTransformer
@@ -288,7 +288,7 @@ def run(cfg: dict) -> None:
     extra = {}
     if num_classes and (getattr(model, "layer_logits", None) is not None or isinstance(model, VisionTransformer)):
         extra["LeGrad"] = (legrad(model, x, ex.target), "relevance, min-max scaled")
-    query = "attention-pool query" if getattr(model, "pool_query", False) else "class token"
+    query = prefix_names(model, model.num_prefix_tokens)[0] if getattr(model, "pool_query", False) else "class token"
     probability = output_probability(model)
     fig = attention_figure(ex, np.asarray(shown), class_names=names, topk=5, label=label, extra=extra, query=query,
                            kind="prompts" if cfg["prompt"] else "classes", probability=probability)

@@ -100,6 +100,26 @@ def hub_offline(on: bool = True) -> Iterator[None]:
         constants.HF_HUB_OFFLINE = saved
 
 
+def prefix_names(model: nn.Module, prefix: int) -> list[str]:
+    """The names of `model`'s first `prefix` tokens, in token order -> `prefix` strings: first, for a model whose
+    head pools the tokens, the pool's query (models.any_vit's pseudo token: "pool query" for an attention pool,
+    "average pool" for GAP), then "class token", "distillation token" (timm's `dist_token` of distilled DeiT,
+    Touvron et al. 2021) and "register 1" .. "register R" (config["reg_tokens"], Darcet et al. 2024); "prefix token
+    1" .. when the model's attributes do not account for `prefix` tokens."""
+    config = getattr(model, "config", None) or {}
+    names = []
+    if getattr(model, "pool_query", False):
+        names.append("average pool" if config.get("global_pool") == "avg" else "pool query")
+    net = getattr(model, "model", model)  # the wrapped library model (timm's has dist_token / cls_token)
+    distilled = isinstance(getattr(net, "dist_token", None), Tensor)
+    registers = int(config.get("reg_tokens") or 0)
+    classes = prefix - len(names) - distilled - registers  # timm: cls_token None (GAP) -> 0
+    if classes not in (0, 1) or (classes and getattr(net, "cls_token", 0) is None):
+        return [f"prefix token {i}" for i in range(1, prefix + 1)]
+    return names + ["class token"] * classes + ["distillation token"] * distilled + \
+        [f"register {i}" for i in range(1, registers + 1)]
+
+
 def output_probability(model: nn.Module) -> str:
     """How the model's logits become probabilities: "sigmoid", one per output, for a head that says so (SigLIP's
     zero-shot head, models.clip.ZeroShotHead.probability: a sigmoid loss), else "softmax" over the outputs."""

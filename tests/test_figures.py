@@ -124,3 +124,11 @@ def test_titles_that_take_two_lines_get_the_room_for_them(tmp_path):
     assert all(boxes_apart(grid_title, a.title.get_window_extent(renderer)) for a in fig.axes if a.get_title())
     for a in upper.axes[2:]:  # every map's title above its panel
         assert a.title.get_window_extent(renderer).y0 >= a.get_window_extent(renderer).y1 - 0.5, a.get_title()
+
+
+def test_grid_title_names_the_query_of_a_model_without_class_token():
+    ex, image = explanation(2)
+    fig = attention_figure(ex, image, class_names=NAMES, query="average pool")  # a GAP model (prefix_names)
+    FigureCanvasAgg(fig).draw()
+    title = fig.subfigs[1]._suptitle.get_text()
+    assert title.startswith("average pool attention") and "every map is the average pool's row" in title
