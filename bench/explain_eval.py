@@ -59,17 +59,19 @@ CONFIG = {  # name -> (default, help); every entry is a flag (batch_size -> --ba
                      "class, which is then the one explained)"),
     "model": ("deit_tiny_patch16_224", "a registry name (python -m models.pretrained --list), a checkpoint with a "
                                        "classification head, or timm/<name>, hf:<repo>, open_clip:<arch>/<tag>"),
+    "num_heads": (0, "attention heads of foreign weights (0: embed_dim // 64, right for DeiT / timm / torchvision)"),
     "limit": (200, "photos used, evenly spread over the sorted folder (0 = all)"),
     "mosaics": (0, "2x2 mosaics for the localisation metrics (0 = as many as the photos used)"),
     "methods": ("all", "comma-separated subset of: " + ", ".join(METHODS)),
     "metrics": ("all", "comma-separated subset of: road, saco, deletion, insertion, localisation"),
     "batch_size": (25, "images per batch of maps and of scoring"),
     "chunk": (64, "images per forward inside a metric"),
-    "steps": (10, "deletion / insertion steps (each changes 1/steps of the patches)"),
+    "steps": (10, "deletion / insertion steps (each changes 1/steps of the patches; at least 2)"),
     "groups": (10, "SaCo's salience-ranked pixel groups K"),
     "seed": (0, "seed of the random map, the mosaics, ROAD's noise and the tie order of ROAD / SaCo"),
     "device": ("auto", hardware.DEVICE_HELP),
-    "amp": ("auto", "precision of the metrics' forwards (the maps are always fp32): " + hardware.AMP_HELP),
+    "amp": ("auto", "precision of the metrics' forwards (the maps are always fp32): auto (bf16 autocast where the "
+                    "hardware does bf16 natively, fp16 on older GPUs, else fp32) | bf16 | fp16 | none (fp32)"),
     "output": ("runs/explain_eval", "folder for table.md, table.json and figure.png"),
 }
 METRICS = ("road", "saco", "deletion", "insertion", "localisation")
@@ -133,12 +135,12 @@ def check_config(cfg: dict) -> None:
     if cfg["images"] is None:
         raise UsageError("--images is required: pass a folder of photos, e.g. --images PHOTOS with ImageNet sample "
                          "photos named <wnid>_<name>.JPEG.")
-    for key, least in (("batch_size", 1), ("chunk", 1), ("steps", 1), ("groups", 2)):
+    for key, least in (("batch_size", 1), ("chunk", 1), ("steps", 2), ("groups", 2), ("num_heads", 0)):
         if cfg[key] < least:
             raise UsageError(f"--{key.replace('_', '-')} {cfg[key]} must be at least {least}.")
-    for key in ("limit", "mosaics"):
+    for key, zero in (("limit", "all the photos"), ("mosaics", "as many as the photos used")):
         if cfg[key] < 0:
-            raise UsageError(f"--{key} {cfg[key]} must be 0 (the default count) or a positive count.")
+            raise UsageError(f"--{key} {cfg[key]} must be 0 ({zero}) or a positive count.")
 
 
 def input_size(model: nn.Module) -> tuple[int, int]:
@@ -323,7 +325,7 @@ def setup(cfg: dict) -> tuple:
     figure_path(out / "figure.png", "--output")
     files = list_images(cfg["images"], cfg["limit"])
     hw = hardware.resolve(cfg["device"], cfg["amp"])
-    model = load_pretrained(cfg["model"]).to(hw.device).eval()
+    model = load_pretrained(cfg["model"], num_heads=cfg["num_heads"] or None).to(hw.device).eval()
     if model.config["num_classes"] == 0:
         raise UsageError(f"--model {cfg['model']} has no classification head: the maps explain a class; pass a "
                          f"classifier (e.g. deit_tiny_patch16_224).")
@@ -471,7 +473,9 @@ def write(info: dict, shown: list[str], out: Path) -> None:
             + f"; {info['date']}; {m['gpu'] or m['cpu']}, {m['torch_threads']} threads, torch {info['torch']}; "
             f"maps in fp32, the metrics' forwards in {'fp32' if m['amp'] == 'none' else m['amp'] + ' autocast'}.\n"
             f"`{info['command']}`\n\n± = standard error of the mean over images (over mosaics for quadrant share "
-            f"and pointing game); ROAD = the target's probability averaged over 10..90 % of the pixels removed.")
+            f"and pointing game)" + ("; ROAD = the target's probability averaged over 10..90 % of the pixels removed"
+                                     if "ROAD MoRF" in shown else "") + "."
+            + (f"\nLocalisation skipped: {info['no_mosaics_because']}." if info["no_mosaics_because"] else ""))
     sec = info["seconds"]
     times = "seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in sec.items()) + f" (total {sum(sec.values()):.1f})"
     skipped = "".join(f"\n{k}: n/a, {v}" for k, v in info["skipped"].items())

@@ -313,7 +313,8 @@ def write_explorer(cfg: dict, model, x: Tensor, shown: Image.Image, names: Seque
         with torch.no_grad():
             print_top5(probabilities(model(x)[0], output_probability(model)), names)
     print(f"saved {cfg['html']} ({page.path.stat().st_size / 1024:,.0f} KiB; stored attention within "
-          f"±{page.max_error:.2g})")
+          f"±{page.max_error:.2g})" + (f"; it opens on the gradient rollout of {names[target] if names else target}"
+                                      if target is not None else ""))
 
 
 def parse_args(argv: list[str] | None = None) -> dict:

@@ -138,12 +138,15 @@ def test_subsets_and_predicted_class(tmp_path, capsys):
     torch.manual_seed(0)
     torch.save(VisionTransformer(64, 128, 1, 1, 16, 3, 4, 1000).state_dict(), weights)
     info = explain_eval.main(["--images", str(photos), "--model", str(weights), "--device", "cpu",
-                              "--methods", "legrad,Random", "--metrics", "saco,localisation",
+                              "--methods", "legrad,Random", "--metrics", "saco,localisation", "--num-heads", "1",
                               "--output", str(tmp_path / "out")])
     assert info["target"] == "predicted class" and info["top1"] is None and info["mosaics"] == 0
+    assert "assumed" not in info["weights"]  # --num-heads given: no guess about the head count
     assert list(info["results"]) == ["LeGrad", "random"]
     assert all(set(r) == {"SaCo"} for r in info["results"].values())
     assert "localisation skipped" in capsys.readouterr().out
+    note = (tmp_path / "out" / "table.md").read_text()  # the reason stays with the table; no ROAD, no ROAD footnote
+    assert "Localisation skipped: the true classes are unknown" in note and "ROAD" not in note
 
 
 def test_bad_input(tmp_path, capsys):
@@ -155,7 +158,8 @@ def test_bad_input(tmp_path, capsys):
     message = exit_message(["--images", str(photos), "--methods", "rollout,LeGrad"], capsys)
     assert "--methods 'rollout'" in message and "attention rollout" in message
     assert "--metrics 'auc'" in exit_message(["--images", str(photos), "--metrics", "auc"], capsys)
-    assert "--steps 0" in exit_message(["--images", str(photos), "--steps", "0"], capsys)
+    assert "--steps 1 must be at least 2" in exit_message(["--images", str(photos), "--steps", "1"], capsys)
+    assert "--limit -1 must be 0 (all the photos)" in exit_message(["--images", str(photos), "--limit", "-1"], capsys)
     assert "--groups 1 must be at least 2" in exit_message(["--images", str(photos), "--groups", "1"], capsys)
     (photos / "n01484850_shark.png").write_bytes(b"not a png")
     weights = tmp_path / "tiny.pth"

@@ -579,7 +579,7 @@ def page_data(html: str) -> dict:
     return json.loads(re.search(r'id="explorer-data">(.*?)</script>', html, re.S).group(1))
 
 
-def test_vis_attn_html_target_holds_that_class_rollout(tmp_path):
+def test_vis_attn_html_target_holds_that_class_rollout(tmp_path, capsys):
     """--html --target N: the page's classes hold N's gradient rollout (after the top-5 when N is not in it, in its
     place when it is), and the page opens on it; without --target the top-5 alone."""
     torch.manual_seed(0)
@@ -598,9 +598,10 @@ def test_vis_attn_html_target_holds_that_class_rollout(tmp_path):
         top = entry["top"]
         assert [t["index"] for t in top[:5]] == ranked[:5] and len(top) == 5 + (place == 5)
         if target is None:
-            assert entry["open"] is None
+            assert entry["open"] is None and "opens on" not in capsys.readouterr().out
             continue
         assert top[place]["index"] == target and entry["open"] == f"grad:{place}"  # the page opens on it
+        assert "opens on the gradient rollout of" in capsys.readouterr().out
         stored = np.frombuffer(base64.b64decode(top[place]["map"]), np.float32)
         expected = gradient_rollout(model, x, target)[0].flatten().numpy()
         np.testing.assert_allclose(stored, expected, atol=1e-6)
