@@ -44,7 +44,7 @@ from attention.localisation import Mosaics, make_mosaics, pointing_game, quadran
 from attention.road import road
 from attention.saco import saco
 from bench.machine import cpu_name
-from imagenet.dataloaders.classes import NUM_CLASSES, index_from_filename
+from imagenet.dataloaders.classes import NAMES, NUM_CLASSES, index_from_filename
 from imagenet.dataloaders.dataset import is_image_file
 from imagenet.vis_attn import normalisation
 from models.pretrained import load_pretrained
@@ -275,14 +275,16 @@ def markdown(results: dict, columns_shown: list[str]) -> str:
 
 
 def figure(curves: dict, example: tuple[Tensor, str, dict[str, Tensor]], mean_std: tuple, title: str):
-    """ROAD curves per method (MoRF, LeRF) above every method's map over one example image (a mosaic)."""
+    """ROAD curves per method (MoRF, LeRF; when ROAD ran) above every method's map over one example image (a
+    mosaic)."""
     from matplotlib.figure import Figure
 
     from utils.img2attn import overlay, to_rgb
 
-    fig = Figure(figsize=(16, 8), layout="constrained")
-    top, bottom = fig.subfigures(2, 1, height_ratios=(1.4, 1))
-    for ax, order in zip(top.subplots(1, 2), ("morf", "lerf"), strict=True):
+    fig = Figure(figsize=(16, 8 if curves else 3.4), layout="constrained")
+    fig.suptitle(title, fontsize=10)
+    top, bottom = fig.subfigures(2, 1, height_ratios=(1.4, 1)) if curves else (None, fig)
+    for ax, order in zip(top.subplots(1, 2), ("morf", "lerf"), strict=True) if curves else ():
         for name, c in curves.items():
             ax.plot([100 * f for f in FRACTIONS], c[order], marker="o", ms=3, label=name,
                     ls="--" if name in ("random", "centre") else "-")
@@ -290,11 +292,8 @@ def figure(curves: dict, example: tuple[Tensor, str, dict[str, Tensor]], mean_st
         ax.set(xlabel="pixels removed (%)", ylabel="target probability",
                title=f"ROAD, {'MoRF' if order == 'morf' else 'LeRF'} ({better} = better)")
         ax.grid(alpha=0.3)
-        if curves and order == "lerf":
+        if order == "lerf":
             ax.legend(fontsize=8)
-        if not curves:
-            ax.text(0.5, 0.5, "ROAD not run (--metrics)", ha="center", va="center", transform=ax.transAxes)
-    top.suptitle(title, fontsize=10)
     image, label, maps = example
     mean, std = (torch.tensor(v, dtype=torch.float32).view(-1, 1, 1) for v in mean_std)
     rgb = to_rgb((image.cpu() * std + mean).clamp(0, 1))
@@ -458,7 +457,8 @@ def run(cfg: dict, argv: list[str]) -> dict:
     shown = [c for c, (m, _) in COLUMNS.items() if m in scored or (m == "localisation" and mosaics is not None)]
     write(info, shown, out)
     corner = ("top-left", "top-right", "bottom-left", "bottom-right")
-    label = "photo" if mosaics is None else f"mosaic (explained: {corner[int(mosaics.quadrant[0])]})"
+    label = files[0].name if mosaics is None else \
+        f"mosaic, explained: {NAMES[int(mosaics.target[0])]} ({corner[int(mosaics.quadrant[0])]})"
     example = (x[0] if mosaics is None else mosaics.x[0], label, examples)
     save_figure(figure(curves, example, normalisation(model), f"{cfg['model']}, {n} photos"), out / "figure.png")
     print(f"wrote {out / 'table.md'}, {out / 'table.json'}, {out / 'figure.png'}")

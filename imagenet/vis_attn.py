@@ -45,7 +45,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 from attention.explorer import check_path, explorer_html
-from attention.figures import attention_figure, inspection_figure
+from attention.figures import attention_figure, first_synonym, inspection_figure
 from attention.inspection import attention_table, inspect_model
 from attention.legrad import legrad
 from imagenet.dataloaders import classes as IN
@@ -287,7 +287,9 @@ def run(cfg: dict) -> None:
     ex = explain(model, x, tgt)
     extra = {}
     if num_classes and (getattr(model, "layer_logits", None) is not None or isinstance(model, VisionTransformer)):
-        extra["LeGrad"] = (legrad(model, x, ex.target), "relevance, min-max scaled")
+        c = int(ex.target[0])  # the class it explains, as the gradient-rollout panel names it
+        name = (names[c] if cfg["prompt"] else first_synonym(names[c])) if names else f"class {c}"
+        extra[f"LeGrad: {name}"] = (legrad(model, x, ex.target), "relevance, min-max scaled")
     query = prefix_names(model, model.num_prefix_tokens)[0] if getattr(model, "pool_query", False) else "class token"
     probability = output_probability(model)
     fig = attention_figure(ex, np.asarray(shown), class_names=names, topk=5, label=label, extra=extra, query=query,

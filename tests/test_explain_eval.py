@@ -147,6 +147,8 @@ def test_subsets_and_predicted_class(tmp_path, capsys):
     assert "localisation skipped" in capsys.readouterr().out
     note = (tmp_path / "out" / "table.md").read_text()  # the reason stays with the table; no ROAD, no ROAD footnote
     assert "Localisation skipped: the true classes are unknown" in note and "ROAD" not in note
+    width, height = Image.open(tmp_path / "out" / "figure.png").size
+    assert height < width / 3  # no ROAD: the maps' row alone, no empty curve axes
 
 
 def test_bad_input(tmp_path, capsys):
