@@ -52,11 +52,11 @@ def attention_figure(ex: Explanation, image: Tensor | np.ndarray, class_names: S
     extra: more maps for the top row, {title: (maps (B, grid_h, grid_w), colour-bar label)}, e.g. LeGrad's.
     query: the token whose row the maps show: "class token", or for models without one models.any_vit's pseudo
     token, named by models.any_vit.prefix_names ("pool query" for SigLIP's attention pool, "average pool" for GAP),
-    which the figure then says. kind: what the head's
-    outputs are ("classes", or "prompts" for a zero-shot head). probability: how logits become the percentages,
-    "softmax" over the outputs or "sigmoid" per output (SigLIP's zero-shot head). Long names are fitted at every
-    draw, whatever the figure's size (TextFitter): a class name or prompt as it is, else a class's first synonym
-    ("Pembroke, Pembroke Welsh corgi" -> "Pembroke"), else cut with "…"; the percentages are never cut."""
+    which the figure then says. kind: what the head's outputs are ("classes", or "prompts" for a zero-shot head).
+    probability: how logits become the percentages, "softmax" over the outputs or "sigmoid" per output (SigLIP's
+    zero-shot head). Long names are fitted at every draw, whatever the figure's size (TextFitter): a class name or
+    prompt as it is, else a class's first synonym ("Pembroke, Pembroke Welsh corgi" -> "Pembroke"), else cut with
+    "…"; the percentages are never cut."""
     if probability not in ("softmax", "sigmoid"):
         raise ValueError(f"probability={probability!r} must be 'softmax' or 'sigmoid'.")
     n_layers, n_heads = len(ex.attn), ex.attn[0].shape[1]
@@ -136,9 +136,8 @@ def _summary_row(upper: SubFigure, fitter: TextFitter, ex: Explanation, image: T
     img = to_rgb(image)
     k = max(1, -(-224 // max(img.shape[:2])))  # upscale small images (MNIST) so overlays are smooth
     img = img.repeat(k, 0).repeat(k, 1)
-    title = upper.suptitle(_title(ex, index, name, label, probability), fontsize=15, fontweight="bold")
-    fitter.add(title, _width(upper), [_title(ex, index, name, label, probability),
-                                      _title(ex, index, short, label, probability)])
+    fitter.add(upper.suptitle("", fontsize=15, fontweight="bold"), _width(upper),
+               [_title(ex, index, name, label, probability), _title(ex, index, short, label, probability)])
     ratios = [1.0] + [TOPK_WIDTH] * has_head + [1.0] * len(maps)
     ax = upper.subplots(1, len(ratios), width_ratios=ratios)
     ax[0].imshow(img, interpolation="nearest")
